@@ -1,0 +1,74 @@
+"""Checkpoints through orbax's CheckpointManager: atomic, kept to ``max_to_keep``, written async.
+
+A checkpoint holds the whole train state (params, optimizer state, step) plus a small JSON record
+(the step and the config it came from). Data order and per-step RNG are pure functions of
+(seed, step), so the step is all a resumed run needs to continue exactly where it stopped.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+__all__ = ["Checkpointer", "CheckpointMismatch"]
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint does not fit this model/config; the CLI exits 2 with the listed differences."""
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", ()))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def describe_mismatch(expected: Any, found: dict[str, tuple]) -> list[str]:
+    """Lines naming parameter paths whose presence or shape differs."""
+    want = _shapes(expected)
+    lines = [f"  {k}: checkpoint {found.get(k, 'missing')}, model {v}" for k, v in want.items() if found.get(k) != v]
+    lines += [f"  {k}: checkpoint {v}, model missing" for k, v in found.items() if k not in want]
+    return lines
+
+
+class Checkpointer:
+    """Saves and restores the train state under ``directory``."""
+
+    def __init__(self, directory: str | Path, max_to_keep: int):
+        self.manager = ocp.CheckpointManager(
+            Path(directory).absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Start writing a checkpoint; the device-to-host copy finishes before this returns, so the
+        caller may donate ``state`` right after."""
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+    def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+        """Restore checkpoint ``step`` into the structure, shapes and shardings of ``target``."""
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        found = {k: tuple(v) for k, v in meta.get("shapes", {}).items()}
+        problems = describe_mismatch(target, found)
+        if problems:
+            raise CheckpointMismatch(
+                f"checkpoint step {step} in {self.manager.directory} was written for another model or "
+                "config; mismatched parameter paths and shapes:\n" + "\n".join(problems) +
+                "\nUse a new workdir, or the config that wrote it.")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        return restored["state"], meta
+
+    @staticmethod
+    def meta_for(state: Any, **extra: Any) -> dict[str, Any]:
+        """The JSON record saved beside ``state``: its leaf shapes (to detect mismatches) and extras."""
+        return {"shapes": {k: list(v) for k, v in _shapes(state).items()}, **extra}
+
+    def close(self) -> None:
+        """Wait for async writes (surfacing their errors) and release the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,226 @@
+"""The typed configuration schema and dotted ``key=value`` overrides.
+
+Every run is described by one :class:`Config`. Experiments (``experiments/*.py``) give a nested dict
+of the fields they change; the command line adds ``a.b=c`` overrides. Both go through
+:func:`build_config`, so a typo in an experiment file and a typo on the command line get the same
+error. Validation is pydantic's (unknown keys forbidden, types checked); this module only turns its
+errors into one line that names the key, the value, what was expected and the closest valid key.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from typing import Any, Literal, Optional
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+__all__ = [
+    "Config", "ConfigError", "build_config", "parse_overrides", "apply_overrides", "valid_keys",
+]
+
+
+class ConfigError(ValueError):
+    """A config or command-line problem the user can fix; the CLI prints it and exits 2."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": an unknown key is an error, never silently ignored.
+    # coerce_numbers_to_str: `workdir=2024` is a string, as the user meant.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              coerce_numbers_to_str=True)
+
+
+class DataConfig(_Section):
+    name: str = Field("mnist", description="TFDS dataset name (mnist, fashion_mnist).")
+    dir: Optional[str] = Field(None, description="TFDS data dir; default $TFDS_DATA_DIR, else TFDS's default.")
+    cache_dir: Optional[str] = Field(
+        None, description="Where decoded uint8 arrays are cached; default $JAXACCEL_CACHE_DIR or ~/.cache/jaxaccel.")
+
+
+class ModelConfig(_Section):
+    name: Literal["mlp", "cnn"] = Field("mlp", description="Architecture: mlp (LeNet-300-100 style) or cnn (flax example CNN).")
+    features: list[StrictInt] = Field([300, 100], description="Hidden widths of the MLP.")
+
+
+class TrainConfig(_Section):
+    epochs: StrictInt = Field(10, ge=1, description="Training length in epochs (ignored when steps is set).")
+    steps: Optional[StrictInt] = Field(None, ge=1, description="Training length in steps; overrides epochs.")
+    batch_size: StrictInt = Field(128, ge=1, description="Global batch size.")
+    eval_batch_size: StrictInt = Field(1000, ge=1, description="Batch size for evaluation.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy targets.")
+    steps_per_call: Optional[StrictInt] = Field(
+        None, ge=1, description="Training steps per compiled call; null = the measured default for model and backend.")
+    loop: Literal["auto", "scan", "unroll"] = Field(
+        "auto", description="How steps_per_call steps are compiled: a device loop (scan) or unrolled; auto = measured default.")
+    log_every_steps: StrictInt = Field(100, ge=1, description="Period of training lines in metrics.jsonl.")
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "momentum", "nesterov", "adam", "adamw"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
+    schedule: Literal["constant", "cosine", "warmup_cosine", "onecycle"] = "constant"
+    warmup_steps: StrictInt = Field(0, ge=0, description="Linear warm-up steps (warmup_cosine).")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="Momentum of momentum/nesterov.")
+    b1: float = Field(0.9, ge=0.0, lt=1.0)
+    b2: float = Field(0.999, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled (adamw) or L2-added (others) weight decay.")
+    grad_clip_norm: Optional[float] = Field(None, gt=0.0, description="Clip gradients to this global norm.")
+
+
+class CheckpointConfig(_Section):
+    every_steps: StrictInt = Field(1000, ge=1, description="Checkpoint period in steps (and one at the end).")
+    max_to_keep: StrictInt = Field(2, ge=1)
+
+
+class ParallelConfig(_Section):
+    mode: Literal["jit", "pmap"] = Field("jit", description="jit: Mesh + NamedSharding; pmap: replicated state.")
+
+
+class DistributedConfig(_Section):
+    coordinator: Optional[str] = Field(None, description="host:port of process 0, as jax.distributed.initialize takes it.")
+    num_processes: Optional[StrictInt] = Field(None, ge=1)
+    process_id: Optional[StrictInt] = Field(None, ge=0)
+
+
+class InitConfig(_Section):
+    from_: Optional[str] = Field(None, alias="from", description="Checkpoint or export to start from.")
+
+
+class Config(_Section):
+    """The full, validated configuration of one run."""
+    experiment: str = Field("", description="Registered experiment name (set by the registry).")
+    workdir: Optional[str] = Field(None, description="Run directory; default runs/<experiment>.")
+    seed: StrictInt = Field(0, description="Derives init, data order, dropout and augmentation keys.")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    init: InitConfig = InitConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict with the public key names (``init.from``, not ``init.from_``)."""
+        return self.model_dump(by_alias=True, mode="json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides.
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string; accept it as a float like YAML 1.2 and OmegaConf do."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_value(text: str) -> Any:
+    """Parse one override value as a YAML scalar or list (`true`, `3`, `1e-3`, `[2,4]`, `null`)."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse value {text!r} as YAML: {str(e).splitlines()[0]}") from None
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """``["a.b=c", ...]`` -> ``[("a.b", parsed c), ...]``."""
+    pairs = []
+    for arg in args:
+        key, sep, text = arg.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"expected key=value, got {arg!r} (e.g. train.epochs=3)")
+        pairs.append((key, parse_value(text)))
+    return pairs
+
+
+def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key the schema accepts, e.g. ``train.epochs``."""
+    keys = []
+    for name, field in model.model_fields.items():
+        key = prefix + (field.alias or name)
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys += valid_keys(sub, key + ".")
+        else:
+            keys.append(key)
+    return keys
+
+
+def _closest(key: str) -> str:
+    keys = valid_keys()
+    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
+    # A wrong section with a right leaf (trian.epochs) or a right section with a typo'd leaf.
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    if len(same_leaf) == 1:
+        return same_leaf[0]
+    # An abbreviation by initials: optim.lr -> optim.learning_rate.
+    section = key.rsplit(".", 1)[0] if "." in key else ""
+    initials = [k for k in keys if k.rsplit(".", 1)[0] == section and "_" in k
+                and "".join(w[0] for w in k.rsplit(".", 1)[-1].split("_")) == leaf]
+    return initials[0] if len(initials) == 1 else match[0]
+
+
+def apply_overrides(tree: dict[str, Any], pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (a copy); validation happens in :func:`build_config`."""
+    tree = copy.deepcopy(tree)
+    keys = valid_keys()
+    sections = {k.rsplit(".", 1)[0] for k in keys if "." in k}
+    for key, value in pairs:
+        if key not in keys and key not in sections:
+            raise ConfigError(f"unknown config key {key!r}; did you mean {_closest(key)}?")
+        node = tree
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                prefix = ".".join(parts[: i + 1])
+                raise ConfigError(f"unknown config key {key!r}: {prefix!r} is a value, not a section; "
+                                  f"did you mean {_closest(key)}?")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown config key {key!r}; did you mean {_closest(key)}?"
+    return f"{key}={error['input']!r} is invalid: {error['msg']} (see `python -m jaxaccel.run --help`)"
+
+
+def build_config(tree: dict[str, Any]) -> Config:
+    """Validate a nested dict into a :class:`Config`, or raise :class:`ConfigError` naming the key."""
+    try:
+        return Config.model_validate(tree)
+    except pydantic.ValidationError as e:
+        raise ConfigError("; ".join(_describe(err) for err in e.errors())) from None
+
+
+def field_help() -> str:
+    """One line per key with its default and description, for ``--help``."""
+    lines = []
+
+    def walk(model: type[BaseModel], instance: BaseModel, prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = prefix + (field.alias or name)
+            value = getattr(instance, name)
+            if isinstance(value, BaseModel):
+                walk(type(value), value, key + ".")
+            else:
+                desc = f"  {field.description}" if field.description else ""
+                lines.append(f"  {key}={value!r}{desc}")
+
+    walk(Config, Config(), "")
+    return "\n".join(lines)

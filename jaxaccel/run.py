@@ -1,0 +1,66 @@
+"""Command line: ``python -m jaxaccel.run exp=NAME [dotted.key=value ...]`` and ``--list``.
+
+Exit status: 0 done; 2 bad command line or config; 3 data not available; 1 anything else.
+"""
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: python -m jaxaccel.run exp=NAME [dotted.key=value ...]
+       python -m jaxaccel.run --list
+
+Values parse as YAML (true, 3, 1e-3, [2,4], null). Keys and defaults:
+"""
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Imported here, not at module level: --help and config errors must answer fast.
+    from jaxaccel import experiments
+    from jaxaccel.config import ConfigError, field_help
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE + field_help())
+        return 0 if argv else 2
+    if argv[0] == "--list":
+        for name in experiments.names():
+            print(f"{name:24s} {experiments.info(name).summary}")
+        return 0
+    exp = [a for a in argv if a.startswith("exp=")]
+    if len(exp) != 1:
+        return _fail(2, "give exactly one exp=NAME (python -m jaxaccel.run --list shows them)")
+    overrides = [a for a in argv if not a.startswith("exp=")]
+    try:
+        cfg = experiments.override(experiments.get(exp[0][4:]), overrides)
+    except ConfigError as e:
+        return _fail(2, str(e))
+    return _train(cfg, overrides)
+
+
+def _train(cfg, overrides: list[str]) -> int:
+    from jaxaccel.checkpoint import CheckpointMismatch
+    from jaxaccel.config import ConfigError
+    from jaxaccel.data import DataError
+    from jaxaccel.trainer import NonFiniteError, train
+
+    try:
+        summary = train(cfg, overrides)
+    except (ConfigError, CheckpointMismatch) as e:
+        return _fail(2, str(e))
+    except DataError as e:
+        return _fail(3, str(e))
+    except NonFiniteError as e:
+        return _fail(1, str(e))
+    print(f"done: test accuracy {summary['test_accuracy']:.4f} after {summary['steps']} steps, "
+          f"{summary['examples_per_second']:,.0f} examples/s; outputs in {cfg.workdir or 'runs/' + cfg.experiment}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The pure training and evaluation steps, and the compiled groups of steps the loop calls.
+
+``train_step(state, batch, rng) -> (state, metrics)`` is one optimizer step and knows nothing about
+devices. :func:`make_train_steps` wraps it into one compiled call that runs several steps with the
+whole dataset already on the device: each batch is gathered on device from the epoch's permutation,
+so there is no host round trip per step, and the train state is donated so XLA updates it in place.
+
+How the steps of one call are compiled is a measured choice (see benchmarks/README.md): a device
+loop (``scan``; one compile serves any number of steps) or an unrolled block (``unroll``; XLA:CPU
+runs convolutions much faster outside loop bodies).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+__all__ = ["TrainState", "cross_entropy", "train_step", "eval_step", "make_train_steps", "make_eval"]
+
+TrainState = train_state.TrainState
+Metrics = dict[str, jax.Array]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy in f32 against (optionally smoothed) one-hot labels."""
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
+               label_smoothing: float = 0.0) -> tuple[TrainState, Metrics]:
+    """One optimizer step on ``batch`` ({"image": uint8 [B,H,W,C], "label": int32 [B]})."""
+    chex.assert_rank(batch["image"], 4)
+    chex.assert_type([batch["image"], batch["label"]], [jnp.uint8, jnp.int32])
+    del rng  # reserved for dropout and augmentation; derived per step from (seed, step)
+
+    def loss_fn(params):
+        logits = state.apply_fn({"params": params}, batch["image"])
+        chex.assert_shape(logits, (batch["image"].shape[0], None))
+        loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+        return loss, logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return new_state, {"loss": loss, "accuracy": accuracy}
+
+
+def eval_step(params: Any, apply_fn: Callable, images: jax.Array, labels: jax.Array,
+              weights: jax.Array) -> Metrics:
+    """Sums of loss and correct predictions over the examples with weight 1 (padding has 0)."""
+    logits = apply_fn({"params": params}, images)
+    loss = cross_entropy(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(loss * weights), "correct": jnp.sum(correct * weights),
+            "count": jnp.sum(weights)}
+
+
+def _gather_batch(images, labels, perm, position, batch_size, batch_sharding):
+    """Batch number ``position`` of the epoch, gathered on device and split over the data axis."""
+    idx = jax.lax.dynamic_slice_in_dim(perm, position * batch_size, batch_size)
+    batch = {"image": jnp.take(images, idx, axis=0), "label": jnp.take(labels, idx, axis=0)}
+    return jax.lax.with_sharding_constraint(batch, batch_sharding)
+
+
+def make_train_steps(step_fn: Callable, *, batch_size: int, batch_sharding: Any, unroll: int | None,
+                     step_key: jax.Array) -> Callable:
+    """A jittable ``(state, images, labels, perm, position, count) -> (state, metric sums)``.
+
+    Runs ``count`` steps starting at batch ``position`` of the epoch whose order is ``perm``.
+    ``unroll=None``: a device loop, ``count`` may vary without recompiling. ``unroll=K``: K steps
+    unrolled, ``count`` must equal K. The step's RNG is ``fold_in(step_key, state.step)``, so a
+    step's randomness depends only on (seed, step), however the steps are grouped or resumed.
+    """
+    def one_step(state, images, labels, perm, position):
+        batch = _gather_batch(images, labels, perm, position, batch_size, batch_sharding)
+        return step_fn(state, batch, jax.random.fold_in(step_key, state.step))
+
+    def add(sums, metrics):
+        return jax.tree.map(jnp.add, sums, metrics)
+
+    def run(state, images, labels, perm, position, count):
+        zeros = jax.eval_shape(lambda: one_step(state, images, labels, perm, position)[1])
+        sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+        if unroll is None:
+            def body(i, carry):
+                state, sums = carry
+                state, metrics = one_step(state, images, labels, perm, position + i)
+                return state, add(sums, metrics)
+            return jax.lax.fori_loop(0, count, body, (state, sums))
+        for i in range(unroll):  # a Python loop: XLA sees one straight-line block
+            state, metrics = one_step(state, images, labels, perm, position + i)
+            sums = add(sums, metrics)
+        return state, sums
+
+    return run
+
+
+def make_eval(apply_fn: Callable, batch_size: int, batch_sharding: Any) -> Callable:
+    """A jittable ``(params, images, labels, weights) -> metric sums`` over a padded split.
+
+    The split is padded to a whole number of batches (padding weighted 0); batches are evaluated
+    in a Python loop over a jitted step (not a device loop, which is slow for convolutions on CPU).
+    """
+    @jax.jit
+    def one(params, images, labels, weights, index):
+        sl = lambda a: jax.lax.dynamic_slice_in_dim(a, index * batch_size, batch_size)
+        batch = jax.lax.with_sharding_constraint(
+            (sl(images), sl(labels), sl(weights)), batch_sharding)
+        return eval_step(params, apply_fn, *batch)
+
+    def run(params, images, labels, weights):
+        sums = None
+        for index in range(images.shape[0] // batch_size):
+            metrics = one(params, images, labels, weights, index)
+            sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+        return sums
+
+    return run

@@ -1,0 +1,373 @@
+"""The training loop: ``train(cfg) -> summary``. One readable file, in sections.
+
+Setup (distributed runtime, compilation cache, mesh) -> data on device -> model and state ->
+resume -> compile -> loop over step groups (log, evaluate, checkpoint) -> final evaluation,
+checkpoint, export and summary.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxaccel import data as data_lib
+from jaxaccel import export as export_lib
+from jaxaccel import step as step_lib
+from jaxaccel.checkpoint import Checkpointer, CheckpointMismatch
+from jaxaccel.config import Config, ConfigError
+from jaxaccel.metrics import MetricsWriter, Progress
+from jaxaccel.models import build_model
+from jaxaccel.optim import make_optimizer
+
+__all__ = ["train", "NonFiniteError", "default_loop"]
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss; nothing non-finite is checkpointed or exported."""
+
+
+# Measured with XLA:CPU (benchmarks/README.md): convolutions lose their fast kernels inside a device
+# loop, so the CNN runs unrolled blocks; the MLP is fastest as a device loop over the epoch.
+_CPU_LOOP = {"mlp": ("scan", None), "cnn": ("unroll", 20)}
+
+
+def default_loop(model_name: str, backend: str) -> tuple[str, int | None]:
+    """The measured default (loop, steps_per_call) for a model on a backend."""
+    return _CPU_LOOP[model_name] if backend == "cpu" else ("scan", None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup.
+
+def _init_distributed(cfg: Config) -> None:
+    d = cfg.distributed
+    if d.coordinator is None and d.num_processes is None and d.process_id is None:
+        return
+    if jax.distributed.is_initialized():
+        return
+    jax.distributed.initialize(coordinator_address=d.coordinator, num_processes=d.num_processes,
+                               process_id=d.process_id)
+
+
+def _enable_compilation_cache() -> None:
+    """Persistent XLA cache: a repeated run loads its executables instead of compiling them."""
+    if jax.config.jax_compilation_cache_dir is None:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "jaxaccel" / "xla"
+        jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def _versions() -> dict[str, str]:
+    return {p: metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")}
+
+
+@dataclasses.dataclass
+class _Plan:
+    """The step arithmetic of a run, all derived from the config and the dataset size."""
+    steps_per_epoch: int
+    total_steps: int
+    loop: str
+    steps_per_call: int | None
+    log_every: int
+    checkpoint_every: int
+
+    def next_boundary(self, step: int) -> int:
+        """Where the step group starting at ``step`` ends: the next log point of the epoch, epoch
+        end, checkpoint multiple or the last step. A pure function of ``step``, so a resumed run
+        groups its steps exactly as an uninterrupted one."""
+        epoch_start = step - step % self.steps_per_epoch
+        pos = step - epoch_start
+        candidates = [epoch_start + (pos // self.log_every + 1) * self.log_every,
+                      epoch_start + self.steps_per_epoch,
+                      (step // self.checkpoint_every + 1) * self.checkpoint_every,
+                      self.total_steps]
+        if self.loop == "scan" and self.steps_per_call:
+            candidates.append(step + self.steps_per_call)
+        return min(candidates)
+
+
+def _make_plan(cfg: Config, num_train: int, backend: str) -> _Plan:
+    batch = cfg.train.batch_size
+    if batch > num_train:
+        raise ConfigError(f"train.batch_size={batch} is larger than the training split ({num_train} examples)")
+    steps_per_epoch = num_train // batch  # the last partial batch is dropped; each epoch reshuffles
+    loop, per_call = default_loop(cfg.model.name, backend)
+    if cfg.train.loop != "auto":
+        loop = cfg.train.loop
+        per_call = cfg.train.steps_per_call or (None if loop == "scan" else 20)
+    elif cfg.train.steps_per_call:
+        per_call = cfg.train.steps_per_call
+    return _Plan(steps_per_epoch, cfg.train.steps or cfg.train.epochs * steps_per_epoch, loop, per_call,
+                 cfg.train.log_every_steps, cfg.checkpoint.every_steps)
+
+
+def _global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A device array from a host array every process holds in full (works across processes)."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _host(x: Any) -> Any:
+    """Fetch replicated results to the host (the local copy, so it also works multi-process)."""
+    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), x)
+
+
+def _pad_to(images: np.ndarray, labels: np.ndarray, multiple: int):
+    n = images.shape[0]
+    pad = -n % multiple
+    weights = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    return (np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)]),
+            np.concatenate([labels, np.zeros(pad, labels.dtype)]), weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model state and initialisation.
+
+def _create_state(model, tx, image_shape, key) -> step_lib.TrainState:
+    params = model.init(key, jnp.zeros((1, *image_shape), jnp.uint8))["params"]
+    return step_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+def _load_init_params(path: str, target: Any, progress: Progress) -> Any:
+    """Parameters for fine-tuning from an export or a checkpoint: every path whose shape matches is
+    copied; the rest (e.g. a head for another number of classes) keeps its fresh initialisation."""
+    from flax import traverse_util
+    src = Path(path)
+    if (src / "model.json").exists() or (src / "export" / "model.json").exists():
+        source = export_lib.load(src).params
+    elif src.exists():
+        import orbax.checkpoint as ocp
+        ckpt_dir = src / "checkpoints" if (src / "checkpoints").exists() else src
+        with ocp.CheckpointManager(ckpt_dir.absolute()) as mngr:
+            if mngr.latest_step() is None:
+                raise ConfigError(f"init.from={path}: no checkpoint or export found there")
+            restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        source = restored["state"]["params"]
+    else:
+        raise ConfigError(f"init.from={path}: no such file or directory")
+    src_flat = traverse_util.flatten_dict(source, sep="/")
+    out, kept, fresh = {}, [], []
+    for key, value in traverse_util.flatten_dict(target, sep="/").items():
+        if key in src_flat and tuple(src_flat[key].shape) == tuple(value.shape):
+            out[key] = jnp.asarray(src_flat[key], value.dtype)
+            kept.append(key)
+        else:
+            out[key] = value
+            fresh.append(key)
+    if not kept:
+        raise ConfigError(f"init.from={path}: no parameter path and shape matches this model")
+    if fresh:
+        progress.message(f"init.from: {len(kept)} tensors loaded; re-initialized (shape or path differs): {', '.join(fresh)}")
+    return traverse_util.unflatten_dict(out, sep="/")
+
+
+def measured_sparsity(params: Any) -> float:
+    """Fraction of exact zeros over the prunable weights (kernels), counted from the parameters."""
+    kernels = [np.asarray(v) for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
+               if jax.tree_util.keystr(path).endswith("['kernel']")]
+    total = sum(k.size for k in kernels)
+    return float(sum(int(np.count_nonzero(k == 0)) for k in kernels) / total) if total else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
+
+class _Run:
+    """Holds what one call to :func:`train` builds, so the loop reads top to bottom."""
+
+    def __init__(self, cfg: Config, overrides: list[str] | None):
+        self.cfg, self.overrides = cfg, list(overrides or [])
+        if cfg.parallel.mode == "pmap":
+            raise ConfigError("parallel.mode=pmap is not implemented yet; use parallel.mode=jit "
+                              "(Mesh + NamedSharding), which is the default")
+        _init_distributed(cfg)
+        _enable_compilation_cache()
+        self.workdir = Path(cfg.workdir or f"runs/{cfg.experiment or 'run'}")
+        self.is_writer = jax.process_index() == 0
+        self.dataset = data_lib.load(cfg.data.name, cfg.data.dir, cfg.data.cache_dir)
+        self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        n_dev = self.mesh.size
+        for key in ("batch_size", "eval_batch_size"):
+            if getattr(cfg.train, key) % n_dev:
+                raise ConfigError(f"train.{key}={getattr(cfg.train, key)} must be a multiple of the "
+                                  f"{n_dev} devices it is split over")
+        self.plan = _make_plan(cfg, len(self.dataset.train_labels), jax.default_backend())
+        self.model = build_model(cfg.model, self.dataset.num_classes)
+        self.tx = make_optimizer(cfg.optim, self.plan.total_steps)
+        root = jax.random.key(cfg.seed)
+        self.init_key, self.data_key, self.step_key = (jax.random.fold_in(root, i) for i in range(3))
+
+    # -- state -----------------------------------------------------------------------------------
+    def initial_state(self, progress: Progress) -> tuple[step_lib.TrainState, int]:
+        create = functools.partial(_create_state, self.model, self.tx, self.dataset.image_shape)
+        state = jax.jit(create, out_shardings=self.replicated)(self.init_key)
+        self.checkpointer = Checkpointer(self.workdir / "checkpoints", self.cfg.checkpoint.max_to_keep)
+        latest = self.checkpointer.latest_step()
+        if latest is not None:
+            state, _ = self.checkpointer.restore(latest, state)
+            progress.message(f"resuming from checkpoint step {latest} in {self.workdir / 'checkpoints'}")
+            return state, latest
+        if self.cfg.init.from_:
+            params = _load_init_params(self.cfg.init.from_, state.params, progress)
+            state = jax.device_put(state.replace(params=params, opt_state=self.tx.init(params)), self.replicated)
+        return state, 0
+
+    # -- compiled functions ----------------------------------------------------------------------
+    def compile(self, state, images, labels, test):
+        """Ahead-of-time compile every function the loop calls, timing it apart from training."""
+        t0 = time.perf_counter()
+        step_fn = functools.partial(step_lib.train_step, label_smoothing=self.cfg.train.label_smoothing)
+        kw = dict(batch_size=self.cfg.train.batch_size, batch_sharding=self.batch_sharding, step_key=self.step_key)
+        perm0 = self.epoch_perm(0)
+        args = (state, images, labels, perm0, np.int32(0), np.int32(1))
+        self.groups = {}
+        unrolls = [None] if self.plan.loop == "scan" else sorted({1, self.plan.steps_per_call})
+        for unroll in unrolls:
+            fn = step_lib.make_train_steps(step_fn, unroll=unroll, **kw)
+            jitted = jax.jit(fn, donate_argnums=0, out_shardings=(self.replicated, self.replicated))
+            self.groups[unroll] = jitted.lower(*args).compile()
+        self.evaluate_fn = step_lib.make_eval(self.model.apply, self.cfg.train.eval_batch_size, self.batch_sharding)
+        jax.block_until_ready(self.evaluate_fn(state.params, *test))  # compiles the eval step
+        return time.perf_counter() - t0
+
+    def epoch_perm(self, epoch: int) -> jax.Array:
+        n = len(self.dataset.train_labels)
+        fn = jax.jit(lambda key, e: jax.random.permutation(jax.random.fold_in(key, e), n),
+                     out_shardings=self.replicated)
+        return fn(self.data_key, epoch)
+
+    def run_group(self, state, images, labels, perm, position: int, count: int):
+        """Run ``count`` steps from batch ``position``; returns the state and summed metrics."""
+        if self.plan.loop == "scan":
+            return self.groups[None](state, images, labels, perm, np.int32(position), np.int32(count))
+        sums_all = None
+        k = self.plan.steps_per_call
+        for unroll, n in ((k, count // k), (1, count % k)):
+            for _ in range(n):
+                state, sums = self.groups[unroll](state, images, labels, perm, np.int32(position), np.int32(unroll))
+                position += unroll
+                sums_all = sums if sums_all is None else jax.tree.map(jnp.add, sums_all, sums)
+        return state, sums_all
+
+    # -- outputs ---------------------------------------------------------------------------------
+    def write_config(self) -> None:
+        devices = jax.devices()
+        record = {"experiment": self.cfg.experiment, "config": self.cfg.to_dict(), "overrides": self.overrides,
+                  "versions": _versions(), "python": platform.python_version(),
+                  "device_kind": devices[0].device_kind, "device_count": len(devices),
+                  "backend": jax.default_backend(), "process_count": jax.process_count(),
+                  "plan": dataclasses.asdict(self.plan)}
+        (self.workdir / "config.json").write_text(json.dumps(record, indent=2))
+
+
+def _check_finite(step: int, loss: float) -> None:
+    if not math.isfinite(loss):
+        raise NonFiniteError(f"non-finite training loss ({loss}) in the steps ending at step {step}; "
+                             "stopped without checkpointing it. Lower optim.learning_rate or set "
+                             "optim.grad_clip_norm.")
+
+
+def train(cfg: Config, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train, evaluate, checkpoint and export the run ``cfg`` describes; returns the summary.
+
+    ``overrides`` (the command-line ``key=value`` strings, if any) are recorded in config.json.
+    A run whose workdir already has checkpoints resumes from the latest one.
+    """
+    from jaxaccel import experiments
+    if cfg.experiment in experiments.names() and experiments.info(cfg.experiment).unavailable:
+        raise ConfigError(f"experiment {cfg.experiment}: {experiments.info(cfg.experiment).unavailable}")
+    run = _Run(cfg, overrides)
+    plan = run.plan
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    progress = Progress(plan.total_steps, 0, cfg.train.batch_size)
+    state, step = run.initial_state(progress)
+    writer = MetricsWriter(run.workdir / "metrics.jsonl", resume_step=step) if run.is_writer else None
+    if run.is_writer:
+        run.write_config()
+
+    ds = run.dataset
+    images = _global_array(ds.train_images, run.replicated)
+    labels = _global_array(ds.train_labels, run.replicated)
+    test = tuple(_global_array(a, run.replicated) for a in
+                 _pad_to(ds.test_images, ds.test_labels, cfg.train.eval_batch_size))
+    compile_seconds = run.compile(state, images, labels, test)
+    progress.message(f"compiled in {compile_seconds:.1f}s; {plan.total_steps - step} steps to run "
+                     f"({plan.loop}, {plan.steps_per_call or 'any'} steps per call) on "
+                     f"{run.mesh.size} {jax.devices()[0].platform} device(s)")
+    progress._last_step, progress._last_time = step, time.perf_counter()
+
+    def evaluate(state, at_step):
+        sums = _host(run.evaluate_fn(state.params, *test))
+        record = {"step": at_step, "split": "test", "accuracy": float(sums["correct"] / sums["count"]),
+                  "loss": float(sums["loss_sum"] / sums["count"])}
+        if writer:
+            writer.write(record)
+        progress.message(f"step {at_step}: test accuracy {record['accuracy']:.4f}, loss {record['loss']:.4f}")
+        return record
+
+    def flush(pending):
+        """Write the training line of a finished step group (fetched one group late, so the host
+        never waits for the device except at evaluations and checkpoints)."""
+        if pending is None:
+            return
+        end, count, sums = pending
+        metrics = {k: float(v) / count for k, v in _host(sums).items()}
+        _check_finite(end, metrics["loss"])
+        if writer:
+            writer.write({"step": end, **metrics})
+        progress.update(end, metrics["loss"])
+
+    last_eval, pending, epoch, perm = None, None, None, None
+    first_step = step
+    train_seconds, t_start = 0.0, time.perf_counter()
+    while step < plan.total_steps:
+        if step // plan.steps_per_epoch != epoch:
+            epoch = step // plan.steps_per_epoch
+            perm = run.epoch_perm(epoch)
+        end = plan.next_boundary(step)
+        state, sums = run.run_group(state, images, labels, perm, step % plan.steps_per_epoch, end - step)
+        flush(pending)
+        pending, step = (end, end - step, sums), end
+        at_epoch_end = step % plan.steps_per_epoch == 0
+        if at_epoch_end or step % plan.checkpoint_every == 0 or step == plan.total_steps:
+            flush(pending)
+            pending = None
+            jax.block_until_ready(state)
+            train_seconds += time.perf_counter() - t_start
+            if at_epoch_end or step == plan.total_steps:
+                last_eval = evaluate(state, step)
+            if step % plan.checkpoint_every == 0 or step == plan.total_steps:
+                run.checkpointer.save(step, state, Checkpointer.meta_for(state, step=step))
+            t_start = time.perf_counter()
+    if last_eval is None:  # resumed at the end: nothing left to train
+        last_eval = evaluate(state, step)
+    run.checkpointer.close()
+    progress.close()
+
+    params = _host(state.params)
+    param_count = int(sum(np.size(p) for p in jax.tree.leaves(params)))
+    summary = {
+        "experiment": cfg.experiment, "test_accuracy": last_eval["accuracy"], "test_loss": last_eval["loss"],
+        "steps": step, "train_seconds": train_seconds, "compile_seconds": compile_seconds,
+        "examples_per_second": ((step - first_step) * cfg.train.batch_size / train_seconds) if train_seconds else 0.0,
+        "sparsity": measured_sparsity(params), "param_count": param_count, "model_bytes": param_count * 4,
+    }
+    if run.is_writer:
+        summary["compressed_bytes"] = export_lib.save(run.workdir / "export", params, cfg.model.model_dump(),
+                                                      ds.num_classes, ds.image_shape)
+        (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        writer.close()
+    return summary
