@@ -89,6 +89,60 @@ class InitConfig(_Section):
     from_: Optional[str] = Field(None, alias="from", description="Checkpoint or export to start from.")
 
 
+_DTYPE = Literal["float32", "bfloat16", "float16"]
+
+
+class SparsityConfig(_Section):
+    method: Literal["none", "magnitude", "random", "saliency", "set", "rigl"] = Field(
+        "none", description="How masks are chosen: |w|, random, |w*g|, or dynamic sparse training (SET/RigL).")
+    scope: Literal["layer", "global"] = Field("layer", description="magnitude: rank per layer or across all prunable layers.")
+    structure: Literal["unstructured", "nm", "block", "channel"] = Field(
+        "unstructured", description="nm: N of every M along the contracting (input) axis; block: h x w blocks; channel: whole output units.")
+    target: float = Field(0.0, ge=0.0, lt=1.0, description="Final fraction of zeros over the prunable weights (unstructured/block/channel).")
+    n: StrictInt = Field(2, ge=1, description="N of N:M (kept weights per group).")
+    m: StrictInt = Field(4, ge=2, description="M of N:M (group size).")
+    block: list[StrictInt] = Field([4, 4], description="Block shape h x w for structure=block.")
+    distribution: Literal["uniform", "erk"] = Field("uniform", description="Per-layer sparsity: uniform or Erdos-Renyi-Kernel.")
+    schedule: Literal["one_shot", "polynomial", "periodic"] = Field(
+        "polynomial", description="one_shot at start_step; polynomial (Zhu & Gupta cubic) from start_step to end_step; periodic re-pruning.")
+    start_step: StrictInt = Field(0, ge=0)
+    end_step: Optional[StrictInt] = Field(None, ge=0, description="null: 75% of the training steps.")
+    update_every: StrictInt = Field(100, ge=1, description="Steps between mask updates.")
+    power: float = Field(3.0, gt=0.0, description="Exponent of the polynomial schedule.")
+    drop_fraction: float = Field(0.3, ge=0.0, le=1.0, description="SET/RigL: fraction dropped and regrown, cosine-decayed to 0 at end_step.")
+    include: list[str] = Field([r"kernel$"], description="Regexes over '/'-joined param paths that may be pruned.")
+    exclude: list[str] = Field([], description="Regexes excluded from pruning.")
+    penalty: Literal["none", "l1", "group_lasso"] = Field("none", description="Sparsity-inducing loss term.")
+    penalty_weight: float = Field(0.0, ge=0.0)
+    group: Literal["row", "channel", "nm"] = Field("row", description="Groups of the group lasso.")
+    threshold: float = Field(0.0, ge=0.0, description="After the penalty: |w| below this becomes an exact, frozen zero.")
+    threshold_step: Optional[StrictInt] = Field(None, ge=0, description="Step of the threshold; null: 90% of training.")
+
+
+class PrecisionConfig(_Section):
+    params: _DTYPE = Field("float32", description="Dtype parameters are cast to for compute (master weights stay float32).")
+    compute: _DTYPE = Field("float32", description="Dtype of activations and matmul inputs.")
+    output: _DTYPE = Field("float32", description="Dtype of the logits (loss and softmax are always float32).")
+    accumulation: _DTYPE = Field("float32", description="Dot/conv accumulation dtype (preferred_element_type).")
+    include: list[str] = Field([".*"], description="Regexes over param paths that get the low-precision treatment.")
+    loss_scale: Literal["auto", "none", "static", "dynamic"] = Field("auto", description="auto: dynamic for float16, none otherwise.")
+    loss_scale_init: float = Field(2.0 ** 15, gt=0.0)
+    loss_scale_min: float = Field(1.0, gt=0.0)
+    loss_scale_max: float = Field(2.0 ** 24, gt=0.0)
+    loss_scale_period: StrictInt = Field(2000, ge=1, description="Finite steps before the dynamic scale grows.")
+    loss_scale_factor: float = Field(2.0, gt=1.0)
+    max_nonfinite_steps: StrictInt = Field(10, ge=1, description="Stop after this many consecutive non-finite steps.")
+
+
+class QuantConfig(_Section):
+    mode: Literal["none", "qat", "ptq"] = Field("none", description="qat: fake-quant training (STE); ptq: quantize after training.")
+    bits: StrictInt = Field(8, ge=2, le=8)
+    weights: Literal["per_channel", "per_tensor"] = Field("per_channel", description="Weight scale granularity (symmetric absmax).")
+    activations: Literal["per_tensor", "none"] = Field("per_tensor", description="Activation scale granularity.")
+    include: list[str] = Field([r".*"], description="Regexes over layer paths to quantize.")
+    start_step: StrictInt = Field(0, ge=0, description="QAT: step from which fake quantization is on.")
+
+
 class Config(_Section):
     """The full, validated configuration of one run."""
     experiment: str = Field("", description="Registered experiment name (set by the registry).")
@@ -102,6 +156,9 @@ class Config(_Section):
     parallel: ParallelConfig = ParallelConfig()
     distributed: DistributedConfig = DistributedConfig()
     init: InitConfig = InitConfig()
+    sparsity: SparsityConfig = SparsityConfig()
+    precision: PrecisionConfig = PrecisionConfig()
+    quant: QuantConfig = QuantConfig()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict with the public key names (``init.from``, not ``init.from_``)."""
