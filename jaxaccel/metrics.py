@@ -57,6 +57,14 @@ class Progress:
                   file=self.stream, flush=True)
         self._last_step, self._last_time = step, now
 
+    def restart(self, step: int) -> None:
+        """Measure rates from now on (after compilation), starting at ``step``."""
+        self._last_step, self._last_time = step, time.perf_counter()
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.reset(total=self.total)
+            self.bar.update(step)
+
     def message(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text, file=self.stream)

@@ -290,15 +290,26 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict[str, Any]:
     if cfg.experiment in experiments.names() and experiments.info(cfg.experiment).unavailable:
         raise ConfigError(f"experiment {cfg.experiment}: {experiments.info(cfg.experiment).unavailable}")
     run = _Run(cfg, overrides)
-    plan = run.plan
     run.workdir.mkdir(parents=True, exist_ok=True)
-    progress = Progress(plan.total_steps, 0, cfg.train.batch_size)
+    progress = Progress(run.plan.total_steps, 0, cfg.train.batch_size)
     state, step = run.initial_state(progress)
     writer = MetricsWriter(run.workdir / "metrics.jsonl", resume_step=step) if run.is_writer else None
-    if run.is_writer:
-        run.write_config()
+    try:
+        if run.is_writer:
+            run.write_config()
+        state, timings, last_eval = _loop(run, state, step, writer, progress)
+    finally:
+        # Also on errors: commit the checkpoints already started, so nothing saved is lost.
+        run.checkpointer.close()
+        progress.close()
+        if writer:
+            writer.close()
+    return _finish(run, state, timings, last_eval)
 
-    ds = run.dataset
+
+def _loop(run: _Run, state, step: int, writer, progress: Progress):
+    """Compile, then train step groups to the end with evaluations and checkpoints on the way."""
+    cfg, plan, ds = run.cfg, run.plan, run.dataset
     images = _global_array(ds.train_images, run.replicated)
     labels = _global_array(ds.train_labels, run.replicated)
     test = tuple(_global_array(a, run.replicated) for a in
@@ -307,7 +318,7 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict[str, Any]:
     progress.message(f"compiled in {compile_seconds:.1f}s; {plan.total_steps - step} steps to run "
                      f"({plan.loop}, {plan.steps_per_call or 'any'} steps per call) on "
                      f"{run.mesh.size} {jax.devices()[0].platform} device(s)")
-    progress._last_step, progress._last_time = step, time.perf_counter()
+    progress.restart(step)
 
     def evaluate(state, at_step):
         sums = _host(run.evaluate_fn(state.params, *test))
@@ -331,8 +342,7 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict[str, Any]:
         progress.update(end, metrics["loss"])
 
     last_eval, pending, epoch, perm = None, None, None, None
-    first_step = step
-    train_seconds, t_start = 0.0, time.perf_counter()
+    first_step, train_seconds, t_start = step, 0.0, time.perf_counter()
     while step < plan.total_steps:
         if step // plan.steps_per_epoch != epoch:
             epoch = step // plan.steps_per_epoch
@@ -341,33 +351,37 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict[str, Any]:
         state, sums = run.run_group(state, images, labels, perm, step % plan.steps_per_epoch, end - step)
         flush(pending)
         pending, step = (end, end - step, sums), end
-        at_epoch_end = step % plan.steps_per_epoch == 0
-        if at_epoch_end or step % plan.checkpoint_every == 0 or step == plan.total_steps:
-            flush(pending)
+        at_epoch_end, at_checkpoint = step % plan.steps_per_epoch == 0, step % plan.checkpoint_every == 0
+        if at_epoch_end or at_checkpoint or step == plan.total_steps:
+            flush(pending)  # raises on a non-finite loss before anything is checkpointed
             pending = None
             jax.block_until_ready(state)
             train_seconds += time.perf_counter() - t_start
             if at_epoch_end or step == plan.total_steps:
                 last_eval = evaluate(state, step)
-            if step % plan.checkpoint_every == 0 or step == plan.total_steps:
+            if at_checkpoint or step == plan.total_steps:
                 run.checkpointer.save(step, state, Checkpointer.meta_for(state, step=step))
             t_start = time.perf_counter()
     if last_eval is None:  # resumed at the end: nothing left to train
         last_eval = evaluate(state, step)
-    run.checkpointer.close()
-    progress.close()
+    timings = {"steps_run": step - first_step, "train_seconds": train_seconds, "compile_seconds": compile_seconds}
+    return state, timings, last_eval
 
+
+def _finish(run: _Run, state, timings: dict[str, float], last_eval: dict[str, float]) -> dict[str, Any]:
+    """Export the final model and write summary.json (process 0); returns the summary."""
+    cfg, ds = run.cfg, run.dataset
     params = _host(state.params)
     param_count = int(sum(np.size(p) for p in jax.tree.leaves(params)))
+    seconds = timings["train_seconds"]
     summary = {
         "experiment": cfg.experiment, "test_accuracy": last_eval["accuracy"], "test_loss": last_eval["loss"],
-        "steps": step, "train_seconds": train_seconds, "compile_seconds": compile_seconds,
-        "examples_per_second": ((step - first_step) * cfg.train.batch_size / train_seconds) if train_seconds else 0.0,
+        "steps": int(_host(state.step)), "train_seconds": seconds, "compile_seconds": timings["compile_seconds"],
+        "examples_per_second": timings["steps_run"] * cfg.train.batch_size / seconds if seconds else 0.0,
         "sparsity": measured_sparsity(params), "param_count": param_count, "model_bytes": param_count * 4,
     }
     if run.is_writer:
         summary["compressed_bytes"] = export_lib.save(run.workdir / "export", params, cfg.model.model_dump(),
                                                       ds.num_classes, ds.image_shape)
         (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-        writer.close()
     return summary

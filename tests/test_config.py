@@ -1,0 +1,106 @@
+"""Config parsing and every command-line error path, through the real CLI."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import jaxaccel
+from jaxaccel.config import Config, ConfigError, build_config, parse_overrides, parse_value, valid_keys
+from tests.conftest import run_cli
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("3", 3), ("1e-3", 1e-3), ("-2.5E2", -250.0),
+                                         ("[2,4]", [2, 4]), ("null", None), ("adam", "adam"), ("0.1", 0.1)])
+def test_values_parse_as_yaml(text, value):
+    assert parse_value(text) == value and type(parse_value(text)) is type(value)
+
+
+def test_override_sets_typed_fields():
+    cfg = jaxaccel.experiments.override(jaxaccel.experiments.get("mnist_mlp"), [
+        "train.epochs=3", "optim.learning_rate=1e-2", "model.features=[64,32]", "data.dir=null",
+        "init.from=/some/path", "workdir=2024"])
+    assert cfg.train.epochs == 3 and cfg.optim.learning_rate == 0.01 and cfg.model.features == [64, 32]
+    assert cfg.init.from_ == "/some/path" and cfg.workdir == "2024"
+    assert cfg.to_dict()["init"] == {"from": "/some/path"}
+
+
+def test_override_does_not_mutate_the_original():
+    base = jaxaccel.experiments.get("mnist_mlp")
+    jaxaccel.experiments.override(base, ["train.epochs=1"])
+    assert base.train.epochs == jaxaccel.experiments.get("mnist_mlp").train.epochs
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.epochz=3", "did you mean train.epochs"),
+    ("trian.epochs=3", "did you mean train.epochs"),
+    ("optim.lr=0.1", "did you mean optim.learning_rate"),
+    ("seed.x=1", "unknown config key 'seed.x'"),
+])
+def test_unknown_keys_name_the_closest(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        jaxaccel.experiments.override(Config(), [override])
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.epochs=abc", "train.epochs='abc' is invalid: Input should be a valid integer"),
+    ("train.epochs=true", "train.epochs=True is invalid"),
+    ("train.epochs=2.5", "train.epochs=2.5 is invalid"),
+    ("optim.name=adagrad", "optim.name='adagrad' is invalid: Input should be 'sgd', 'momentum'"),
+    ("train.batch_size=0", "greater than or equal to 1"),
+    ("noequals", "expected key=value"),
+])
+def test_wrong_values_name_key_value_and_type(override, needle):
+    with pytest.raises(ConfigError) as info:
+        jaxaccel.experiments.override(Config(), [override])
+    assert needle in str(info.value)
+
+
+def test_every_key_is_reachable_by_override():
+    cfg = Config()
+    for key in valid_keys():
+        value = cfg.to_dict()
+        for part in key.split("."):
+            value = value[part]
+        # Setting a key to its own value must validate: the key names are the public ones.
+        assert build_config(jaxaccel.config.apply_overrides(cfg.to_dict(), [(key, value)])) == cfg
+
+
+def test_parse_overrides_splits_on_first_equals():
+    assert parse_overrides(["data.dir=/a=b"]) == [("data.dir", "/a=b")]
+
+
+# --- through the real command line -------------------------------------------------------------
+
+@pytest.mark.parametrize("args, code, needle", [
+    (["exp=no_such_experiment"], 2, "unknown experiment 'no_such_experiment'"),
+    (["exp=mnist_mlp", "train.no_such_key=1"], 2, "unknown config key 'train.no_such_key'; did you mean"),
+    (["exp=mnist_mlp", "train.epochs=not_a_number"], 2, "train.epochs='not_a_number' is invalid"),
+    (["exp=mnist_mlp", "optim.name=adagrad"], 2, "optim.name='adagrad' is invalid"),
+    (["train.epochs=1"], 2, "give exactly one exp=NAME"),
+    (["exp=mnist_sparse"], 2, "refuses to train a dense model"),
+])
+def test_cli_bad_input_exits_2_without_traceback(args, code, needle, tmp_path):
+    start = time.monotonic()
+    result = run_cli(*args, f"workdir={tmp_path}")
+    out = result.stdout + result.stderr
+    assert result.returncode == code, out
+    assert needle in out and "Traceback" not in out
+    assert time.monotonic() - start < 10
+    assert not (tmp_path / "config.json").exists()  # nothing started, nothing written
+
+
+def test_cli_missing_data_exits_3_fast(tmp_path):
+    start = time.monotonic()
+    result = run_cli("exp=mnist_mlp", f"data.dir={tmp_path}/nothing", f"workdir={tmp_path}/run")
+    out = result.stderr
+    assert result.returncode == 3, out
+    assert "'mnist'" in out and f"{tmp_path}/nothing" in out and "tfds build mnist" in out
+    assert "Traceback" not in out and time.monotonic() - start < 10
+
+
+def test_cli_list_names_every_experiment():
+    result = run_cli("--list")
+    assert result.returncode == 0
+    for name in jaxaccel.experiments.names():
+        assert any(line.startswith(name + " ") for line in result.stdout.splitlines())

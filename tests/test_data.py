@@ -1,0 +1,75 @@
+"""Data loading, checked pixel for pixel against an independent reader of the original IDX files."""
+from __future__ import annotations
+
+import collections
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from jaxaccel import data
+from tests.conftest import SHARED
+
+
+def read_idx(path) -> np.ndarray:
+    """Minimal IDX reader (LeCun's format): magic, dims, then big-endian uint8 data."""
+    with gzip.open(path, "rb") as f:
+        _, _, dtype, ndim = struct.unpack(">BBBB", f.read(4))
+        assert dtype == 0x08, "unsigned byte data"
+        shape = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
+        return np.frombuffer(f.read(), np.uint8).reshape(shape)
+
+
+@pytest.mark.parametrize("split, prefix", [("train", "train"), ("test", "t10k")])
+def test_mnist_matches_the_original_idx_files(mnist, split, prefix):
+    raw = SHARED / "data" / "mnist"
+    images = read_idx(raw / f"{prefix}-images-idx3-ubyte.gz")
+    labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte.gz")
+    got_images, got_labels = getattr(mnist, f"{split}_images"), getattr(mnist, f"{split}_labels")
+    assert got_images.dtype == np.uint8 and got_images.shape == (*images.shape, 1)
+    assert got_labels.dtype == np.int32
+    # TFDS shuffles examples when it prepares a dataset, so compare the multisets of
+    # (every pixel, label) pairs: each IDX example must appear exactly as often in ours.
+    def pairs(imgs, labs):
+        return collections.Counter(zip(map(bytes, imgs.reshape(len(imgs), -1)), labs.tolist()))
+    assert pairs(got_images[..., 0], got_labels) == pairs(images, labels)
+    assert mnist.num_classes == 10
+
+
+def test_fashion_mnist_loads_by_name():
+    ds = data.load("fashion_mnist")
+    labels = read_idx(SHARED / "data" / "fashion_mnist" / "t10k-labels-idx1-ubyte.gz")
+    np.testing.assert_array_equal(np.bincount(ds.test_labels), np.bincount(labels))
+    assert ds.train_images.shape == (60000, 28, 28, 1)
+
+
+def test_second_load_reads_the_cache_without_decoding(mnist, monkeypatch):
+    def no_decoding(*args):
+        raise AssertionError("decoded again instead of reading the cache")
+    monkeypatch.setattr(data, "_decode_split", no_decoding)
+    again = data.load("mnist")
+    np.testing.assert_array_equal(again.test_images, mnist.test_images)
+
+
+def test_cache_is_keyed_by_cache_dir(tmp_path, monkeypatch):
+    calls = []
+    real = data._decode_split
+    monkeypatch.setattr(data, "_decode_split", lambda *a: calls.append(a[1]) or real(*a))
+    data.load("mnist", cache_dir=str(tmp_path))
+    assert calls == ["train", "test"]
+    assert sorted(p.name for p in next((tmp_path / "data").iterdir()).iterdir()) == [
+        "meta.json", "test_images.npy", "test_labels.npy", "train_images.npy", "train_labels.npy"]
+
+
+def test_absent_dataset_names_dataset_dir_and_fix(tmp_path):
+    with pytest.raises(data.DataError) as info:
+        data.load("mnist", data_dir=str(tmp_path))
+    message = str(info.value)
+    assert "'mnist'" in message and str(tmp_path) in message and "tfds build mnist" in message
+    assert "TensorFlow" in message
+
+
+def test_unknown_dataset_lists_what_the_dir_holds():
+    with pytest.raises(data.DataError, match="That dir holds: fashion_mnist, mnist"):
+        data.load("cifar10")

@@ -1,0 +1,41 @@
+"""The experiment registry and the promises in each experiment's docstring."""
+from __future__ import annotations
+
+import pytest
+
+import jaxaccel
+from jaxaccel.config import ConfigError
+
+
+def test_registry_has_the_foundation_experiments():
+    assert {"mnist_mlp", "mnist_cnn"} <= set(jaxaccel.experiments.names())
+
+
+@pytest.mark.parametrize("name", jaxaccel.experiments.names())
+def test_every_experiment_validates_and_documents_itself(name):
+    cfg = jaxaccel.experiments.get(name)
+    assert cfg.experiment == name
+    info = jaxaccel.experiments.info(name)
+    assert info.summary and info.command == f"python -m jaxaccel.run exp={name}"
+    assert info.runtime and info.accuracy
+    if info.unavailable is None:
+        assert 0.5 < info.expected_accuracy <= 1.0
+
+
+def test_models_are_what_the_docstrings_say():
+    assert jaxaccel.experiments.get("mnist_mlp").model.features == [300, 100]
+    assert jaxaccel.experiments.get("mnist_cnn").model.name == "cnn"
+
+
+def test_unknown_experiment_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as info:
+        jaxaccel.experiments.get("mnist_mpl")
+    assert "Did you mean mnist_mlp" in str(info.value) and "mnist_cnn" in str(info.value)
+
+
+def test_import_touches_no_devices():
+    import subprocess, sys
+    code = ("import jaxaccel, sys; jaxaccel.experiments.get('mnist_mlp'); "
+            "assert 'jax' not in sys.modules and 'tensorflow_datasets' not in sys.modules, "
+            "[m for m in sys.modules if m.startswith(('jax', 'tensorflow'))]")
+    subprocess.run([sys.executable, "-c", code], check=True)
