@@ -1,0 +1,58 @@
+"""Holds every experiment to its docstring: runs its command and compares accuracy and runtime.
+
+    python benchmarks/accuracy.py [NAME ...] [--seeds 0 1 2]
+
+Runs `python -m jaxaccel.run exp=NAME seed=S` in a fresh workdir for each seed, then prints a
+Markdown table: expected vs measured accuracy (mean over seeds), the whole command's wall time
+and the training time. Exits 1 if a mean accuracy is below the docstring's ">= X%" floor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jaxaccel
+
+
+def run(name: str, seed: int) -> dict:
+    with tempfile.TemporaryDirectory() as workdir:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "jaxaccel.run", f"exp={name}", f"seed={seed}",
+                        f"workdir={workdir}"], check=True, capture_output=True)
+        summary = json.loads((Path(workdir) / "summary.json").read_text())
+        summary["wall_seconds"] = time.perf_counter() - start
+        return summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    args = parser.parse_args()
+    names = args.names or [n for n in jaxaccel.experiments.names() if not jaxaccel.experiments.info(n).unavailable]
+    print("| experiment | expected | measured (mean of seeds) | per seed | command wall s | train s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    failed = []
+    for name in names:
+        info = jaxaccel.experiments.info(name)
+        runs = [run(name, seed) for seed in args.seeds]
+        accs = [r["test_accuracy"] for r in runs]
+        mean = statistics.mean(accs)
+        if info.expected_accuracy and mean < info.expected_accuracy:
+            failed.append(name)
+        print(f"| {name} | {info.accuracy} | {100 * mean:.2f}% | {', '.join(f'{100 * a:.2f}' for a in accs)} | "
+              f"{statistics.median(r['wall_seconds'] for r in runs):.1f} | "
+              f"{statistics.median(r['train_seconds'] for r in runs):.1f} |", flush=True)
+    if failed:
+        print(f"below the docstring floor: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Each experiment cheap enough for CI is run exactly as its docstring says and held to its
+accuracy floor. The rest are held by benchmarks/accuracy.py (results in benchmarks/README.md)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import jaxaccel
+
+# Experiments whose docstring runtime is at most this many seconds run in the test suite.
+CI_SECONDS = 30
+
+
+def _cheap(name: str) -> bool:
+    info = jaxaccel.experiments.info(name)
+    match = re.search(r"~\s*(\d+)\s*s\b", info.runtime)
+    return info.unavailable is None and match is not None and int(match.group(1)) <= CI_SECONDS
+
+
+@pytest.mark.parametrize("name", [n for n in jaxaccel.experiments.names() if _cheap(n)])
+def test_experiment_meets_its_docstring_accuracy(name, tmp_path):
+    info = jaxaccel.experiments.info(name)
+    cfg = jaxaccel.experiments.override(jaxaccel.experiments.get(name), [f"workdir={tmp_path}"])
+    summary = jaxaccel.train(cfg)
+    assert summary["test_accuracy"] >= info.expected_accuracy, (name, summary["test_accuracy"], info.accuracy)
