@@ -46,6 +46,8 @@ class Progress:
         self._last_step, self._last_time = initial_step, time.perf_counter()
 
     def update(self, step: int, loss: float) -> None:
+        # Averaged since the (re)start: lines are fetched one step group late, so the time between
+        # two lines is not the time of one group.
         now = time.perf_counter()
         rate = (step - self._last_step) * self.batch_size / max(now - self._last_time, 1e-9)
         if self.bar is not None:
@@ -55,7 +57,6 @@ class Progress:
             eta = (self.total - step) * self.batch_size / rate if rate > 0 else math.inf
             print(f"step {step}/{self.total}  loss {loss:.4f}  {rate:,.0f} ex/s  eta {eta:.0f}s",
                   file=self.stream, flush=True)
-        self._last_step, self._last_time = step, now
 
     def restart(self, step: int) -> None:
         """Measure rates from now on (after compilation), starting at ``step``."""

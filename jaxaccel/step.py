@@ -34,8 +34,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
-               label_smoothing: float = 0.0) -> tuple[TrainState, Metrics]:
-    """One optimizer step on ``batch`` ({"image": uint8 [B,H,W,C], "label": int32 [B]})."""
+               label_smoothing: float = 0.0, axis_name: str | None = None) -> tuple[TrainState, Metrics]:
+    """One optimizer step on ``batch`` ({"image": uint8 [B,H,W,C], "label": int32 [B]}).
+
+    ``axis_name``: under pmap, the device axis over which gradients and metrics are averaged
+    (under jit with a sharded batch the compiler inserts that reduction itself).
+    """
     chex.assert_rank(batch["image"], 4)
     chex.assert_type([batch["image"], batch["label"]], [jnp.uint8, jnp.int32])
     del rng  # reserved for dropout and augmentation; derived per step from (seed, step)
@@ -47,9 +51,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
         return loss, logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    new_state = state.apply_gradients(grads=grads)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return new_state, {"loss": loss, "accuracy": accuracy}
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+    if axis_name is not None:
+        grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+    return state.apply_gradients(grads=grads), metrics
 
 
 def eval_step(params: Any, apply_fn: Callable, images: jax.Array, labels: jax.Array,
@@ -62,15 +67,25 @@ def eval_step(params: Any, apply_fn: Callable, images: jax.Array, labels: jax.Ar
             "count": jnp.sum(weights)}
 
 
-def _gather_batch(images, labels, perm, position, batch_size, batch_sharding):
-    """Batch number ``position`` of the epoch, gathered on device and split over the data axis."""
-    idx = jax.lax.dynamic_slice_in_dim(perm, position * batch_size, batch_size)
-    batch = {"image": jnp.take(images, idx, axis=0), "label": jnp.take(labels, idx, axis=0)}
-    return jax.lax.with_sharding_constraint(batch, batch_sharding)
+def _slice_batch(arrays, perm, position, batch_size, batch_sharding, axis_name):
+    """Batch number ``position`` of the epoch, gathered on device from ``perm``.
+
+    Under jit the global batch is gathered and constrained to the data-axis sharding (each device
+    computes only its part); under pmap each device gathers its own contiguous slice of it.
+    """
+    start, size = position * batch_size, batch_size
+    if axis_name is not None:
+        size = batch_size // jax.lax.psum(1, axis_name)
+        start = start + jax.lax.axis_index(axis_name) * size
+    idx = jax.lax.dynamic_slice_in_dim(perm, start, size)
+    batch = tuple(jnp.take(a, idx, axis=0) for a in arrays)
+    if batch_sharding is not None:
+        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    return batch
 
 
 def make_train_steps(step_fn: Callable, *, batch_size: int, batch_sharding: Any, unroll: int | None,
-                     step_key: jax.Array) -> Callable:
+                     step_key: jax.Array, axis_name: str | None = None) -> Callable:
     """A jittable ``(state, images, labels, perm, position, count) -> (state, metric sums)``.
 
     Runs ``count`` steps starting at batch ``position`` of the epoch whose order is ``perm``.
@@ -79,8 +94,8 @@ def make_train_steps(step_fn: Callable, *, batch_size: int, batch_sharding: Any,
     step's randomness depends only on (seed, step), however the steps are grouped or resumed.
     """
     def one_step(state, images, labels, perm, position):
-        batch = _gather_batch(images, labels, perm, position, batch_size, batch_sharding)
-        return step_fn(state, batch, jax.random.fold_in(step_key, state.step))
+        image, label = _slice_batch((images, labels), perm, position, batch_size, batch_sharding, axis_name)
+        return step_fn(state, {"image": image, "label": label}, jax.random.fold_in(step_key, state.step))
 
     def add(sums, metrics):
         return jax.tree.map(jnp.add, sums, metrics)
@@ -102,24 +117,16 @@ def make_train_steps(step_fn: Callable, *, batch_size: int, batch_sharding: Any,
     return run
 
 
-def make_eval(apply_fn: Callable, batch_size: int, batch_sharding: Any) -> Callable:
-    """A jittable ``(params, images, labels, weights) -> metric sums`` over a padded split.
+def make_eval(apply_fn: Callable, batch_size: int, batch_sharding: Any, axis_name: str | None = None) -> Callable:
+    """A ``(params, images, labels, weights, index) -> metric sums`` over batch ``index``.
 
-    The split is padded to a whole number of batches (padding weighted 0); batches are evaluated
-    in a Python loop over a jitted step (not a device loop, which is slow for convolutions on CPU).
+    The split is padded to a whole number of batches (padding weighted 0). The loop calls it once
+    per batch rather than looping on device, which is slow for convolutions on CPU.
     """
-    @jax.jit
     def one(params, images, labels, weights, index):
-        sl = lambda a: jax.lax.dynamic_slice_in_dim(a, index * batch_size, batch_size)
-        batch = jax.lax.with_sharding_constraint(
-            (sl(images), sl(labels), sl(weights)), batch_sharding)
-        return eval_step(params, apply_fn, *batch)
+        batch = _slice_batch((images, labels, weights), jnp.arange(images.shape[0]), index, batch_size,
+                             batch_sharding, axis_name)
+        sums = eval_step(params, apply_fn, *batch)
+        return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
-    def run(params, images, labels, weights):
-        sums = None
-        for index in range(images.shape[0] // batch_size):
-            metrics = one(params, images, labels, weights, index)
-            sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-        return sums
-
-    return run
+    return one

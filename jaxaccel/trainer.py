@@ -20,7 +20,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxaccel import data as data_lib
 from jaxaccel import export as export_lib
@@ -30,6 +29,7 @@ from jaxaccel.config import Config, ConfigError
 from jaxaccel.metrics import MetricsWriter, Progress
 from jaxaccel.models import build_model
 from jaxaccel.optim import make_optimizer
+from jaxaccel.parallel import local_copy, make_parallel
 
 __all__ = ["train", "NonFiniteError", "default_loop"]
 
@@ -113,16 +113,6 @@ def _make_plan(cfg: Config, num_train: int, backend: str) -> _Plan:
                  cfg.train.log_every_steps, cfg.checkpoint.every_steps)
 
 
-def _global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A device array from a host array every process holds in full (works across processes)."""
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-
-def _host(x: Any) -> Any:
-    """Fetch replicated results to the host (the local copy, so it also works multi-process)."""
-    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), x)
-
-
 def _pad_to(images: np.ndarray, labels: np.ndarray, multiple: int):
     n = images.shape[0]
     pad = -n % multiple
@@ -188,18 +178,13 @@ class _Run:
 
     def __init__(self, cfg: Config, overrides: list[str] | None):
         self.cfg, self.overrides = cfg, list(overrides or [])
-        if cfg.parallel.mode == "pmap":
-            raise ConfigError("parallel.mode=pmap is not implemented yet; use parallel.mode=jit "
-                              "(Mesh + NamedSharding), which is the default")
         _init_distributed(cfg)
         _enable_compilation_cache()
         self.workdir = Path(cfg.workdir or f"runs/{cfg.experiment or 'run'}")
         self.is_writer = jax.process_index() == 0
         self.dataset = data_lib.load(cfg.data.name, cfg.data.dir, cfg.data.cache_dir)
-        self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
-        self.replicated = NamedSharding(self.mesh, P())
-        self.batch_sharding = NamedSharding(self.mesh, P("data"))
-        n_dev = self.mesh.size
+        self.parallel = make_parallel(cfg.parallel.mode)
+        n_dev = self.parallel.size
         for key in ("batch_size", "eval_batch_size"):
             if getattr(cfg.train, key) % n_dev:
                 raise ConfigError(f"train.{key}={getattr(cfg.train, key)} must be a multiple of the "
@@ -213,41 +198,47 @@ class _Run:
     # -- state -----------------------------------------------------------------------------------
     def initial_state(self, progress: Progress) -> tuple[step_lib.TrainState, int]:
         create = functools.partial(_create_state, self.model, self.tx, self.dataset.image_shape)
-        state = jax.jit(create, out_shardings=self.replicated)(self.init_key)
+        # The restore target carries the shardings a checkpoint is read into.
+        state = self.parallel.single(self.parallel.put_state(jax.jit(create)(self.init_key)))
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", self.cfg.checkpoint.max_to_keep)
         latest = self.checkpointer.latest_step()
         if latest is not None:
             state, _ = self.checkpointer.restore(latest, state)
             progress.message(f"resuming from checkpoint step {latest} in {self.workdir / 'checkpoints'}")
-            return state, latest
-        if self.cfg.init.from_:
+        elif self.cfg.init.from_:
             params = _load_init_params(self.cfg.init.from_, state.params, progress)
-            state = jax.device_put(state.replace(params=params, opt_state=self.tx.init(params)), self.replicated)
-        return state, 0
+            state = state.replace(params=params, opt_state=self.tx.init(params))
+        return self.parallel.put_state(state), latest or 0
 
     # -- compiled functions ----------------------------------------------------------------------
     def compile(self, state, images, labels, test):
         """Ahead-of-time compile every function the loop calls, timing it apart from training."""
         t0 = time.perf_counter()
-        step_fn = functools.partial(step_lib.train_step, label_smoothing=self.cfg.train.label_smoothing)
-        kw = dict(batch_size=self.cfg.train.batch_size, batch_sharding=self.batch_sharding, step_key=self.step_key)
-        perm0 = self.epoch_perm(0)
-        args = (state, images, labels, perm0, np.int32(0), np.int32(1))
+        par, axis = self.parallel, self.parallel.axis_name
+        step_fn = functools.partial(step_lib.train_step, label_smoothing=self.cfg.train.label_smoothing,
+                                    axis_name=axis)
+        kw = dict(batch_size=self.cfg.train.batch_size, batch_sharding=par.batch_sharding,
+                  step_key=self.step_key, axis_name=axis)
+        args = (state, images, labels, self.epoch_perm(0), np.int32(0), np.int32(1))
         self.groups = {}
         unrolls = [None] if self.plan.loop == "scan" else sorted({1, self.plan.steps_per_call})
         for unroll in unrolls:
-            fn = step_lib.make_train_steps(step_fn, unroll=unroll, **kw)
-            jitted = jax.jit(fn, donate_argnums=0, out_shardings=(self.replicated, self.replicated))
-            self.groups[unroll] = jitted.lower(*args).compile()
-        self.evaluate_fn = step_lib.make_eval(self.model.apply, self.cfg.train.eval_batch_size, self.batch_sharding)
-        jax.block_until_ready(self.evaluate_fn(state.params, *test))  # compiles the eval step
+            self.groups[unroll] = par.compile(step_lib.make_train_steps(step_fn, unroll=unroll, **kw), args)
+        eval_fn = step_lib.make_eval(self.model.apply, self.cfg.train.eval_batch_size, par.batch_sharding, axis)
+        self.eval_one = par.compile(eval_fn, (state.params, *test, np.int32(0)), donate=False)
         return time.perf_counter() - t0
 
+    def evaluate(self, params, test) -> dict[str, float]:
+        """Test-split metric sums, one compiled call per eval batch, summed on device."""
+        sums = [self.eval_one(params, *test, np.int32(i))
+                for i in range(test[0].shape[-4] // self.cfg.train.eval_batch_size)]
+        return self.parallel.host(jax.tree.map(lambda *x: sum(x), *sums))
+
     def epoch_perm(self, epoch: int) -> jax.Array:
+        """The epoch's example order: a pure function of (seed, epoch)."""
         n = len(self.dataset.train_labels)
-        fn = jax.jit(lambda key, e: jax.random.permutation(jax.random.fold_in(key, e), n),
-                     out_shardings=self.replicated)
-        return fn(self.data_key, epoch)
+        perm = jax.jit(lambda key: jax.random.permutation(jax.random.fold_in(key, epoch), n))(self.data_key)
+        return self.parallel.replicate(np.asarray(perm))
 
     def run_group(self, state, images, labels, perm, position: int, count: int):
         """Run ``count`` steps from batch ``position``; returns the state and summed metrics."""
@@ -268,6 +259,7 @@ class _Run:
         record = {"experiment": self.cfg.experiment, "config": self.cfg.to_dict(), "overrides": self.overrides,
                   "versions": _versions(), "python": platform.python_version(),
                   "device_kind": devices[0].device_kind, "device_count": len(devices),
+                  "parallel": {"mode": self.cfg.parallel.mode, "devices": self.parallel.size},
                   "backend": jax.default_backend(), "process_count": jax.process_count(),
                   "plan": dataclasses.asdict(self.plan)}
         (self.workdir / "config.json").write_text(json.dumps(record, indent=2))
@@ -310,18 +302,16 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict[str, Any]:
 def _loop(run: _Run, state, step: int, writer, progress: Progress):
     """Compile, then train step groups to the end with evaluations and checkpoints on the way."""
     cfg, plan, ds = run.cfg, run.plan, run.dataset
-    images = _global_array(ds.train_images, run.replicated)
-    labels = _global_array(ds.train_labels, run.replicated)
-    test = tuple(_global_array(a, run.replicated) for a in
-                 _pad_to(ds.test_images, ds.test_labels, cfg.train.eval_batch_size))
+    images, labels = run.parallel.replicate(ds.train_images), run.parallel.replicate(ds.train_labels)
+    test = tuple(run.parallel.replicate(a) for a in _pad_to(ds.test_images, ds.test_labels, cfg.train.eval_batch_size))
     compile_seconds = run.compile(state, images, labels, test)
     progress.message(f"compiled in {compile_seconds:.1f}s; {plan.total_steps - step} steps to run "
                      f"({plan.loop}, {plan.steps_per_call or 'any'} steps per call) on "
-                     f"{run.mesh.size} {jax.devices()[0].platform} device(s)")
+                     f"{run.parallel.size} {jax.devices()[0].platform} device(s), parallel.mode={cfg.parallel.mode}")
     progress.restart(step)
 
     def evaluate(state, at_step):
-        sums = _host(run.evaluate_fn(state.params, *test))
+        sums = run.evaluate(state.params, test)
         record = {"step": at_step, "split": "test", "accuracy": float(sums["correct"] / sums["count"]),
                   "loss": float(sums["loss_sum"] / sums["count"])}
         if writer:
@@ -335,7 +325,7 @@ def _loop(run: _Run, state, step: int, writer, progress: Progress):
         if pending is None:
             return
         end, count, sums = pending
-        metrics = {k: float(v) / count for k, v in _host(sums).items()}
+        metrics = {k: float(v) / count for k, v in run.parallel.host(sums).items()}
         _check_finite(end, metrics["loss"])
         if writer:
             writer.write({"step": end, **metrics})
@@ -360,7 +350,8 @@ def _loop(run: _Run, state, step: int, writer, progress: Progress):
             if at_epoch_end or step == plan.total_steps:
                 last_eval = evaluate(state, step)
             if at_checkpoint or step == plan.total_steps:
-                run.checkpointer.save(step, state, Checkpointer.meta_for(state, step=step))
+                single = run.parallel.single(state)
+                run.checkpointer.save(step, single, Checkpointer.meta_for(single, step=step))
             t_start = time.perf_counter()
     if last_eval is None:  # resumed at the end: nothing left to train
         last_eval = evaluate(state, step)
@@ -371,12 +362,13 @@ def _loop(run: _Run, state, step: int, writer, progress: Progress):
 def _finish(run: _Run, state, timings: dict[str, float], last_eval: dict[str, float]) -> dict[str, Any]:
     """Export the final model and write summary.json (process 0); returns the summary."""
     cfg, ds = run.cfg, run.dataset
-    params = _host(state.params)
+    state = run.parallel.single(state)
+    params = local_copy(state.params)
     param_count = int(sum(np.size(p) for p in jax.tree.leaves(params)))
     seconds = timings["train_seconds"]
     summary = {
         "experiment": cfg.experiment, "test_accuracy": last_eval["accuracy"], "test_loss": last_eval["loss"],
-        "steps": int(_host(state.step)), "train_seconds": seconds, "compile_seconds": timings["compile_seconds"],
+        "steps": int(local_copy(state.step)), "train_seconds": seconds, "compile_seconds": timings["compile_seconds"],
         "examples_per_second": timings["steps_run"] * cfg.train.batch_size / seconds if seconds else 0.0,
         "sparsity": measured_sparsity(params), "param_count": param_count, "model_bytes": param_count * 4,
     }

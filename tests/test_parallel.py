@@ -1,0 +1,54 @@
+"""Data parallelism is equivalent to one device: jit over a Mesh and pmap, 1 vs 4 emulated devices.
+
+Devices are fixed when jax starts, so each configuration runs in its own process with
+XLA_FLAGS=--xla_force_host_platform_device_count=N, through the real command line.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxaccel import export
+from tests.conftest import run_cli
+
+COMMON = ["exp=mnist_mlp", "model.features=[64]", "train.steps=60", "train.log_every_steps=10",
+          "train.batch_size=128", "train.eval_batch_size=1000"]
+
+
+def _run(tmp_path_factory, devices: int, mode: str):
+    workdir = tmp_path_factory.mktemp(f"{mode}{devices}")
+    result = run_cli(*COMMON, f"parallel.mode={mode}", f"workdir={workdir}",
+                     env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["parallel"] == {"mode": mode, "devices": devices}
+    return [l["loss"] for l in lines if "split" not in l], export.load(workdir).params
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return {(d, m): _run(tmp_path_factory, d, m) for d, m in ((1, "jit"), (4, "jit"), (4, "pmap"))}
+
+
+@pytest.mark.parametrize("other", [(4, "jit"), (4, "pmap")])
+def test_same_loss_curve_and_params_as_one_device(runs, other):
+    base_losses, base_params = runs[(1, "jit")]
+    losses, params = runs[other]
+    assert len(losses) == len(base_losses) == 6
+    np.testing.assert_allclose(losses, base_losses, rtol=1e-5)
+    for a, b in zip(_leaves(params), _leaves(base_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _leaves(tree):
+    import jax
+    return jax.tree.leaves(tree)
+
+
+def test_batch_must_split_evenly_over_devices(tmp_path):
+    result = run_cli(*COMMON, "train.batch_size=126", f"workdir={tmp_path}",
+                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert result.returncode == 2 and "train.batch_size=126 must be a multiple of the 4 devices" in result.stderr
