@@ -47,7 +47,7 @@ def _train(cfg, overrides: list[str]) -> int:
     from jaxaccel.checkpoint import CheckpointMismatch
     from jaxaccel.config import ConfigError
     from jaxaccel.data import DataError
-    from jaxaccel.trainer import NonFiniteError, train
+    from jaxaccel.trainer import NonFiniteError, Preempted, train
 
     try:
         summary = train(cfg, overrides)
@@ -57,6 +57,9 @@ def _train(cfg, overrides: list[str]) -> int:
         return _fail(3, str(e))
     except NonFiniteError as e:
         return _fail(1, str(e))
+    except Preempted as e:
+        print(f"{e}; run the same command again to resume")
+        return 0
     print(f"done: test accuracy {summary['test_accuracy']:.4f} after {summary['steps']} steps, "
           f"{summary['examples_per_second']:,.0f} examples/s; outputs in {cfg.workdir or 'runs/' + cfg.experiment}")
     return 0

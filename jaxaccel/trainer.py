@@ -31,7 +31,47 @@ from jaxaccel.models import build_model
 from jaxaccel.optim import make_optimizer
 from jaxaccel.parallel import local_copy, make_parallel
 
-__all__ = ["train", "NonFiniteError", "default_loop"]
+__all__ = ["train", "NonFiniteError", "Preempted", "default_loop"]
+
+
+class _PreemptionNotice:
+    """Turns SIGTERM (a cloud preemption notice) into a flag the loop checks at step-group ends:
+    the run then checkpoints the step it reached and returns normally, instead of dying."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def __exit__(self, *exc) -> None:
+        import signal
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def should_stop(self) -> bool:
+        """True on every process once any process got the notice (all stop at the same step)."""
+        if jax.process_count() == 1:
+            return self.received
+        from jax.experimental import multihost_utils
+        flags = multihost_utils.process_allgather(np.int32(self.received))
+        return bool(np.any(flags))
+
+
+class Preempted(Exception):
+    """Raised after a SIGTERM once the reached step is checkpointed; the CLI exits 0."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted at step {step}; checkpoint saved")
+        self.step = step
 
 
 class NonFiniteError(FloatingPointError):
@@ -289,7 +329,8 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict[str, Any]:
     try:
         if run.is_writer:
             run.write_config()
-        state, timings, last_eval = _loop(run, state, step, writer, progress)
+        with _PreemptionNotice() as notice:
+            state, timings, last_eval = _loop(run, state, step, writer, progress, notice)
     finally:
         # Also on errors: commit the checkpoints already started, so nothing saved is lost.
         run.checkpointer.close()
@@ -299,7 +340,7 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict[str, Any]:
     return _finish(run, state, timings, last_eval)
 
 
-def _loop(run: _Run, state, step: int, writer, progress: Progress):
+def _loop(run: _Run, state, step: int, writer, progress: Progress, notice: _PreemptionNotice):
     """Compile, then train step groups to the end with evaluations and checkpoints on the way."""
     cfg, plan, ds = run.cfg, run.plan, run.dataset
     images, labels = run.parallel.replicate(ds.train_images), run.parallel.replicate(ds.train_labels)
@@ -342,6 +383,8 @@ def _loop(run: _Run, state, step: int, writer, progress: Progress):
         flush(pending)
         pending, step = (end, end - step, sums), end
         at_epoch_end, at_checkpoint = step % plan.steps_per_epoch == 0, step % plan.checkpoint_every == 0
+        preempted = notice.should_stop()
+        at_checkpoint = at_checkpoint or preempted
         if at_epoch_end or at_checkpoint or step == plan.total_steps:
             flush(pending)  # raises on a non-finite loss before anything is checkpointed
             pending = None
@@ -353,6 +396,9 @@ def _loop(run: _Run, state, step: int, writer, progress: Progress):
                 single = run.parallel.single(state)
                 run.checkpointer.save(step, single, Checkpointer.meta_for(single, step=step))
             t_start = time.perf_counter()
+        if preempted:
+            progress.message(f"SIGTERM: checkpointed step {step}; run the same command again to resume")
+            raise Preempted(step)
     if last_eval is None:  # resumed at the end: nothing left to train
         last_eval = evaluate(state, step)
     timings = {"steps_run": step - first_step, "train_seconds": train_seconds, "compile_seconds": compile_seconds}

@@ -1,0 +1,84 @@
+"""Preemption: SIGTERM checkpoints and exits 0; SIGKILL loses only the steps since the last
+checkpoint; either way, running the same command again ends bitwise equal to an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxaccel import export
+from tests.conftest import run_cli
+
+ARGS = ["exp=mnist_mlp", "model.features=[64]", "train.steps=2000", "checkpoint.every_steps=100",
+        "train.log_every_steps=50"]
+
+
+def _start(workdir):
+    return subprocess.Popen([sys.executable, "-m", "jaxaccel.run", *ARGS, f"workdir={workdir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+
+
+def _wait_for_step(workdir, step, proc, timeout=300):
+    """Wait until metrics.jsonl shows training has passed ``step``."""
+    deadline = time.monotonic() + timeout
+    path = workdir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before step {step}: {proc.stderr.read()[-1000:]}")
+        if path.exists() and any(json.loads(l)["step"] >= step for l in path.read_text().splitlines() if l.strip()):
+            return
+        time.sleep(0.02)
+    pytest.fail("timed out waiting for training to start")
+
+
+def _metrics(workdir):
+    return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    result = run_cli(*ARGS, f"workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return workdir
+
+
+def _assert_same_run(workdir, reference):
+    for a, b in zip(jax.tree.leaves(export.load(workdir).params), jax.tree.leaves(export.load(reference).params)):
+        np.testing.assert_array_equal(a, b)
+    assert _metrics(workdir) == _metrics(reference)  # every line once, same values, bit for bit
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_interrupted_run_resumes_bitwise(sig, tmp_path, uninterrupted):
+    workdir = tmp_path / "run"
+    proc = _start(workdir)
+    _wait_for_step(workdir, 250, proc)
+    proc.send_signal(sig)
+    start = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 0, err[-2000:]
+        assert time.monotonic() - start < 30
+        assert "SIGTERM: checkpointed step" in out
+        saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+        assert saved and saved[-1] >= 250 and not (workdir / "summary.json").exists()
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    result = run_cli(*ARGS, f"workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming from checkpoint step" in result.stdout
+    _assert_same_run(workdir, uninterrupted)
+
+
+def test_same_seed_twice_is_bitwise_identical(tmp_path, uninterrupted):
+    result = run_cli(*ARGS, f"workdir={tmp_path}")
+    assert result.returncode == 0
+    _assert_same_run(tmp_path, uninterrupted)
