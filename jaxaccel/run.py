@@ -47,7 +47,7 @@ def _train(cfg, overrides: list[str]) -> int:
     from jaxaccel.checkpoint import CheckpointMismatch
     from jaxaccel.config import ConfigError
     from jaxaccel.data import DataError
-    from jaxaccel.trainer import NonFiniteError, Preempted, train
+    from jaxaccel.trainer import DistributedError, NonFiniteError, Preempted, train
 
     try:
         summary = train(cfg, overrides)
@@ -55,7 +55,7 @@ def _train(cfg, overrides: list[str]) -> int:
         return _fail(2, str(e))
     except DataError as e:
         return _fail(3, str(e))
-    except NonFiniteError as e:
+    except (NonFiniteError, DistributedError) as e:
         return _fail(1, str(e))
     except Preempted as e:
         print(f"{e}; run the same command again to resume")

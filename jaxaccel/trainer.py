@@ -31,7 +31,7 @@ from jaxaccel.models import build_model
 from jaxaccel.optim import make_optimizer
 from jaxaccel.parallel import local_copy, make_parallel
 
-__all__ = ["train", "NonFiniteError", "Preempted", "default_loop"]
+__all__ = ["train", "NonFiniteError", "Preempted", "DistributedError", "default_loop"]
 
 
 class _PreemptionNotice:
@@ -91,14 +91,51 @@ def default_loop(model_name: str, backend: str) -> tuple[str, int | None]:
 # ----------------------------------------------------------------------------------------------
 # Setup.
 
+class DistributedError(RuntimeError):
+    """The multi-process runtime could not start (wrong address, missing peer)."""
+
+
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+    """Fail clearly if nothing listens at ``address``: JAX's own client aborts the process with a
+    C++ stack trace instead of raising when the coordinator cannot be reached."""
+    import socket
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host or "localhost", int(port)), timeout=2):
+                return
+        except (OSError, ValueError) as e:
+            if time.monotonic() > deadline:
+                raise DistributedError(
+                    f"cannot reach the coordinator at {address} within {timeout}s ({e}). Start process 0 "
+                    "with the same distributed.coordinator, and check the host:port is reachable.") from None
+            time.sleep(0.5)
+
+
 def _init_distributed(cfg: Config) -> None:
+    """Start jax.distributed before anything touches devices. With no distributed.* keys set on a
+    cluster JAX can detect (Cloud TPU, SLURM, ...), call it with no arguments and let it detect."""
     d = cfg.distributed
-    if d.coordinator is None and d.num_processes is None and d.process_id is None:
-        return
     if jax.distributed.is_initialized():
         return
-    jax.distributed.initialize(coordinator_address=d.coordinator, num_processes=d.num_processes,
-                               process_id=d.process_id)
+    explicit = d.coordinator is not None or d.num_processes is not None or d.process_id is not None
+    if not explicit and not os.environ.get("JAXACCEL_AUTO_DISTRIBUTED"):
+        return
+    if d.coordinator and d.process_id:  # process 0 starts the coordinator; the others must reach it
+        _wait_for_coordinator(d.coordinator, d.init_timeout_seconds)
+    print(f"jax.distributed: process {d.process_id} of {d.num_processes}, coordinator {d.coordinator}; "
+          f"waiting up to {d.init_timeout_seconds}s for all processes", flush=True)
+    try:
+        jax.distributed.initialize(coordinator_address=d.coordinator, num_processes=d.num_processes,
+                                   process_id=d.process_id, initialization_timeout=d.init_timeout_seconds,
+                                   heartbeat_timeout_seconds=d.heartbeat_timeout_seconds)
+    except Exception as e:  # noqa: BLE001 - re-raised with what to check
+        raise DistributedError(
+            f"jax.distributed.initialize failed (coordinator={d.coordinator}, num_processes={d.num_processes}, "
+            f"process_id={d.process_id}) within {d.init_timeout_seconds}s: {str(e).splitlines()[0][:300]}. "
+            "Check that every process is started with the same coordinator host:port, reachable from all, "
+            "and a distinct process_id in [0, num_processes).") from None
 
 
 def _enable_compilation_cache() -> None:
