@@ -120,6 +120,23 @@ class SparsityConfig(_Section):
     threshold: float = Field(0.0, ge=0.0, description="After the penalty: |w| below this becomes an exact, frozen zero.")
     threshold_step: Optional[StrictInt] = Field(None, ge=0, description="Step of the threshold; null: 90% of training.")
 
+    @pydantic.model_validator(mode="after")
+    def _compatible(self) -> "SparsityConfig":
+        """Combinations that have no meaning are refused here, at config time (exit 2)."""
+        if self.method in ("set", "rigl") and (self.structure != "unstructured" or self.scope != "layer"):
+            raise ValueError(f"method={self.method} trains unstructured per-layer masks: "
+                             "use structure=unstructured and scope=layer")
+        if self.scope == "global" and (self.structure != "unstructured" or self.distribution != "uniform"):
+            raise ValueError("scope=global ranks single weights across all layers: it needs "
+                             "structure=unstructured and distribution=uniform")
+        if self.structure == "nm" and not 0 < self.n < self.m:
+            raise ValueError(f"N:M needs 0 < n < m, got n={self.n}, m={self.m}")
+        if len(self.block) != 2 or min(self.block) < 1:
+            raise ValueError(f"block must be two positive sizes [h, w], got {self.block}")
+        if self.method != "none" and self.structure != "nm" and self.target == 0.0:
+            raise ValueError(f"method={self.method} with target=0 prunes nothing: set sparsity.target")
+        return self
+
 
 class PrecisionConfig(_Section):
     params: _DTYPE = Field("float32", description="Dtype parameters are cast to for compute (master weights stay float32).")
@@ -256,6 +273,8 @@ def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"unknown config key {key!r}; did you mean {_closest(key)}?"
+    if error["type"] == "value_error":  # a section's cross-field check: its message says it all
+        return f"{key}: {error['msg'].removeprefix('Value error, ')}"
     return f"{key}={error['input']!r} is invalid: {error['msg']} (see `python -m jaxaccel.run --help`)"
 
 

@@ -34,11 +34,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
-               label_smoothing: float = 0.0, axis_name: str | None = None) -> tuple[TrainState, Metrics]:
+               label_smoothing: float = 0.0, axis_name: str | None = None,
+               penalty: Callable[[Any], jax.Array] | None = None) -> tuple[TrainState, Metrics]:
     """One optimizer step on ``batch`` ({"image": uint8 [B,H,W,C], "label": int32 [B]}).
 
     ``axis_name``: under pmap, the device axis over which gradients and metrics are averaged
     (under jit with a sharded batch the compiler inserts that reduction itself).
+    ``penalty``: a regularizer of the params added to the loss (e.g. L1 / group lasso for
+    sparsity); the reported ``loss`` is the task loss, ``penalty`` is reported beside it.
     """
     chex.assert_rank(batch["image"], 4)
     chex.assert_type([batch["image"], batch["label"]], [jnp.uint8, jnp.int32])
@@ -48,10 +51,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
         logits = state.apply_fn({"params": params}, batch["image"])
         chex.assert_shape(logits, (batch["image"].shape[0], None))
         loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
-        return loss, logits
+        extra = penalty(params) if penalty is not None else jnp.zeros((), jnp.float32)
+        return loss + extra, (loss, extra, logits)
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, (loss, extra, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+    if penalty is not None:
+        metrics["penalty"] = extra
     if axis_name is not None:
         grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
     return state.apply_gradients(grads=grads), metrics

@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxaccel import data as data_lib
 from jaxaccel import export as export_lib
+from jaxaccel import sparsity
 from jaxaccel import step as step_lib
 from jaxaccel.checkpoint import Checkpointer, CheckpointMismatch
 from jaxaccel.config import Config, ConfigError
@@ -239,14 +240,6 @@ def _load_init_params(path: str, target: Any, progress: Progress) -> Any:
     return traverse_util.unflatten_dict(out, sep="/")
 
 
-def measured_sparsity(params: Any) -> float:
-    """Fraction of exact zeros over the prunable weights (kernels), counted from the parameters."""
-    kernels = [np.asarray(v) for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
-               if jax.tree_util.keystr(path).endswith("['kernel']")]
-    total = sum(k.size for k in kernels)
-    return float(sum(int(np.count_nonzero(k == 0)) for k in kernels) / total) if total else 0.0
-
-
 # ----------------------------------------------------------------------------------------------
 # The run.
 
@@ -268,7 +261,9 @@ class _Run:
                                   f"{n_dev} devices it is split over")
         self.plan = _make_plan(cfg, len(self.dataset.train_labels), jax.default_backend())
         self.model = build_model(cfg.model, self.dataset.num_classes)
-        self.tx = make_optimizer(cfg.optim, self.plan.total_steps)
+        # Sparsity wraps the whole optimizer (nothing may rescale updates after its masking).
+        self.tx = sparsity.make_sparsity(cfg.sparsity, make_optimizer(cfg.optim, self.plan.total_steps),
+                                         self.plan.total_steps, seed=cfg.seed)
         root = jax.random.key(cfg.seed)
         self.init_key, self.data_key, self.step_key = (jax.random.fold_in(root, i) for i in range(3))
 
@@ -292,8 +287,10 @@ class _Run:
         """Ahead-of-time compile every function the loop calls, timing it apart from training."""
         t0 = time.perf_counter()
         par, axis = self.parallel, self.parallel.axis_name
+        uses_penalty = self.cfg.sparsity.penalty != "none" and self.cfg.sparsity.penalty_weight > 0
         step_fn = functools.partial(step_lib.train_step, label_smoothing=self.cfg.train.label_smoothing,
-                                    axis_name=axis)
+                                    axis_name=axis,
+                                    penalty=functools.partial(sparsity.penalty, self.cfg.sparsity) if uses_penalty else None)
         kw = dict(batch_size=self.cfg.train.batch_size, batch_sharding=par.batch_sharding,
                   step_key=self.step_key, axis_name=axis)
         args = (state, images, labels, self.epoch_perm(0), np.int32(0), np.int32(1))
@@ -391,10 +388,12 @@ def _loop(run: _Run, state, step: int, writer, progress: Progress, notice: _Pree
     def evaluate(state, at_step):
         sums = run.evaluate(state.params, test)
         record = {"step": at_step, "split": "test", "accuracy": float(sums["correct"] / sums["count"]),
-                  "loss": float(sums["loss_sum"] / sums["count"])}
+                  "loss": float(sums["loss_sum"] / sums["count"]),
+                  **sparsity.report(local_copy(run.parallel.single(state).params), cfg.sparsity)}
         if writer:
             writer.write(record)
-        progress.message(f"step {at_step}: test accuracy {record['accuracy']:.4f}, loss {record['loss']:.4f}")
+        progress.message(f"step {at_step}: test accuracy {record['accuracy']:.4f}, loss {record['loss']:.4f}, "
+                         f"sparsity {record['sparsity']:.4f}")
         return record
 
     def flush(pending):
@@ -453,7 +452,7 @@ def _finish(run: _Run, state, timings: dict[str, float], last_eval: dict[str, fl
         "experiment": cfg.experiment, "test_accuracy": last_eval["accuracy"], "test_loss": last_eval["loss"],
         "steps": int(local_copy(state.step)), "train_seconds": seconds, "compile_seconds": timings["compile_seconds"],
         "examples_per_second": timings["steps_run"] * cfg.train.batch_size / seconds if seconds else 0.0,
-        "sparsity": measured_sparsity(params), "param_count": param_count, "model_bytes": param_count * 4,
+        "sparsity": sparsity.report(params, cfg.sparsity)["sparsity"], "param_count": param_count, "model_bytes": param_count * 4,
     }
     if run.is_writer:
         summary["compressed_bytes"] = export_lib.save(run.workdir / "export", params, cfg.model.model_dump(),

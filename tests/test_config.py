@@ -78,7 +78,8 @@ def test_parse_overrides_splits_on_first_equals():
     (["exp=mnist_mlp", "train.epochs=not_a_number"], 2, "train.epochs='not_a_number' is invalid"),
     (["exp=mnist_mlp", "optim.name=adagrad"], 2, "optim.name='adagrad' is invalid"),
     (["train.epochs=1"], 2, "give exactly one exp=NAME"),
-    (["exp=mnist_sparse"], 2, "refuses to train a dense model"),
+    (["exp=mnist_sparse", "sparsity.method=rigl", "sparsity.structure=nm"], 2,
+     "sparsity: method=rigl trains unstructured per-layer masks"),
 ])
 def test_cli_bad_input_exits_2_without_traceback(args, code, needle, tmp_path):
     start = time.monotonic()

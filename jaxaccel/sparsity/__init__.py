@@ -1,0 +1,32 @@
+"""Sparsity: mask calculators, pruning schedules, dynamic sparse training, penalties, reports.
+
+The trainer needs four calls (all pure; the transform is plain optax and jittable):
+
+    tx = make_sparsity(cfg.sparsity, make_optimizer(cfg.optim, total), total, seed=cfg.seed)
+    loss = task_loss + penalty(cfg.sparsity, params)        # 0.0 unless cfg.sparsity.penalty is set
+    report(params, cfg.sparsity)                            # {'sparsity': ..., 'sparsity/<path>': ...}
+    find_masks(state.opt_state)                             # the masks, for export (or None)
+"""
+from jaxaccel.sparsity.dst import drop_and_grow, drop_fraction, dst_masks, is_dst_update_step
+from jaxaccel.sparsity.masks import (
+    apply_masks, block_mask, block_masks, channel_mask, channel_masks, compute_masks,
+    global_unstructured_masks, keep_top, magnitude_masks, nm_mask, nm_masks, path_name,
+    prunable_tree, random_masks, saliency_masks, structured_mask, unstructured_mask,
+)
+from jaxaccel.sparsity.penalties import group_norms, penalty
+from jaxaccel.sparsity.report import prunable_mask_tree, report
+from jaxaccel.sparsity.schedules import (
+    erk_densities, is_update_step, layer_sparsities, polynomial_sparsity, resolve_end_step,
+    resolve_threshold_step, sparsity_fraction,
+)
+from jaxaccel.sparsity.transform import SparsityState, find_masks, make_sparsity, map_param_trees
+
+__all__ = [
+    "make_sparsity", "SparsityState", "find_masks", "map_param_trees", "penalty", "group_norms",
+    "report", "prunable_mask_tree", "prunable_tree", "path_name", "compute_masks", "apply_masks",
+    "keep_top", "unstructured_mask", "nm_mask", "block_mask", "channel_mask", "structured_mask",
+    "global_unstructured_masks", "magnitude_masks", "random_masks", "saliency_masks", "nm_masks",
+    "block_masks", "channel_masks", "polynomial_sparsity", "sparsity_fraction", "is_update_step",
+    "erk_densities", "layer_sparsities", "resolve_end_step", "resolve_threshold_step",
+    "drop_fraction", "drop_and_grow", "dst_masks", "is_dst_update_step",
+]

@@ -1,0 +1,190 @@
+"""The sparsity optax transformation: wraps any inner optimizer and keeps pruned weights at zero.
+
+``make_sparsity(cfg, inner, total_steps)`` returns a GradientTransformation whose update, for
+masks M (True = kept) and inner optimizer ``inner``, is
+
+    M'      = M, or new masks when the schedule says so (lax.cond inside jit: static shapes)
+    A       = M' & M                     entries active both before and after this step
+    inner state: param-shaped leaves (moments, traces, ...) zeroed where M' != M
+    u       = inner.update(where(A, g, 0), inner_state, params)
+    update  = where(A, u, -params)       so params + update == 0 exactly off A
+
+Masking gradients in and updates out keeps moments of pruned entries at exactly zero (they were
+zeroed when pruned and only ever see zero gradients), so no optimizer can revive a pruned weight;
+a grown entry (in M', not in M) is set to exactly zero, with zero moments, and trains from the next
+step. The param-shaped parts of the inner state are found generically with
+``optax.tree_utils.tree_map_params`` (init on a placeholder), so sgd, momentum, adam, adamw,
+``inject_hyperparams`` and chains all work without a list of state types.
+
+The state is a :class:`SparsityState` (count, masks, frozen, inner_state); :func:`find_masks`
+pulls the masks out of any optimizer state that contains one. Thresholding (cfg.threshold > 0):
+at ``threshold_step`` the prunable weights with |w| < threshold get a frozen zero mask
+(``frozen``) that every later mask update respects.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxaccel.sparsity import dst as dst_lib
+from jaxaccel.sparsity import masks as masks_lib
+from jaxaccel.sparsity import schedules
+
+__all__ = ["SparsityState", "make_sparsity", "find_masks", "map_param_trees"]
+
+PRUNE_METHODS = ("magnitude", "random", "saliency")
+DST_METHODS = ("set", "rigl")
+
+
+class SparsityState(NamedTuple):
+    """Optimizer state of :func:`make_sparsity`."""
+    count: jax.Array   # int32: updates done so far (the step the next update is)
+    masks: Any         # bool array per prunable leaf (True = kept), None for the other leaves
+    frozen: Any        # bool threshold masks per prunable leaf, or None without thresholding
+    inner_state: Any   # the wrapped optimizer's state
+
+
+def find_masks(opt_state: Any) -> Any:
+    """The mask tree of the first :class:`SparsityState` inside ``opt_state`` (None if none)."""
+    nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SparsityState))
+    return next((n.masks for n in nodes if isinstance(n, SparsityState)), None)
+
+
+def map_param_trees(inner: optax.GradientTransformation, fn, state: Any, params: Any, *rest: Any) -> Any:
+    """``fn(leaf, *rest_leaves)`` over every param-shaped subtree of the optimizer ``state``.
+
+    Uses ``optax.tree_utils.tree_map_params``; if the optimizer's init cannot run on its placeholder
+    (an init that does arithmetic on params), falls back to matching subtrees whose tree structure
+    and leaf shapes equal ``params``'.
+    """
+    try:
+        return optax.tree_utils.tree_map_params(inner, fn, state, *rest)
+    except Exception:  # noqa: BLE001 - any init that rejects the placeholder; the fallback is exact
+        treedef = jax.tree.structure(params)
+        shapes = [jnp.shape(p) for p in jax.tree.leaves(params)]
+
+        def is_params(x):
+            if jax.tree.structure(x) != treedef:
+                return False
+            return [jnp.shape(v) for v in jax.tree.leaves(x)] == shapes
+
+        return jax.tree.map(lambda x: jax.tree.map(fn, x, *rest) if is_params(x) else x,
+                            state, is_leaf=is_params)
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+# Mask trees hold None for non-prunable leaves; treating None as a leaf keeps them aligned.
+def _and(a: Any, b: Any) -> Any:
+    return jax.tree.map(lambda x, y: None if x is None else x & y, a, b, is_leaf=_is_none)
+
+
+def _select(pred: jax.Array, a: Any, b: Any) -> Any:
+    return jax.tree.map(lambda x, y: None if x is None else jnp.where(pred, x, y), a, b, is_leaf=_is_none)
+
+
+def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: int, *,
+                  seed: int = 0) -> optax.GradientTransformation:
+    """Wrap ``inner`` with the pruning / DST / threshold behaviour ``cfg`` (a SparsityConfig) asks.
+
+    Returns ``inner`` itself when nothing is asked (method none and no threshold; a penalty alone
+    only changes the loss, see :func:`jaxaccel.sparsity.penalty`). ``total_steps`` resolves
+    ``end_step=None`` (75%) and ``threshold_step=None`` (90%); ``seed`` keys random scores and SET.
+    The update requires ``params``. Make this the outermost transformation (wrap the whole
+    optimizer, clipping included): anything that rescales updates after it would break
+    ``params + update == 0`` for pruned entries; a wrapper that skips whole steps is fine.
+    """
+    # Incompatible combinations are refused by SparsityConfig's validator (config time).
+    prune, dst = cfg.method in PRUNE_METHODS, cfg.method in DST_METHODS
+    thresholding = cfg.threshold > 0.0
+    if not (prune or dst or thresholding):
+        return inner
+    if cfg.method not in PRUNE_METHODS + DST_METHODS + ("none",):
+        raise ValueError(f"unknown sparsity method {cfg.method!r}")
+    inner = optax.with_extra_args_support(inner)
+    start, every = int(cfg.start_step), int(cfg.update_every)
+    end = schedules.resolve_end_step(cfg.end_step, total_steps)
+    thr_step = schedules.resolve_threshold_step(cfg.threshold_step, total_steps)
+    kw = dict(structure=cfg.structure, scope=cfg.scope, n=cfg.n, m=cfg.m, block=tuple(cfg.block))
+
+    def prunable(params):
+        return masks_lib.prunable_tree(params, tuple(cfg.include), tuple(cfg.exclude))
+
+    def keys():
+        base = jax.random.key(seed)
+        return {name: jax.random.fold_in(base, i) for i, name in enumerate(("score", "init", "grow"))}
+
+    def layer_targets(params):
+        return schedules.layer_sparsities(params, prunable(params), cfg.target, cfg.distribution)
+
+    def ones(params):
+        return jax.tree.map(lambda p, f: jnp.ones_like(p, dtype=jnp.bool_) if f else None,
+                            params, prunable(params))
+
+    def init_fn(params):
+        if dst:
+            # Constant sparsity from the start: random (SET) or |w| (RigL) masks at the targets.
+            masks = masks_lib.compute_masks(params, prunable(params), layer_targets(params),
+                                            method=cfg.method, key=keys()["init"])
+        else:
+            masks = ones(params)  # dense until the schedule's first update
+        frozen = ones(params) if thresholding else None
+        return SparsityState(jnp.zeros([], jnp.int32), masks, frozen, inner.init(params))
+
+    def refresh(step, grads, state, params):
+        """New (masks, frozen, inner_state) at a step where some mask update is due."""
+        old, new, frozen = state.masks, state.masks, state.frozen
+        if prune:
+            r = schedules.sparsity_fraction(cfg.schedule, step, start, end, every, cfg.power)
+            target = (r * cfg.target if cfg.scope == "global"
+                      else {k: r * s for k, s in layer_targets(params).items()})
+            cand = masks_lib.compute_masks(params, prunable(params), target, method=cfg.method,
+                                           grads=grads, key=keys()["score"], **kw)
+            new = _select(schedules.is_update_step(cfg.schedule, step, start, end, every), cand, old)
+        if dst:
+            frac = dst_lib.drop_fraction(step, cfg.drop_fraction, start, end)
+            key = jax.random.fold_in(keys()["grow"], step)
+            cand = dst_lib.dst_masks(cfg.method, params, grads, old, frac, key)
+            new = _select(dst_lib.is_dst_update_step(step, start, end, every), cand, old)
+        if thresholding:
+            cand = jax.tree.map(lambda p, f: None if f is None else f & (jnp.abs(p) >= cfg.threshold),
+                                params, frozen)
+            frozen = _select(step == thr_step, cand, frozen)
+            new = _and(new, frozen)
+
+        def reset(s, o, n):
+            # Moments of entries whose mask changed restart from zero (pruned or grown alike).
+            if o is None or n is None or jnp.shape(s) != n.shape:
+                return s
+            return jnp.where(o == n, s, jnp.zeros_like(s))
+
+        inner_state = map_param_trees(inner, reset, state.inner_state, params, old, new)
+        return new, frozen, inner_state
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError("the sparsity transformation needs params: call tx.update(grads, state, params)")
+        step = state.count
+        due = jnp.zeros([], jnp.bool_)
+        if prune:
+            due |= schedules.is_update_step(cfg.schedule, step, start, end, every)
+        if dst:
+            due |= dst_lib.is_dst_update_step(step, start, end, every)
+        if thresholding:
+            due |= step == thr_step
+        masks, frozen, inner_state = jax.lax.cond(
+            due, lambda: refresh(step, updates, state, params),
+            lambda: (state.masks, state.frozen, state.inner_state))
+        active = _and(masks, state.masks)
+        grads = masks_lib.apply_masks(updates, active)
+        new_updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
+        new_updates = jax.tree.map(lambda u, p, a: u if a is None else jnp.where(a, u, -p),
+                                   new_updates, params, active)
+        return new_updates, SparsityState(step + 1, masks, frozen, inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
