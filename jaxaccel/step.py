@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from jaxaccel import precision as prec
+
 __all__ = ["TrainState", "cross_entropy", "train_step", "eval_step", "make_train_steps", "make_eval"]
 
 TrainState = train_state.TrainState
@@ -35,29 +37,42 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                label_smoothing: float = 0.0, axis_name: str | None = None,
-               penalty: Callable[[Any], jax.Array] | None = None) -> tuple[TrainState, Metrics]:
+               penalty: Callable[[Any], jax.Array] | None = None, precision: Any = None,
+               quant_start_step: int | None = None) -> tuple[TrainState, Metrics]:
     """One optimizer step on ``batch`` ({"image": uint8 [B,H,W,C], "label": int32 [B]}).
 
     ``axis_name``: under pmap, the device axis over which gradients and metrics are averaged
-    (under jit with a sharded batch the compiler inserts that reduction itself).
+    (under jit with a sharded batch the compiler inserts that reduction itself), so the
+    optimizer's finiteness check sees the reduced gradients and every replica decides alike.
     ``penalty``: a regularizer of the params added to the loss (e.g. L1 / group lasso for
     sparsity); the reported ``loss`` is the task loss, ``penalty`` is reported beside it.
+    ``precision``: a PrecisionConfig whose ``include``-d params are cast for the forward pass
+    (the float32 master weights get float32 gradients through the cast).
+    ``quant_start_step``: QAT models fake-quantize from this step on.
+    The loss is multiplied by the loss scale found in the optimizer state (1 without scaling);
+    the optimizer's loss-scaling wrapper unscales the gradients and skips non-finite steps.
     """
     chex.assert_rank(batch["image"], 4)
     chex.assert_type([batch["image"], batch["label"]], [jnp.uint8, jnp.int32])
     del rng  # reserved for dropout and augmentation; derived per step from (seed, step)
+    model_kwargs = {} if quant_start_step is None else {"quant_enabled": state.step >= quant_start_step}
 
     def loss_fn(params):
-        logits = state.apply_fn({"params": params}, batch["image"])
+        compute_params = prec.cast_params(params, precision) if precision is not None else params
+        logits = state.apply_fn({"params": compute_params}, batch["image"], **model_kwargs)
         chex.assert_shape(logits, (batch["image"].shape[0], None))
         loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
         extra = penalty(params) if penalty is not None else jnp.zeros((), jnp.float32)
-        return loss + extra, (loss, extra, logits)
+        return prec.scale_loss(loss + extra, state.opt_state), (loss, extra, logits)
 
     (_, (loss, extra, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+    finite = jnp.isfinite(loss)
+    # Non-finite losses are left out of the sums (their steps are skipped by the optimizer).
+    metrics = {"loss": jnp.where(finite, loss, 0.0),
+               "accuracy": jnp.where(finite, jnp.mean(jnp.argmax(logits, -1) == batch["label"]), 0.0),
+               "finite_steps": finite.astype(jnp.float32)}
     if penalty is not None:
-        metrics["penalty"] = extra
+        metrics["penalty"] = jnp.where(finite, extra, 0.0)
     if axis_name is not None:
         grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
     return state.apply_gradients(grads=grads), metrics

@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxaccel import data as data_lib
 from jaxaccel import export as export_lib
+from jaxaccel import precision as prec
 from jaxaccel import sparsity
 from jaxaccel import step as step_lib
 from jaxaccel.checkpoint import Checkpointer, CheckpointMismatch
@@ -30,6 +31,7 @@ from jaxaccel.config import Config, ConfigError
 from jaxaccel.metrics import MetricsWriter, Progress
 from jaxaccel.models import build_model
 from jaxaccel.optim import make_optimizer
+from jaxaccel.precision import NonFiniteError
 from jaxaccel.parallel import local_copy, make_parallel
 
 __all__ = ["train", "NonFiniteError", "Preempted", "DistributedError", "default_loop"]
@@ -73,10 +75,6 @@ class Preempted(Exception):
     def __init__(self, step: int):
         super().__init__(f"preempted at step {step}; checkpoint saved")
         self.step = step
-
-
-class NonFiniteError(FloatingPointError):
-    """Training produced a non-finite loss; nothing non-finite is checkpointed or exported."""
 
 
 # Measured with XLA:CPU (benchmarks/README.md): convolutions lose their fast kernels inside a device
@@ -260,10 +258,12 @@ class _Run:
                 raise ConfigError(f"train.{key}={getattr(cfg.train, key)} must be a multiple of the "
                                   f"{n_dev} devices it is split over")
         self.plan = _make_plan(cfg, len(self.dataset.train_labels), jax.default_backend())
-        self.model = build_model(cfg.model, self.dataset.num_classes)
+        self.model = build_model(cfg.model, self.dataset.num_classes, cfg.precision, cfg.quant)
         # Sparsity wraps the whole optimizer (nothing may rescale updates after its masking).
-        self.tx = sparsity.make_sparsity(cfg.sparsity, make_optimizer(cfg.optim, self.plan.total_steps),
-                                         self.plan.total_steps, seed=cfg.seed)
+        # Loss scaling and the non-finite guard wrap everything (they skip whole steps).
+        self.tx = prec.with_precision(
+            sparsity.make_sparsity(cfg.sparsity, make_optimizer(cfg.optim, self.plan.total_steps),
+                                   self.plan.total_steps, seed=cfg.seed), cfg.precision)
         root = jax.random.key(cfg.seed)
         self.init_key, self.data_key, self.step_key = (jax.random.fold_in(root, i) for i in range(3))
 
@@ -279,7 +279,8 @@ class _Run:
             progress.message(f"resuming from checkpoint step {latest} in {self.workdir / 'checkpoints'}")
         elif self.cfg.init.from_:
             params = _load_init_params(self.cfg.init.from_, state.params, progress)
-            state = state.replace(params=params, opt_state=self.tx.init(params))
+            # Under jit, so every leaf is a fresh buffer (the train step donates them all).
+            state = jax.jit(lambda s, p: s.replace(params=p, opt_state=self.tx.init(p)))(state, params)
         return self.parallel.put_state(state), latest or 0
 
     # -- compiled functions ----------------------------------------------------------------------
@@ -288,9 +289,11 @@ class _Run:
         t0 = time.perf_counter()
         par, axis = self.parallel, self.parallel.axis_name
         uses_penalty = self.cfg.sparsity.penalty != "none" and self.cfg.sparsity.penalty_weight > 0
-        step_fn = functools.partial(step_lib.train_step, label_smoothing=self.cfg.train.label_smoothing,
-                                    axis_name=axis,
-                                    penalty=functools.partial(sparsity.penalty, self.cfg.sparsity) if uses_penalty else None)
+        step_fn = functools.partial(
+            step_lib.train_step, label_smoothing=self.cfg.train.label_smoothing, axis_name=axis,
+            penalty=functools.partial(sparsity.penalty, self.cfg.sparsity) if uses_penalty else None,
+            precision=self.cfg.precision if self.cfg.precision.params != "float32" else None,
+            quant_start_step=self.cfg.quant.start_step if self.cfg.quant.mode == "qat" else None)
         kw = dict(batch_size=self.cfg.train.batch_size, batch_sharding=par.batch_sharding,
                   step_key=self.step_key, axis_name=axis)
         args = (state, images, labels, self.epoch_perm(0), np.int32(0), np.int32(1))
@@ -317,7 +320,8 @@ class _Run:
     def run_group(self, state, images, labels, perm, position: int, count: int):
         """Run ``count`` steps from batch ``position``; returns the state and summed metrics."""
         if self.plan.loop == "scan":
-            return self.groups[None](state, images, labels, perm, np.int32(position), np.int32(count))
+            state, sums = self.groups[None](state, images, labels, perm, np.int32(position), np.int32(count))
+            return state, self._with_guard_state(state, sums)
         sums_all = None
         k = self.plan.steps_per_call
         for unroll, n in ((k, count // k), (1, count % k)):
@@ -325,7 +329,15 @@ class _Run:
                 state, sums = self.groups[unroll](state, images, labels, perm, np.int32(position), np.int32(unroll))
                 position += unroll
                 sums_all = sums if sums_all is None else jax.tree.map(jnp.add, sums_all, sums)
-        return state, sums_all
+        return state, self._with_guard_state(state, sums_all)
+
+    @staticmethod
+    def _with_guard_state(state, sums):
+        """Add the loss scale and the consecutive non-finite count at the group's end (device
+        values read one group later with the sums, so the host does not wait for them)."""
+        # Copies: the state's own buffers are donated to the next call.
+        return {**sums, "loss_scale": jnp.copy(prec.current_scale(state.opt_state)),
+                "nonfinite_run": jnp.copy(prec.nonfinite_steps(state.opt_state))}
 
     # -- outputs ---------------------------------------------------------------------------------
     def write_config(self) -> None:
@@ -337,13 +349,6 @@ class _Run:
                   "backend": jax.default_backend(), "process_count": jax.process_count(),
                   "plan": dataclasses.asdict(self.plan)}
         (self.workdir / "config.json").write_text(json.dumps(record, indent=2))
-
-
-def _check_finite(step: int, loss: float) -> None:
-    if not math.isfinite(loss):
-        raise NonFiniteError(f"non-finite training loss ({loss}) in the steps ending at step {step}; "
-                             "stopped without checkpointing it. Lower optim.learning_rate or set "
-                             "optim.grad_clip_norm.")
 
 
 def train(cfg: Config, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -379,6 +384,8 @@ def _loop(run: _Run, state, step: int, writer, progress: Progress, notice: _Pree
     cfg, plan, ds = run.cfg, run.plan, run.dataset
     images, labels = run.parallel.replicate(ds.train_images), run.parallel.replicate(ds.train_labels)
     test = tuple(run.parallel.replicate(a) for a in _pad_to(ds.test_images, ds.test_labels, cfg.train.eval_batch_size))
+    for warning in prec.check_backend(cfg.precision):
+        progress.message(f"warning: {warning}")
     compile_seconds = run.compile(state, images, labels, test)
     progress.message(f"compiled in {compile_seconds:.1f}s; {plan.total_steps - step} steps to run "
                      f"({plan.loop}, {plan.steps_per_call or 'any'} steps per call) on "
@@ -402,11 +409,24 @@ def _loop(run: _Run, state, step: int, writer, progress: Progress, notice: _Pree
         if pending is None:
             return
         end, count, sums = pending
-        metrics = {k: float(v) / count for k, v in run.parallel.host(sums).items()}
-        _check_finite(end, metrics["loss"])
+        raw = run.parallel.host(sums)
+        finite = float(raw.pop("finite_steps"))
+        scale, run_length = float(raw.pop("loss_scale")), int(raw.pop("nonfinite_run"))
+        record = {"step": end, **{k: float(v) / max(finite, 1.0) for k, v in raw.items()}}
+        if prec.resolve_mode(cfg.precision) != "none":
+            record["loss_scale"] = scale
+        if finite < count:
+            record["skipped_nonfinite_steps"] = int(count - finite)
+            progress.message(f"skipped {int(count - finite)} non-finite step(s) in steps {end - count + 1}-{end}")
         if writer:
-            writer.write({"step": end, **metrics})
-        progress.update(end, metrics["loss"])
+            writer.write(record)
+        if run_length >= cfg.precision.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{run_length} consecutive non-finite steps (loss or gradients), the last at step {end} "
+                f"(precision.max_nonfinite_steps={cfg.precision.max_nonfinite_steps}); stopped. Nothing "
+                "non-finite was checkpointed or exported. Lower optim.learning_rate, set "
+                "optim.grad_clip_norm, or use float32/bfloat16.")
+        progress.update(end, record["loss"] if finite else float("nan"))
 
     last_eval, pending, epoch, perm = None, None, None, None
     first_step, train_seconds, t_start = step, 0.0, time.perf_counter()

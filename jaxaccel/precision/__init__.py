@@ -1,0 +1,26 @@
+"""Low precision and quantization: the dtype policy, loss scaling, int8 QAT/PTQ/inference.
+
+See NOTES.md for the design and the measurements behind it.
+"""
+from jaxaccel.precision.loss_scale import (
+    LossScaleState, NonFiniteError, all_finite, current_scale, dynamic_loss_scale, loss_scaling,
+    nonfinite_guard, nonfinite_steps, raise_if_diverged, resolve_mode, scale_loss, static_loss_scale,
+    with_precision)
+from jaxaccel.precision.policy import (
+    DTYPES, Policy, cast_output, cast_params, check_backend, conv_general_dilated, conv_kwargs, dense_kwargs,
+    dot_general, matches, path_str)
+from jaxaccel.precision.quant import (
+    absmax_scale, dequantize, dequantize_params, fake_quant, fake_quant_apply, int8_apply, int8_conv,
+    int8_conv_general_dilated, int8_dense, int8_dot_general, layer_kwargs, qmax, quant_conv_general_dilated,
+    quant_dot_general, quantize, quantize_params)
+
+__all__ = [
+    "LossScaleState", "NonFiniteError", "all_finite", "current_scale", "dynamic_loss_scale", "loss_scaling",
+    "nonfinite_guard", "nonfinite_steps", "raise_if_diverged", "resolve_mode", "scale_loss", "static_loss_scale",
+    "with_precision",
+    "DTYPES", "Policy", "cast_output", "cast_params", "check_backend", "conv_general_dilated", "conv_kwargs",
+    "dense_kwargs", "dot_general", "matches", "path_str",
+    "absmax_scale", "dequantize", "dequantize_params", "fake_quant", "fake_quant_apply", "int8_apply", "int8_conv",
+    "int8_conv_general_dilated", "int8_dense", "int8_dot_general", "layer_kwargs", "qmax",
+    "quant_conv_general_dilated", "quant_dot_general", "quantize", "quantize_params",
+]
