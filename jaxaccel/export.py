@@ -1,9 +1,20 @@
 """Export of a trained model, and :func:`load` to use it without the training code.
 
-An export directory holds ``model.json`` (format, model config, number of classes, input shape)
-and ``params.npz`` (the parameters, keyed by their '/'-joined paths). ``load(path)`` returns an
-:class:`ExportedModel`: ``.params`` is a nested dict of NumPy arrays and calling it on uint8 images
-``[N, H, W, C]`` returns logits ``[N, num_classes]``.
+An export directory holds:
+
+``model.json``      format, form (``dense``, ``sparse``, ``int8`` or ``sparse+int8``), model,
+                    precision and quantization configs, classes, input shape, and the description
+                    of every stored tensor.
+``params.npz``      the float32 parameters as trained, pruned weights as exact zeros
+                    ("dense-with-zeros"), keyed by their '/'-joined paths.
+``compressed.npz``  the compressed model: each kernel in its smallest exact form (dense, CSR or
+                    packed N:M, see :mod:`jaxaccel.sparsity.export`), as int8 values plus float32
+                    scales when the run quantizes. Its size is ``compressed_bytes``.
+
+``load(path)`` reads the compressed form. It returns an :class:`ExportedModel`: ``.params`` is a
+nested dict of NumPy arrays (int8 kernels for a quantized export, ``.scales`` beside them) and
+calling it on uint8 images ``[N, H, W, C]`` returns logits ``[N, num_classes]``, computed with
+int32 accumulation for int8 exports.
 """
 from __future__ import annotations
 
@@ -14,56 +25,112 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["save", "load", "ExportedModel", "FORMAT_VERSION"]
+__all__ = ["save", "load", "ExportedModel", "FORMAT_VERSION", "compress_params", "flatten_params"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_SCALE = "scale:"  # key prefix of the int8 scales in compressed.npz
 
 
-def _flatten(params: Any) -> dict[str, np.ndarray]:
+def flatten_params(params: Any) -> dict[str, np.ndarray]:
+    """``{"Dense_0/kernel": array, ...}``: the flat NumPy form every stored file uses."""
     from flax import traverse_util
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
 
 
-def save(directory: str | Path, params: Any, model_config: dict[str, Any], num_classes: int,
-         image_shape: tuple[int, ...]) -> int:
-    """Write the export; returns its size in bytes (the parameter arrays as stored)."""
+def _unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
+    from flax import traverse_util
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def compress_params(params: Any, quant: dict[str, Any] | None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The compressed arrays and their description: each kernel in its smallest exact form, as int8
+    plus float32 scales when ``quant`` (a QuantConfig dict) asks for quantization."""
+    from jaxaccel.sparsity import export as sparse_export
+
+    flat, scales = flatten_params(params), {}
+    if quant and quant["mode"] != "none":
+        from jaxaccel.config import QuantConfig
+        from jaxaccel.precision import quantize_params
+        qparams, qscales = quantize_params(params, QuantConfig.model_validate(quant))
+        flat, scales = flatten_params(qparams), flatten_params(qscales)
+    arrays, meta = sparse_export.compress(flat)
+    arrays.update({_SCALE + k: np.asarray(v, np.float32) for k, v in scales.items()})
+    return arrays, meta
+
+
+def _form(meta: dict[str, Any], quantized: bool) -> str:
+    sparse = any(t["form"] != "dense" for t in meta["tensors"].values())
+    return "+".join(f for f, on in (("sparse", sparse), ("int8", quantized)) if on) or "dense"
+
+
+def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def save(directory: str | Path, params: Any, *, model: dict[str, Any], num_classes: int,
+         image_shape: tuple[int, ...], precision: dict[str, Any] | None = None,
+         quant: dict[str, Any] | None = None) -> int:
+    """Write the export; returns ``compressed_bytes``, the size of the compressed arrays."""
+    from jaxaccel.sparsity import export as sparse_export
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    arrays = _flatten(params)
-    tmp = directory / "params.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, directory / "params.npz")
+    arrays, tensors = compress_params(params, quant)
+    quantized = bool(quant and quant["mode"] != "none")
+    _atomic_savez(directory / "params.npz", flatten_params(params))
+    _atomic_savez(directory / "compressed.npz", arrays)
     (directory / "model.json").write_text(json.dumps({
-        "format_version": FORMAT_VERSION, "form": "dense", "model": model_config,
-        "num_classes": num_classes, "image_shape": list(image_shape)}, indent=2))
-    return sum(a.nbytes for a in arrays.values())
+        "format_version": FORMAT_VERSION, "form": _form(tensors, quantized), "model": model,
+        "precision": precision, "quant": quant if quantized else None, "num_classes": num_classes,
+        "image_shape": list(image_shape), "tensors": tensors}, indent=1))
+    return sparse_export.nbytes(arrays)
 
 
 class ExportedModel:
-    """A loaded export: ``.params`` (NumPy pytree), ``.meta``, and ``__call__(images) -> logits``."""
+    """A loaded export: ``.params`` (NumPy pytree), ``.scales`` (int8 exports), ``.meta``,
+    and ``__call__(images) -> logits``."""
 
-    def __init__(self, params: dict[str, Any], meta: dict[str, Any]):
+    def __init__(self, params: dict[str, Any], meta: dict[str, Any], scales: dict[str, Any] | None = None,
+                 arrays: dict[str, np.ndarray] | None = None):
         import jax
 
-        from jaxaccel.config import ModelConfig
+        from jaxaccel.config import ModelConfig, PrecisionConfig, QuantConfig
         from jaxaccel.models import build_model
 
-        self.params = params
-        self.meta = meta
-        module = build_model(ModelConfig.model_validate(meta["model"]), meta["num_classes"])
-        self._apply = jax.jit(lambda p, x: module.apply({"params": p}, x))
+        self.params, self.scales, self.meta, self._arrays = params, scales, meta, arrays
+        precision = PrecisionConfig.model_validate(meta["precision"]) if meta.get("precision") else None
+        module = build_model(ModelConfig.model_validate(meta["model"]), meta["num_classes"], precision)
+        if scales:
+            from jaxaccel import precision as prec
+            quant = QuantConfig.model_validate(meta["quant"])
+            self._apply = jax.jit(lambda p, s, x: prec.int8_apply(module, p, s, x, cfg=quant))
+        else:
+            self._apply = jax.jit(lambda p, s, x: module.apply({"params": p}, x))
+
+    @property
+    def form(self) -> str:
+        return self.meta["form"]
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.shape[1:] != tuple(self.meta["image_shape"]):
             raise ValueError(f"expected uint8 images of shape [N, {', '.join(map(str, self.meta['image_shape']))}], "
                              f"got {images.dtype} {images.shape}")
-        return np.asarray(self._apply(self.params, images))
+        return np.asarray(self._apply(self.params, self.scales, images))
+
+    def sparse_mlp(self, route: str = "scipy"):
+        """The fast sparse CPU inference path (MLP, float exports): see jaxaccel.sparsity.inference."""
+        from jaxaccel.sparsity.inference import SparseMLP
+        if self.scales or self.meta["model"]["name"] != "mlp":
+            raise ValueError("the sparse inference path serves float MLP exports")
+        return SparseMLP(self._arrays, self.meta["tensors"], route=route)
 
 
 def load(path: str | Path) -> ExportedModel:
     """Load an export directory written by :func:`save` (or a run's workdir, which holds export/)."""
-    from flax import traverse_util
+    from jaxaccel.sparsity import export as sparse_export
 
     path = Path(path)
     if not (path / "model.json").exists() and (path / "export" / "model.json").exists():
@@ -73,7 +140,10 @@ def load(path: str | Path) -> ExportedModel:
     meta = json.loads((path / "model.json").read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"export {path} has format_version {meta.get('format_version')}; "
-                         f"this jaxaccel reads {FORMAT_VERSION}")
-    with np.load(path / "params.npz") as npz:
-        params = traverse_util.unflatten_dict({k: npz[k] for k in npz.files}, sep="/")
-    return ExportedModel(params, meta)
+                         f"this jaxaccel reads {FORMAT_VERSION}: export it again with this version")
+    with np.load(path / "compressed.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    scales = {k[len(_SCALE):]: v for k, v in arrays.items() if k.startswith(_SCALE)}
+    params = sparse_export.decompress({k: v for k, v in arrays.items() if not k.startswith(_SCALE)},
+                                      meta["tensors"])
+    return ExportedModel(_unflatten(params), meta, _unflatten(scales) if scales else None, arrays)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxaccel import compression
 from jaxaccel import data as data_lib
 from jaxaccel import export as export_lib
 from jaxaccel import precision as prec
@@ -475,7 +476,12 @@ def _finish(run: _Run, state, timings: dict[str, float], last_eval: dict[str, fl
         "sparsity": sparsity.report(params, cfg.sparsity)["sparsity"], "param_count": param_count, "model_bytes": param_count * 4,
     }
     if run.is_writer:
-        summary["compressed_bytes"] = export_lib.save(run.workdir / "export", params, cfg.model.model_dump(),
-                                                      ds.num_classes, ds.image_shape)
+        precision = cfg.precision.model_dump() if cfg.precision != type(cfg.precision)() else None
+        summary["compressed_bytes"] = export_lib.save(
+            run.workdir / "export", params, model=cfg.model.model_dump(), num_classes=ds.num_classes,
+            image_shape=ds.image_shape, precision=precision, quant=cfg.quant.model_dump())
+        summary["export_form"] = export_lib.load(run.workdir / "export").form
+        plain = build_model(cfg.model, ds.num_classes)
+        summary["compression"] = compression.report(params, plain, ds.test_images, ds.test_labels, cfg.quant)
         (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -1,0 +1,17 @@
+"""LeNet-300-100 pruned to 90% and trained int8-aware: the most compressed model (sparse int8 export).
+
+Command:  python -m jaxaccel.run exp=mnist_sparse_qat
+Runtime:  ~30 s on a 2-core CPU (20 epochs)
+Accuracy: >= 97.8% test at >= 90% sparsity, export >= 10x smaller than dense fp32
+"""
+
+config = {
+    "data": {"name": "mnist"},
+    "model": {"name": "mlp", "features": [300, 100]},
+    "train": {"epochs": 20, "batch_size": 128},
+    "optim": {"name": "adam", "learning_rate": 1e-3, "schedule": "cosine"},
+    "sparsity": {"method": "magnitude", "structure": "unstructured", "target": 0.9,
+                 "schedule": "polynomial", "start_step": 1000, "end_step": 6000, "update_every": 100},
+    # Fake quantization preserves zeros, so the pruned weights stay exactly zero.
+    "quant": {"mode": "qat", "bits": 8, "start_step": 0},
+}

@@ -1,0 +1,49 @@
+"""The compression report: size and test accuracy of the final model in each storage form.
+
+    dense_fp32   every parameter as float32 (model_bytes)
+    sparse       kernels in their smallest exact sparse form (same predictions as dense_fp32)
+    int8         kernels as dense int8 + float32 scales, run with int32 accumulation
+    sparse_int8  int8 values in the sparse forms + scales (what a quantized run exports)
+
+Sizes are the bytes of the arrays each form stores; accuracies are measured on the test split by
+running each form (int8 through :func:`jaxaccel.precision.int8_apply`), never copied.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxaccel import precision as prec
+from jaxaccel.config import QuantConfig
+from jaxaccel.export import compress_params, flatten_params
+from jaxaccel.sparsity import export as sparse_export
+
+__all__ = ["report"]
+
+
+def _accuracy(predict, images: np.ndarray, labels: np.ndarray, batch: int = 1000) -> float:
+    correct = sum(int(np.sum(np.argmax(np.asarray(predict(images[i:i + batch])), -1) == labels[i:i + batch]))
+                  for i in range(0, len(labels), batch))
+    return correct / len(labels)
+
+
+def report(params: Any, model, images: np.ndarray, labels: np.ndarray, quant: QuantConfig) -> dict[str, Any]:
+    """Bytes and test accuracy per form; ``model`` is the plain (float, no QAT) flax module and
+    ``quant`` the quantization to use for the int8 forms (the run's, else default PTQ)."""
+    quant = quant if quant.mode != "none" else QuantConfig(mode="ptq")
+    qdict = quant.model_dump()
+    float_acc = _accuracy(jax.jit(lambda x: model.apply({"params": params}, x)), images, labels)
+    qparams, scales = prec.quantize_params(params, quant)
+    int8_acc = _accuracy(jax.jit(lambda x: prec.int8_apply(model, qparams, scales, x, cfg=quant)), images, labels)
+    dense_int8 = (sum(v.nbytes for v in flatten_params(qparams).values())
+                  + sum(np.asarray(s).nbytes for s in jax.tree.leaves(scales)))
+    dense_bytes = sum(np.asarray(p).nbytes for p in jax.tree.leaves(params))
+    return {
+        "dense_fp32": {"bytes": int(dense_bytes), "accuracy": float_acc},
+        "sparse": {"bytes": sparse_export.nbytes(compress_params(params, None)[0]), "accuracy": float_acc},
+        "int8": {"bytes": int(dense_int8), "accuracy": int8_acc},
+        "sparse_int8": {"bytes": sparse_export.nbytes(compress_params(params, qdict)[0]), "accuracy": int8_acc},
+    }
+

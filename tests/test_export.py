@@ -1,0 +1,78 @@
+"""Exports of sparse and quantized runs: the compressed form is what loads, its size is what the
+summary reports, and its predictions equal the trained model's."""
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import jaxaccel
+from jaxaccel import export, precision as prec
+from jaxaccel.config import QuantConfig
+from jaxaccel.models import build_model
+from jaxaccel.sparsity import export as sparse_export
+
+SHORT = ["train.steps=400", "sparsity.start_step=50", "sparsity.end_step=300", "sparsity.update_every=50",
+         "model.features=[128,64]"]
+
+
+@pytest.fixture(scope="module")
+def sparse_qat_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("sparse_qat")
+    cfg = jaxaccel.experiments.override(jaxaccel.experiments.get("mnist_sparse_qat"), [f"workdir={workdir}", *SHORT])
+    return workdir, cfg, jaxaccel.train(cfg)
+
+
+def test_sparse_int8_export_is_what_the_summary_says(sparse_qat_run):
+    workdir, cfg, summary = sparse_qat_run
+    model = export.load(workdir)
+    assert model.form == "sparse+int8"
+    with np.load(workdir / "export" / "compressed.npz") as npz:
+        stored = sum(npz[k].nbytes for k in npz.files)
+    assert summary["compressed_bytes"] == stored == summary["compression"]["sparse_int8"]["bytes"]
+    assert summary["model_bytes"] / summary["compressed_bytes"] > 10
+    kernels = [v for k, v in export.flatten_params(model.params).items() if k.endswith("kernel")]
+    assert all(k.dtype == np.int8 for k in kernels)
+    # Zero-preserving quantization: the int8 kernels are exactly as sparse as the float ones.
+    zeros = sum(int(np.sum(k == 0)) for k in kernels) / sum(k.size for k in kernels)
+    assert zeros == pytest.approx(summary["sparsity"], abs=1e-6) and summary["sparsity"] >= 0.9 - 1e-6
+
+
+def test_int8_export_predicts_like_the_fake_quant_model(sparse_qat_run, mnist):
+    workdir, cfg, summary = sparse_qat_run
+    float_params = jax.tree.map(np.asarray, export._unflatten(dict(np.load(workdir / "export" / "params.npz"))))
+    qat_model = build_model(cfg.model, 10, None, cfg.quant)  # fake quantization, as trained
+    images = mnist.test_images[:2000]
+    fake = np.asarray(jax.jit(qat_model.apply)({"params": float_params}, images))
+    real = export.load(workdir)(images)
+    # int8 x int8 -> int32 accumulation equals fake quant up to float rounding of the rescale.
+    assert np.mean(np.argmax(real, -1) == np.argmax(fake, -1)) > 0.998
+    np.testing.assert_allclose(real, fake, atol=0.05 * np.abs(fake).max())
+
+
+def test_sparse_export_round_trips_bitwise_and_the_sparse_path_agrees(tmp_path, mnist):
+    cfg = jaxaccel.experiments.override(jaxaccel.experiments.get("mnist_sparse"), [f"workdir={tmp_path}", *SHORT])
+    summary = jaxaccel.train(cfg)
+    model = export.load(tmp_path)
+    assert model.form == "sparse" and summary["compressed_bytes"] < 0.25 * summary["model_bytes"]
+    with np.load(tmp_path / "export" / "params.npz") as npz:
+        dense = {k: npz[k] for k in npz.files}
+    for key, value in export.flatten_params(model.params).items():
+        np.testing.assert_array_equal(value, dense[key])  # compressed -> dense is exact
+    images = mnist.test_images[:500]
+    np.testing.assert_allclose(model.sparse_mlp()(images), model(images), rtol=1e-4, atol=1e-4)
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last_eval = [l for l in lines if l.get("split") == "test"][-1]
+    # Reported sparsity is counted from the parameters: compare with the zeros in the checkpointed export.
+    kernels = [v for k, v in dense.items() if k.endswith("kernel")]
+    assert last_eval["sparsity"] == sum(int(np.sum(k == 0)) for k in kernels) / sum(k.size for k in kernels)
+    for name in ("Dense_0", "Dense_1", "Dense_2"):
+        k = dense[f"{name}/kernel"]
+        assert last_eval[f"sparsity/{name}/kernel"] == pytest.approx(np.mean(k == 0))
+
+
+def test_dense_export_is_not_bigger_than_dense(mlp_run):
+    workdir, cfg, summary = mlp_run
+    assert export.load(workdir).form == "dense" and summary["compressed_bytes"] == summary["model_bytes"]
