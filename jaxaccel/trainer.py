@@ -314,9 +314,13 @@ class _Run:
 
     def epoch_perm(self, epoch: int) -> jax.Array:
         """The epoch's example order: a pure function of (seed, epoch)."""
+        return self.parallel.replicate(np.asarray(self._permute(self.data_key, epoch)))
+
+    @functools.cached_property
+    def _permute(self):
+        """Compiled once: a fresh jit of a new lambda per epoch would retrace inside the timed loop."""
         n = len(self.dataset.train_labels)
-        perm = jax.jit(lambda key: jax.random.permutation(jax.random.fold_in(key, epoch), n))(self.data_key)
-        return self.parallel.replicate(np.asarray(perm))
+        return jax.jit(lambda key, epoch: jax.random.permutation(jax.random.fold_in(key, epoch), n))
 
     def run_group(self, state, images, labels, perm, position: int, count: int):
         """Run ``count`` steps from batch ``position``; returns the state and summed metrics."""

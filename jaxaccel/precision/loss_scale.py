@@ -97,9 +97,10 @@ def loss_scaling(inner: optax.GradientTransformation, mode: Mode = "dynamic", *,
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        zero = jnp.zeros([], jnp.int32)
-        return LossScaleState(scale=jnp.asarray(init, jnp.float32), good_steps=zero, nonfinite_steps=zero,
-                              total_nonfinite=zero, inner_state=inner.init(_f32(params)))
+        # A fresh buffer per field: one shared array would be donated twice by a jitted step.
+        zero = lambda: jnp.zeros([], jnp.int32)
+        return LossScaleState(scale=jnp.asarray(init, jnp.float32), good_steps=zero(), nonfinite_steps=zero(),
+                              total_nonfinite=zero(), inner_state=inner.init(_f32(params)))
 
     def update_fn(updates, state, params=None, **extra):
         dtypes = jax.tree.map(lambda x: x.dtype, updates)
@@ -110,14 +111,13 @@ def loss_scaling(inner: optax.GradientTransformation, mode: Mode = "dynamic", *,
         if axis_name is not None:  # one replica's inf makes every replica skip
             finite = lax.pmin(finite.astype(jnp.int32), axis_name).astype(bool)
 
-        def apply(_):
-            new, inner_state = inner.update(grads, state.inner_state, _f32(params), **extra)
-            return _f32(new), inner_state
-
-        def skip(_):
-            return jax.tree.map(jnp.zeros_like, grads), state.inner_state
-
-        new_updates, inner_state = lax.cond(finite, apply, skip, None)
+        # Always compute the update, then select: a skipped step keeps the old inner state bit for
+        # bit (the non-finite candidate is discarded). Unlike lax.cond, the select fuses into the
+        # optimizer's elementwise update, so the guard costs almost nothing on a finite step.
+        new, new_inner = inner.update(grads, state.inner_state, _f32(params), **extra)
+        keep = lambda fresh, old: jnp.where(finite, fresh, old)
+        new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), _f32(new))
+        inner_state = jax.tree.map(keep, new_inner, state.inner_state)
         new_updates = jax.tree.map(lambda u, d: u.astype(d), new_updates, dtypes)
 
         scale, good = state.scale, state.good_steps
