@@ -1,0 +1,56 @@
+"""What each acceleration option costs or saves per training epoch, side by side with dense fp32.
+
+    python benchmarks/training_overheads.py [--repeats 3] [--model mlp]
+
+Runs one epoch of LeNet-300-100 (or --model cnn with --steps) through jaxaccel.train for each
+variant, alternating variants round by round, and reports the median train_seconds (compile and
+evaluation excluded) and the ratio to dense fp32. Variants: sparsity masking (magnitude pruning
+schedule active), bf16 (f32 accumulation), fp16 (+ dynamic loss scaling), int8 QAT (fake quant).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+
+import jaxaccel
+
+VARIANTS = {
+    "dense fp32": [],
+    "sparsity masks (90%)": ["sparsity.method=magnitude", "sparsity.target=0.9", "sparsity.start_step=0",
+                             "sparsity.end_step=400", "sparsity.update_every=100"],
+    "bf16": ["precision.params=bfloat16", "precision.compute=bfloat16"],
+    "fp16 + loss scaling": ["precision.params=float16", "precision.compute=float16"],
+    "int8 QAT": ["quant.mode=qat"],
+}
+
+
+def epoch_seconds(exp: str, overrides: list[str]) -> float:
+    with tempfile.TemporaryDirectory() as workdir:
+        cfg = jaxaccel.experiments.override(jaxaccel.experiments.get(exp), [
+            f"workdir={workdir}", "checkpoint.every_steps=100000", *overrides])
+        return jaxaccel.train(cfg)["train_seconds"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run instead of one epoch")
+    args = parser.parse_args()
+    exp = {"mlp": "mnist_mlp", "cnn": "mnist_cnn"}[args.model]
+    length = [f"train.steps={args.steps}"] if args.steps else ["train.epochs=1"]
+    times = {k: [] for k in VARIANTS}
+    for _ in range(args.repeats):
+        for name, overrides in VARIANTS.items():
+            times[name].append(epoch_seconds(exp, [*length, *overrides]))
+    base = statistics.median(times["dense fp32"])
+    print(f"| variant ({exp}, {args.steps or 'one epoch of'} steps) | median s | vs dense fp32 | runs |")
+    print("| --- | --- | --- | --- |")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"| {name} | {med:.3f} | {med / base:.2f}x time | {', '.join(f'{t:.3f}' for t in ts)} |")
+
+
+if __name__ == "__main__":
+    main()
