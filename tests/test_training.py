@@ -149,3 +149,20 @@ def test_init_from_export_copies_matching_params(mlp_run, tmp_path):
     for a, b in zip(jax.tree.leaves(_final_params(mlp_run[0])), jax.tree.leaves(_final_params(tmp_path / "ft"))):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert summary["test_accuracy"] > 0.9
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_and_nothing_nonfinite_is_saved(tmp_path):
+    from jaxaccel.precision import NonFiniteError
+    cfg = _cfg(tmp_path, "train.steps=60", "train.log_every_steps=10", "checkpoint.every_steps=5",
+               "optim.name=sgd", "optim.learning_rate=1e12", "precision.max_nonfinite_steps=3",
+               "model.features=[32]")
+    with pytest.raises(NonFiniteError, match=r"consecutive non-finite steps .*the last at step \d+"):
+        jaxaccel.train(cfg)
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(l.get("skipped_nonfinite_steps", 0) > 0 for l in lines)
+    assert not (tmp_path / "export").exists() and not (tmp_path / "summary.json").exists()
+    checkpointer = Checkpointer(tmp_path / "checkpoints", 2)
+    for step in checkpointer.manager.all_steps():
+        saved = checkpointer.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(saved["state"]["params"]))
+    checkpointer.close()
