@@ -36,17 +36,21 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     args = parser.parse_args()
     names = args.names or [n for n in jaxaccel.experiments.names() if not jaxaccel.experiments.info(n).unavailable]
-    print("| experiment | expected | measured (mean of seeds) | per seed | command wall s | train s |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| experiment | expected | measured (mean of seeds) | per seed | sparsity | export bytes | command wall s | train s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     failed = []
     for name in names:
         info = jaxaccel.experiments.info(name)
         runs = [run(name, seed) for seed in args.seeds]
         accs = [r["test_accuracy"] for r in runs]
         mean = statistics.mean(accs)
+        sparsity = statistics.mean(r["sparsity"] for r in runs)
         if info.expected_accuracy and mean < info.expected_accuracy:
             failed.append(name)
+        if info.expected_sparsity is not None and sparsity < info.expected_sparsity - 1e-4:
+            failed.append(f"{name} (sparsity)")
         print(f"| {name} | {info.accuracy} | {100 * mean:.2f}% | {', '.join(f'{100 * a:.2f}' for a in accs)} | "
+              f"{100 * sparsity:.2f}% | {runs[0]['compressed_bytes']:,} | "
               f"{statistics.median(r['wall_seconds'] for r in runs):.1f} | "
               f"{statistics.median(r['train_seconds'] for r in runs):.1f} |", flush=True)
     if failed:

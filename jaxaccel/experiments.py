@@ -29,6 +29,7 @@ class ExperimentInfo:
     runtime: str
     accuracy: str
     expected_accuracy: float | None  # the ">= X%" floor of the Accuracy line, as a fraction
+    expected_sparsity: float | None  # the "at >= X% sparsity" floor (or "at X% ... sparsity"), if any
     unavailable: str | None
 
 
@@ -57,10 +58,12 @@ def info(name: str) -> ExperimentInfo:
     doc = module.__doc__ or ""
     accuracy = _docline(doc, "Accuracy")
     floor = re.search(r">=\s*([\d.]+)\s*%", accuracy)
+    sparse = re.search(r"at (?:>=\s*)?([\d.]+)%[^,;]*sparsity", accuracy)
     return ExperimentInfo(
         name=name, summary=doc.strip().splitlines()[0] if doc.strip() else "",
         command=_docline(doc, "Command"), runtime=_docline(doc, "Runtime"), accuracy=accuracy,
         expected_accuracy=float(floor.group(1)) / 100 if floor else None,
+        expected_sparsity=float(sparse.group(1)) / 100 if sparse else None,
         unavailable=getattr(module, "unavailable", None))
 
 
