@@ -11,9 +11,10 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["train", "experiments", "export", "config", "data", "models"]
+__all__ = ["train", "experiments", "export", "config", "data", "models", "sparsity", "precision"]
 
-_SUBMODULES = {"experiments", "export", "config", "data", "models", "trainer", "checkpoint", "optim"}
+_SUBMODULES = {"experiments", "export", "config", "data", "models", "trainer", "checkpoint", "optim",
+               "sparsity", "precision", "parallel", "compression", "step", "metrics"}
 
 
 def __getattr__(name: str) -> Any:

@@ -59,16 +59,8 @@ class Policy:
 
 
 def path_str(path: Sequence[Any]) -> str:
-    """'/'-joined names of a jax key path: ``(DictKey('Dense_0'), DictKey('kernel'))`` -> ``Dense_0/kernel``."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    """'/'-joined key path: ``(DictKey('Dense_0'), DictKey('kernel'))`` -> ``'Dense_0/kernel'``."""
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def matches(path: str, patterns: Sequence[str]) -> bool:

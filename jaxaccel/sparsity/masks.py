@@ -51,15 +51,7 @@ Sparsity = Union[float, jax.Array]
 
 def path_name(path: Sequence[Any]) -> str:
     """'/'-joined key path: ``(DictKey('Dense_0'), DictKey('kernel'))`` -> ``'Dense_0/kernel'``."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def leaf_paths(tree: PyTree) -> list[str]:
