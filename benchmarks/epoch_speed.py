@@ -5,7 +5,7 @@ host NumPy arrays and transferred each step, state not donated. jaxaccel keeps t
 device and runs groups of steps per compiled call. Runs alternate (plain, jaxaccel, plain, ...)
 so drift on a shared machine hits both; we report medians and the ratio.
 
-    python benchmarks/epoch_speed.py [--models mlp cnn] [--repeats 3] [--variants]
+    python benchmarks/epoch_speed.py [--models mlp cnn] [--repeats 3] [--variants] [--steps N]
 
 --variants also times the engine's loop choices (scan / unroll K) for each model.
 Needs TFDS_DATA_DIR pointing at prepared MNIST (e.g. ../shared/tfds).
@@ -34,10 +34,10 @@ from jaxaccel.optim import make_optimizer
 EXPERIMENT = {"mlp": "mnist_mlp", "cnn": "mnist_cnn"}
 
 
-def plain_epoch(cfg, ds) -> float:
-    """One epoch of the plain loop; returns its wall time (compile done before timing)."""
+def plain_epoch(cfg, ds, steps: int | None = None) -> float:
+    """One epoch (or ``steps`` steps) of the plain loop; returns its wall time (compile excluded)."""
     model = build_model(cfg.model, ds.num_classes)
-    steps = len(ds.train_labels) // cfg.train.batch_size
+    steps = steps or len(ds.train_labels) // cfg.train.batch_size
     tx = make_optimizer(cfg.optim, steps)
     params = model.init(jax.random.key(0), jnp.zeros((1, *ds.image_shape), jnp.uint8))["params"]
     state = step_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
@@ -57,12 +57,16 @@ def plain_epoch(cfg, ds) -> float:
     return time.perf_counter() - t
 
 
-def engine_epoch(cfg, overrides=()) -> float:
-    """One epoch through jaxaccel.train; its train_seconds excludes compile and evaluation."""
+def engine_epoch(cfg, overrides=(), steps: int | None = None) -> float:
+    """One epoch (or ``steps`` steps) through jaxaccel.train; its train_seconds excludes compile
+    and evaluation. Also prints the compile time, which the loop choice changes a lot."""
+    length = f"train.steps={steps}" if steps else "train.epochs=1"
     with tempfile.TemporaryDirectory() as workdir:
-        cfg = jaxaccel.experiments.override(cfg, [f"workdir={workdir}", "train.epochs=1",
+        cfg = jaxaccel.experiments.override(cfg, [f"workdir={workdir}", length,
                                                   "checkpoint.every_steps=100000", *overrides])
-        return jaxaccel.train(cfg)["train_seconds"]
+        summary = jaxaccel.train(cfg)
+        print(f"#   {' '.join(overrides) or 'default'}: compile {summary['compile_seconds']:.1f} s")
+        return summary["train_seconds"]
 
 
 def machine() -> str:
@@ -79,17 +83,18 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", action="store_true")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run instead of one epoch")
     args = parser.parse_args()
     print(f"# {machine()}")
     results = {}
     for name in args.models:
         cfg = jaxaccel.experiments.get(EXPERIMENT[name])
         ds = data_lib.load(cfg.data.name, cfg.data.dir, cfg.data.cache_dir)
-        runs = {"plain": lambda: plain_epoch(cfg, ds), "jaxaccel": lambda: engine_epoch(cfg)}
+        runs = {"plain": lambda: plain_epoch(cfg, ds, args.steps), "jaxaccel": lambda: engine_epoch(cfg, (), args.steps)}
         if args.variants:
             for loop, k in (("scan", None), ("unroll", 10), ("unroll", 20), ("unroll", 40)):
                 extra = [f"train.loop={loop}"] + ([f"train.steps_per_call={k}"] if k else [])
-                runs[f"{loop}{k or ''}"] = functools.partial(engine_epoch, cfg, extra)
+                runs[f"{loop}{k or ''}"] = functools.partial(engine_epoch, cfg, extra, args.steps)
         times = {k: [] for k in runs}
         for _ in range(args.repeats):
             for label, fn in runs.items():
@@ -98,7 +103,7 @@ def main() -> None:
         results[name] = {k: {"median_s": med[k], "runs_s": times[k], "speedup_vs_plain": med["plain"] / med[k]}
                          for k in runs}
         for label in runs:
-            print(f"{name:4s} {label:10s} median {med[label]:7.3f} s/epoch  "
+            print(f"{name:4s} {label:10s} median {med[label]:7.3f} s/{'epoch' if not args.steps else f'{args.steps} steps'}  "
                   f"({med['plain'] / med[label]:.2f}x plain)  runs {[round(t, 3) for t in times[label]]}")
     print(json.dumps(results, indent=1))
 

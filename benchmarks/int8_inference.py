@@ -35,8 +35,8 @@ def main() -> None:
     cfg = QuantConfig(mode="ptq")
     print("| model | batch | f32 ms | int8 ms | int8 speed-up | argmax agreement |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for name, model, shape, batches in (("LeNet-300-100", MLP((300, 100), 10), (28, 28, 1), (1, 128)),
-                                        ("MLP 4096x3", MLP((4096, 4096), 10), (64, 64, 1), (256,))):
+    for name, model, shape, batches in (("LeNet-300-100", MLP(features=(300, 100), num_classes=10), (28, 28, 1), (1, 128)),
+                                        ("MLP 4096x3", MLP(features=(4096, 4096), num_classes=10), (64, 64, 1), (256,))):
         params = model.init(jax.random.key(0), jnp.zeros((1, *shape), jnp.uint8))["params"]
         qparams, scales = prec.quantize_params(params, cfg)
         f32 = jax.jit(lambda x: model.apply({"params": params}, x))

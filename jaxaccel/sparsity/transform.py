@@ -137,7 +137,7 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
         return SparsityState(jnp.zeros([], jnp.int32), masks, frozen, inner.init(params))
 
     def refresh(step, grads, state, params):
-        """New (masks, frozen, inner_state) at a step where some mask update is due."""
+        """New (masks, frozen) at a step where some mask update is due."""
         old, new, frozen = state.masks, state.masks, state.frozen
         if prune:
             r = schedules.sparsity_fraction(cfg.schedule, step, start, end, every, cfg.power)
@@ -157,14 +157,13 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
             frozen = _select(step == thr_step, cand, frozen)
             new = _and(new, frozen)
 
-        def reset(s, o, n):
-            # Moments of entries whose mask changed restart from zero (pruned or grown alike).
-            if o is None or n is None or jnp.shape(s) != n.shape:
-                return s
-            return jnp.where(o == n, s, jnp.zeros_like(s))
+        return new, frozen
 
-        inner_state = map_param_trees(inner, reset, state.inner_state, params, old, new)
-        return new, frozen, inner_state
+    def reset(s, o, n):
+        # Moments of entries whose mask changed restart from zero (pruned or grown alike).
+        if o is None or n is None or jnp.shape(s) != n.shape:
+            return s
+        return jnp.where(o == n, s, jnp.zeros_like(s))
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
@@ -177,9 +176,12 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
             due |= dst_lib.is_dst_update_step(step, start, end, every)
         if thresholding:
             due |= step == thr_step
-        masks, frozen, inner_state = jax.lax.cond(
-            due, lambda: refresh(step, updates, state, params),
-            lambda: (state.masks, state.frozen, state.inner_state))
+        # Only the masks go through the conditional: passing the optimizer state through it makes
+        # XLA copy every moment every step. The reset below is an elementwise select that fuses
+        # into the optimizer's update (a no-op where the masks did not change).
+        masks, frozen = jax.lax.cond(due, lambda: refresh(step, updates, state, params),
+                                     lambda: (state.masks, state.frozen))
+        inner_state = map_param_trees(inner, reset, state.inner_state, params, state.masks, masks)
         active = _and(masks, state.masks)
         grads = masks_lib.apply_masks(updates, active)
         new_updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
