@@ -12,11 +12,15 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "CheckpointMismatch"]
+__all__ = ["Checkpointer", "CheckpointMismatch", "CheckpointUnreadable"]
 
 
 class CheckpointMismatch(ValueError):
     """The checkpoint does not fit this model/config; the CLI exits 2 with the listed differences."""
+
+
+class CheckpointUnreadable(RuntimeError):
+    """The latest checkpoint is corrupt or incomplete (and no fallback was asked for)."""
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:
@@ -30,6 +34,28 @@ def describe_mismatch(expected: Any, found: dict[str, tuple]) -> list[str]:
     lines = [f"  {k}: checkpoint {found.get(k, 'missing')}, model {v}" for k, v in want.items() if found.get(k) != v]
     lines += [f"  {k}: checkpoint {v}, model missing" for k, v in found.items() if k not in want]
     return lines
+
+
+def _quiet_cancelled_io() -> None:
+    """After a failed restore, orbax's I/O threads report callbacks onto the event loop it closed
+    ("Event loop is closed"); drop exactly those reports, let every other error through.
+    Idempotent: installs the filters once per process."""
+    import sys
+    import threading
+
+    def cancelled(exc: BaseException | None) -> bool:
+        return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+    if getattr(threading.excepthook, "_jaxaccel_filter", False):
+        return
+    previous_thread, previous_unraisable = threading.excepthook, sys.unraisablehook
+    def thread_hook(args):
+        if not cancelled(args.exc_value):
+            previous_thread(args)
+
+    thread_hook._jaxaccel_filter = True
+    threading.excepthook = thread_hook
+    sys.unraisablehook = lambda u: None if cancelled(u.exc_value) else previous_unraisable(u)
 
 
 class Checkpointer:
@@ -48,6 +74,32 @@ class Checkpointer:
         caller may donate ``state`` right after."""
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+    def restore_latest(self, target: Any, fallback: bool) -> tuple[Any, int, list[str]]:
+        """Restore the newest readable checkpoint into ``target``'s structure and shardings.
+
+        Returns (state, step, notes). An unreadable newest checkpoint is an error naming it,
+        unless ``fallback``: then older ones are tried in turn and ``notes`` says what was skipped.
+        A checkpoint of another model is always an error (CheckpointMismatch), never skipped.
+        """
+        notes = []
+        _quiet_cancelled_io()  # installed first: the reports can come before the error surfaces
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for i, step in enumerate(steps):
+            try:
+                state, _ = self.restore(step, target)
+                return state, step, notes
+            except CheckpointMismatch:
+                raise
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for bad files
+                problem = f"checkpoint step {step} in {self.manager.directory} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                older = steps[i + 1:]
+                if not fallback:
+                    hint = (f"set checkpoint.fallback=true to restore step {older[0]} instead, or " if older else "")
+                    raise CheckpointUnreadable(f"{problem}; {hint}delete {self.manager.directory / str(step)} "
+                                               "to start from the checkpoint before it") from None
+                notes.append(f"{problem}; falling back to an older one")
+        raise CheckpointUnreadable(f"no readable checkpoint in {self.manager.directory}: " + "; ".join(notes))
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
         """Restore checkpoint ``step`` into the structure, shapes and shardings of ``target``."""

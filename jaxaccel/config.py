@@ -73,6 +73,7 @@ class OptimConfig(_Section):
 class CheckpointConfig(_Section):
     every_steps: StrictInt = Field(1000, ge=1, description="Checkpoint period in steps (and one at the end).")
     max_to_keep: StrictInt = Field(2, ge=1)
+    fallback: bool = Field(False, description="If the latest checkpoint cannot be read, restore the previous one (and say so).")
 
 
 class ParallelConfig(_Section):

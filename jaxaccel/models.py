@@ -21,45 +21,47 @@ def _to_float(images: jnp.ndarray) -> jnp.ndarray:
     return images.astype(jnp.float32) / 255.0
 
 
-class _Layers(nn.Module):
-    """Shared fields: the precision policy and QAT config applied to every layer."""
-    precision: Optional[PrecisionConfig] = None
-    quant: Optional[QuantConfig] = None
-
-    def _kw(self, kind: str, name: str, quant_enabled: Any) -> dict[str, Any]:
-        return prec.layer_kwargs(kind, name, self.precision, self.quant, quant_enabled)
-
-    def _output(self, logits: jnp.ndarray) -> jnp.ndarray:
-        return prec.cast_output(logits, self.precision) if self.precision else logits
+def _layer_kw(module: nn.Module, kind: str, name: str, quant_enabled: Any) -> dict[str, Any]:
+    """Keyword arguments for one Dense/Conv from the module's precision policy and QAT config."""
+    return prec.layer_kwargs(kind, name, module.precision, module.quant, quant_enabled)
 
 
-class MLP(_Layers):
+def _output(module: nn.Module, logits: jnp.ndarray) -> jnp.ndarray:
+    return prec.cast_output(logits, module.precision) if module.precision else logits
+
+
+class MLP(nn.Module):
     """Fully connected ReLU net; features=(300, 100) is LeNet-300-100."""
     features: Sequence[int] = (300, 100)
     num_classes: int = 10
+    precision: Optional[PrecisionConfig] = None  # dtype policy of every layer (None: fp32)
+    quant: Optional[QuantConfig] = None          # QAT fake quantization (None: off)
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
         x = _to_float(images).reshape(images.shape[0], -1)
         for i, width in enumerate(self.features):
-            x = nn.relu(nn.Dense(width, name=f"Dense_{i}", **self._kw("dense", f"Dense_{i}", quant_enabled))(x))
+            x = nn.relu(nn.Dense(width, name=f"Dense_{i}", **_layer_kw(self, "dense", f"Dense_{i}", quant_enabled))(x))
         n = len(self.features)
-        return self._output(nn.Dense(self.num_classes, name=f"Dense_{n}", **self._kw("dense", f"Dense_{n}", quant_enabled))(x))
+        return _output(self, nn.Dense(self.num_classes, name=f"Dense_{n}",
+                                      **_layer_kw(self, "dense", f"Dense_{n}", quant_enabled))(x))
 
 
-class CNN(_Layers):
+class CNN(nn.Module):
     """Exactly the flax-example MNIST CNN: the reference workload for speed comparisons."""
     num_classes: int = 10
+    precision: Optional[PrecisionConfig] = None
+    quant: Optional[QuantConfig] = None
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
-        kw = lambda kind, name: dict(name=name, **self._kw(kind, name, quant_enabled))
+        kw = lambda kind, name: dict(name=name, **_layer_kw(self, kind, name, quant_enabled))
         x = _to_float(images)
         x = nn.avg_pool(nn.relu(nn.Conv(32, (3, 3), **kw("conv", "Conv_0"))(x)), (2, 2), strides=(2, 2))
         x = nn.avg_pool(nn.relu(nn.Conv(64, (3, 3), **kw("conv", "Conv_1"))(x)), (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(256, **kw("dense", "Dense_0"))(x))
-        return self._output(nn.Dense(self.num_classes, **kw("dense", "Dense_1"))(x))
+        return _output(self, nn.Dense(self.num_classes, **kw("dense", "Dense_1"))(x))
 
 
 def build_model(cfg: ModelConfig, num_classes: int, precision: PrecisionConfig | None = None,

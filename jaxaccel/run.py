@@ -14,7 +14,7 @@ Values parse as YAML (true, 3, 1e-3, [2,4], null). Keys and defaults:
 
 
 def _fail(code: int, message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr, flush=True)
     return code
 
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(cfg, overrides: list[str]) -> int:
-    from jaxaccel.checkpoint import CheckpointMismatch
+    from jaxaccel.checkpoint import CheckpointMismatch, CheckpointUnreadable
     from jaxaccel.config import ConfigError
     from jaxaccel.data import DataError
     from jaxaccel.trainer import DistributedError, NonFiniteError, Preempted, train
@@ -55,7 +55,7 @@ def _train(cfg, overrides: list[str]) -> int:
         return _fail(2, str(e))
     except DataError as e:
         return _fail(3, str(e))
-    except (NonFiniteError, DistributedError) as e:
+    except (NonFiniteError, DistributedError, CheckpointUnreadable) as e:
         return _fail(1, str(e))
     except Preempted as e:
         print(f"{e}; run the same command again to resume")

@@ -95,6 +95,15 @@ class DistributedError(RuntimeError):
     """The multi-process runtime could not start (wrong address, missing peer)."""
 
 
+def _fault_point(name: str, step: int) -> None:
+    """Test hook: ``JAXACCEL_FAULT=eval@468`` (or ``save@500``) SIGKILLs this process when the run
+    reaches that point, so tests can kill it deterministically during an evaluation or while a
+    checkpoint is being written."""
+    if os.environ.get("JAXACCEL_FAULT") == f"{name}@{step}":
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _wait_for_coordinator(address: str, timeout: float) -> None:
     """Fail clearly if nothing listens at ``address``: JAX's own client aborts the process with a
     C++ stack trace instead of raising when the coordinator cannot be reached."""
@@ -276,7 +285,9 @@ class _Run:
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", self.cfg.checkpoint.max_to_keep)
         latest = self.checkpointer.latest_step()
         if latest is not None:
-            state, _ = self.checkpointer.restore(latest, state)
+            state, latest, notes = self.checkpointer.restore_latest(state, self.cfg.checkpoint.fallback)
+            for note in notes:
+                progress.message(f"warning: {note}")
             progress.message(f"resuming from checkpoint step {latest} in {self.workdir / 'checkpoints'}")
         elif self.cfg.init.from_:
             params = _load_init_params(self.cfg.init.from_, state.params, progress)
@@ -368,7 +379,12 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict[str, Any]:
     run = _Run(cfg, overrides)
     run.workdir.mkdir(parents=True, exist_ok=True)
     progress = Progress(run.plan.total_steps, 0, cfg.train.batch_size)
-    state, step = run.initial_state(progress)
+    try:
+        state, step = run.initial_state(progress)
+    except BaseException:
+        if hasattr(run, "checkpointer"):
+            run.checkpointer.close()  # stop orbax's background work before the error propagates
+        raise
     writer = MetricsWriter(run.workdir / "metrics.jsonl", resume_step=step) if run.is_writer else None
     try:
         if run.is_writer:
@@ -398,6 +414,7 @@ def _loop(run: _Run, state, step: int, writer, progress: Progress, notice: _Pree
     progress.restart(step)
 
     def evaluate(state, at_step):
+        _fault_point("eval", at_step)
         sums = run.evaluate(state.params, test)
         record = {"step": at_step, "split": "test", "accuracy": float(sums["correct"] / sums["count"]),
                   "loss": float(sums["loss_sum"] / sums["count"]),
@@ -456,6 +473,7 @@ def _loop(run: _Run, state, step: int, writer, progress: Progress, notice: _Pree
             if at_checkpoint or step == plan.total_steps:
                 single = run.parallel.single(state)
                 run.checkpointer.save(step, single, Checkpointer.meta_for(single, step=step))
+                _fault_point("save", step)  # the async write is still in flight here
             t_start = time.perf_counter()
         if preempted:
             progress.message(f"SIGTERM: checkpointed step {step}; run the same command again to resume")

@@ -78,6 +78,40 @@ def test_interrupted_run_resumes_bitwise(sig, tmp_path, uninterrupted):
     _assert_same_run(workdir, uninterrupted)
 
 
+@pytest.mark.parametrize("fault", ["eval@468", "save@500"], ids=["during-eval", "during-save"])
+def test_killed_during_eval_or_checkpoint_write_resumes_bitwise(fault, tmp_path, uninterrupted):
+    """SIGKILL at an exact point: inside an evaluation, or while an async checkpoint write is in
+    flight (the partial checkpoint must be ignored or complete, never half-read)."""
+    workdir = tmp_path / "run"
+    result = run_cli(*ARGS, f"workdir={workdir}", env={"JAXACCEL_FAULT": fault})
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    result = run_cli(*ARGS, f"workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    _assert_same_run(workdir, uninterrupted)
+
+
+def _corrupt_latest(workdir) -> int:
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    for data_file in (workdir / "checkpoints" / str(steps[-1]) / "state").rglob("d/*"):
+        data_file.write_bytes(b"not a checkpoint")
+    return steps[-1]
+
+
+def test_corrupt_latest_checkpoint_is_named_or_falls_back(tmp_path, uninterrupted):
+    import shutil
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    (workdir / "summary.json").unlink()
+    bad = _corrupt_latest(workdir)
+    result = run_cli(*ARGS, f"workdir={workdir}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"checkpoint step {bad} in" in result.stderr and "checkpoint.fallback=true" in result.stderr
+    result = run_cli(*ARGS, f"workdir={workdir}", "checkpoint.fallback=true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"checkpoint step {bad} in" in result.stdout and f"resuming from checkpoint step {bad - 100}" in result.stdout
+    _assert_same_run(workdir, uninterrupted)
+
+
 def test_same_seed_twice_is_bitwise_identical(tmp_path, uninterrupted):
     result = run_cli(*ARGS, f"workdir={tmp_path}")
     assert result.returncode == 0
