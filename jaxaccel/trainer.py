@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import platform
 import time
@@ -27,55 +26,16 @@ from jaxaccel import export as export_lib
 from jaxaccel import precision as prec
 from jaxaccel import sparsity
 from jaxaccel import step as step_lib
-from jaxaccel.checkpoint import Checkpointer, CheckpointMismatch
+from jaxaccel.checkpoint import Checkpointer
 from jaxaccel.config import Config, ConfigError
 from jaxaccel.metrics import MetricsWriter, Progress
 from jaxaccel.models import build_model
 from jaxaccel.optim import make_optimizer
 from jaxaccel.precision import NonFiniteError
+from jaxaccel.runtime import DistributedError, Preempted, PreemptionNotice, fault_point, init_distributed
 from jaxaccel.parallel import local_copy, make_parallel
 
 __all__ = ["train", "NonFiniteError", "Preempted", "DistributedError", "default_loop"]
-
-
-class _PreemptionNotice:
-    """Turns SIGTERM (a cloud preemption notice) into a flag the loop checks at step-group ends:
-    the run then checkpoints the step it reached and returns normally, instead of dying."""
-
-    def __init__(self) -> None:
-        self.received = False
-        self._previous = None
-
-    def __enter__(self):
-        import signal
-        import threading
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.received = True
-
-    def __exit__(self, *exc) -> None:
-        import signal
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def should_stop(self) -> bool:
-        """True on every process once any process got the notice (all stop at the same step)."""
-        if jax.process_count() == 1:
-            return self.received
-        from jax.experimental import multihost_utils
-        flags = multihost_utils.process_allgather(np.int32(self.received))
-        return bool(np.any(flags))
-
-
-class Preempted(Exception):
-    """Raised after a SIGTERM once the reached step is checkpointed; the CLI exits 0."""
-
-    def __init__(self, step: int):
-        super().__init__(f"preempted at step {step}; checkpoint saved")
-        self.step = step
 
 
 # Measured with XLA:CPU (benchmarks/README.md): convolutions lose their fast kernels inside a device
@@ -91,62 +51,6 @@ def default_loop(model_name: str, backend: str) -> tuple[str, int | None]:
 
 # ----------------------------------------------------------------------------------------------
 # Setup.
-
-class DistributedError(RuntimeError):
-    """The multi-process runtime could not start (wrong address, missing peer)."""
-
-
-def _fault_point(name: str, step: int) -> None:
-    """Test hook: ``JAXACCEL_FAULT=eval@468`` (or ``save@500``) SIGKILLs this process when the run
-    reaches that point, so tests can kill it deterministically during an evaluation or while a
-    checkpoint is being written."""
-    if os.environ.get("JAXACCEL_FAULT") == f"{name}@{step}":
-        import signal
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _wait_for_coordinator(address: str, timeout: float) -> None:
-    """Fail clearly if nothing listens at ``address``: JAX's own client aborts the process with a
-    C++ stack trace instead of raising when the coordinator cannot be reached."""
-    import socket
-    host, _, port = address.rpartition(":")
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host or "localhost", int(port)), timeout=2):
-                return
-        except (OSError, ValueError) as e:
-            if time.monotonic() > deadline:
-                raise DistributedError(
-                    f"cannot reach the coordinator at {address} within {timeout}s ({e}). Start process 0 "
-                    "with the same distributed.coordinator, and check the host:port is reachable.") from None
-            time.sleep(0.5)
-
-
-def _init_distributed(cfg: Config) -> None:
-    """Start jax.distributed before anything touches devices. With no distributed.* keys set on a
-    cluster JAX can detect (Cloud TPU, SLURM, ...), call it with no arguments and let it detect."""
-    d = cfg.distributed
-    if jax.distributed.is_initialized():
-        return
-    explicit = d.coordinator is not None or d.num_processes is not None or d.process_id is not None
-    if not explicit and not os.environ.get("JAXACCEL_AUTO_DISTRIBUTED"):
-        return
-    if d.coordinator and d.process_id:  # process 0 starts the coordinator; the others must reach it
-        _wait_for_coordinator(d.coordinator, d.init_timeout_seconds)
-    print(f"jax.distributed: process {d.process_id} of {d.num_processes}, coordinator {d.coordinator}; "
-          f"waiting up to {d.init_timeout_seconds}s for all processes", flush=True)
-    try:
-        jax.distributed.initialize(coordinator_address=d.coordinator, num_processes=d.num_processes,
-                                   process_id=d.process_id, initialization_timeout=d.init_timeout_seconds,
-                                   heartbeat_timeout_seconds=d.heartbeat_timeout_seconds)
-    except Exception as e:  # noqa: BLE001 - re-raised with what to check
-        raise DistributedError(
-            f"jax.distributed.initialize failed (coordinator={d.coordinator}, num_processes={d.num_processes}, "
-            f"process_id={d.process_id}) within {d.init_timeout_seconds}s: {str(e).splitlines()[0][:300]}. "
-            "Check that every process is started with the same coordinator host:port, reachable from all, "
-            "and a distinct process_id in [0, num_processes).") from None
-
 
 def _enable_compilation_cache() -> None:
     """Persistent XLA cache: a repeated run loads its executables instead of compiling them."""
@@ -257,7 +161,7 @@ class _Run:
 
     def __init__(self, cfg: Config, overrides: list[str] | None):
         self.cfg, self.overrides = cfg, list(overrides or [])
-        _init_distributed(cfg)
+        init_distributed(cfg)
         _enable_compilation_cache()
         self.workdir = Path(cfg.workdir or f"runs/{cfg.experiment or 'run'}")
         self.is_writer = jax.process_index() == 0
@@ -390,7 +294,7 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict[str, Any]:
     try:
         if run.is_writer:
             run.write_config()
-        with _PreemptionNotice() as notice:
+        with PreemptionNotice() as notice:
             state, timings, last_eval = _loop(run, state, step, writer, progress, notice)
     finally:
         # Also on errors: commit the checkpoints already started, so nothing saved is lost.
@@ -401,7 +305,7 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict[str, Any]:
     return _finish(run, state, timings, last_eval)
 
 
-def _loop(run: _Run, state, step: int, writer, progress: Progress, notice: _PreemptionNotice):
+def _loop(run: _Run, state, step: int, writer, progress: Progress, notice: PreemptionNotice):
     """Compile, then train step groups to the end with evaluations and checkpoints on the way."""
     cfg, plan, ds = run.cfg, run.plan, run.dataset
     images, labels = run.parallel.replicate(ds.train_images), run.parallel.replicate(ds.train_labels)
@@ -415,7 +319,7 @@ def _loop(run: _Run, state, step: int, writer, progress: Progress, notice: _Pree
     progress.restart(step)
 
     def evaluate(state, at_step):
-        _fault_point("eval", at_step)
+        fault_point("eval", at_step)
         sums = run.evaluate(state.params, test)
         record = {"step": at_step, "split": "test", "accuracy": float(sums["correct"] / sums["count"]),
                   "loss": float(sums["loss_sum"] / sums["count"]),
@@ -474,7 +378,7 @@ def _loop(run: _Run, state, step: int, writer, progress: Progress, notice: _Pree
             if at_checkpoint or step == plan.total_steps:
                 single = run.parallel.single(state)
                 run.checkpointer.save(step, single, Checkpointer.meta_for(single, step=step))
-                _fault_point("save", step)  # the async write is still in flight here
+                fault_point("save", step)  # the async write is still in flight here
             t_start = time.perf_counter()
         if preempted:
             progress.message(f"SIGTERM: checkpointed step {step}; run the same command again to resume")

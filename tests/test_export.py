@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 
 import jaxaccel
-from jaxaccel import export, precision as prec
-from jaxaccel.config import QuantConfig
+from jaxaccel import export
 from jaxaccel.models import build_model
-from jaxaccel.sparsity import export as sparse_export
 
 SHORT = ["train.steps=400", "sparsity.start_step=50", "sparsity.end_step=300", "sparsity.update_every=50",
          "model.features=[128,64]"]

@@ -215,7 +215,7 @@ def check_backend(cfg: PrecisionConfig, backend: str | None = None) -> list[str]
     """
     backend = (backend or jax.default_backend()).lower()
     pol = Policy.from_config(cfg)
-    f16, bf16, f32 = np.dtype(jnp.float16), np.dtype(jnp.bfloat16), np.dtype(jnp.float32)
+    f16, f32 = np.dtype(jnp.float16), np.dtype(jnp.float32)
     used = {pol.params, pol.compute, pol.accumulation}
     out = []
     if backend == "cpu" and f16 in used:
