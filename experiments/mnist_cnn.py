@@ -1,8 +1,8 @@
 """The flax-example CNN (conv32-conv64-dense256-dense10, avg-pooled) on MNIST: the speed reference.
 
 Command:  python -m jaxaccel.run exp=mnist_cnn
-Runtime:  ~215 s on a 2-core CPU (4 epochs; first run adds ~30 s of compilation)
-Accuracy: >= 99.0% test (measured 99.06%)
+Runtime:  ~175 s on a 2-core CPU (4 epochs; a first run adds ~10 s of compilation)
+Accuracy: >= 99.0% test (measured 99.05%)
 """
 
 config = {
