@@ -9,7 +9,6 @@ import os
 import time
 
 import jax
-import numpy as np
 
 from jaxaccel.config import Config
 
@@ -29,17 +28,25 @@ class Preempted(Exception):
 
 
 class PreemptionNotice:
-    """Turns SIGTERM (a cloud preemption notice) into a flag the loop checks at step-group ends:
-    the run then checkpoints the step it reached and returns normally, instead of dying."""
+    """Turns SIGTERM (a cloud preemption notice) into a decision the loop takes at step-group ends:
+    the run then checkpoints the step it reached and returns normally, instead of dying.
+
+    One process: our own SIGTERM handler sets a flag. Several processes: JAX's preemption sync
+    manager (started by ``jax.distributed.initialize``) catches the notice on any host and
+    ``reached_preemption_sync_point`` makes every process stop at the same boundary, through the
+    coordination service rather than a device collective that could interleave with the step's.
+    """
 
     def __init__(self) -> None:
         self.received = False
         self._previous = None
+        self._boundary = 0
 
     def __enter__(self):
         import signal
         import threading
-        if threading.current_thread() is threading.main_thread():
+        # With several processes SIGTERM belongs to JAX's notifier: a Python handler would replace it.
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -52,12 +59,14 @@ class PreemptionNotice:
             signal.signal(signal.SIGTERM, self._previous)
 
     def should_stop(self) -> bool:
-        """True on every process once any process got the notice (all stop at the same step)."""
+        """True (on every process at the same boundary) once a preemption notice arrived."""
         if jax.process_count() == 1:
             return self.received
         from jax.experimental import multihost_utils
-        flags = multihost_utils.process_allgather(np.int32(self.received))
-        return bool(np.any(flags))
+        # The sync point is "max id seen + 1", so ids must be consecutive: count boundaries,
+        # which are the same sequence on every process.
+        self._boundary += 1
+        return multihost_utils.reached_preemption_sync_point(self._boundary)
 
 
 def fault_point(name: str, step: int) -> None:

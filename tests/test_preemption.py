@@ -116,3 +116,28 @@ def test_same_seed_twice_is_bitwise_identical(tmp_path, uninterrupted):
     result = run_cli(*ARGS, f"workdir={tmp_path}")
     assert result.returncode == 0
     _assert_same_run(tmp_path, uninterrupted)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_checkpoint(tmp_path):
+    """Multi-process: the notice reaches one host; every process saves the same step, exits 0."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxaccel.run", *ARGS, "train.steps=3000",
+                               "checkpoint.every_steps=1000", f"workdir={tmp_path}",
+                               f"distributed.coordinator=localhost:{port}", "distributed.num_processes=2",
+                               f"distributed.process_id={i}"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    _wait_for_step(tmp_path, 200, procs[0])
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=120) for p in procs]
+    stops = set()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        stops |= {line for line in out.splitlines() if line.startswith("SIGTERM: checkpointed step")}
+    assert len(stops) == 1  # the same step on both processes
+    step = int(stops.pop().split()[3].rstrip(";"))
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert saved == [step] and step >= 200
