@@ -71,8 +71,8 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def save(directory: str | Path, params: Any, *, model: dict[str, Any], num_classes: int,
          image_shape: tuple[int, ...], precision: dict[str, Any] | None = None,
-         quant: dict[str, Any] | None = None) -> int:
-    """Write the export; returns ``compressed_bytes``, the size of the compressed arrays."""
+         quant: dict[str, Any] | None = None) -> tuple[int, str]:
+    """Write the export; returns (``compressed_bytes``, the size of the compressed arrays; the form)."""
     from jaxaccel.sparsity import export as sparse_export
 
     directory = Path(directory)
@@ -81,11 +81,12 @@ def save(directory: str | Path, params: Any, *, model: dict[str, Any], num_class
     quantized = bool(quant and quant["mode"] != "none")
     _atomic_savez(directory / "params.npz", flatten_params(params))
     _atomic_savez(directory / "compressed.npz", arrays)
+    form = _form(tensors, quantized)
     (directory / "model.json").write_text(json.dumps({
-        "format_version": FORMAT_VERSION, "form": _form(tensors, quantized), "model": model,
+        "format_version": FORMAT_VERSION, "form": form, "model": model,
         "precision": precision, "quant": quant if quantized else None, "num_classes": num_classes,
         "image_shape": list(image_shape), "tensors": tensors}, indent=1))
-    return sparse_export.nbytes(arrays)
+    return sparse_export.nbytes(arrays), form
 
 
 class ExportedModel:

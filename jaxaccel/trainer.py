@@ -404,10 +404,9 @@ def _finish(run: _Run, state, timings: dict[str, float], last_eval: dict[str, fl
     }
     if run.is_writer:
         precision = cfg.precision.model_dump() if cfg.precision != type(cfg.precision)() else None
-        summary["compressed_bytes"] = export_lib.save(
+        summary["compressed_bytes"], summary["export_form"] = export_lib.save(
             run.workdir / "export", params, model=cfg.model.model_dump(), num_classes=ds.num_classes,
             image_shape=ds.image_shape, precision=precision, quant=cfg.quant.model_dump())
-        summary["export_form"] = export_lib.load(run.workdir / "export").form
         plain = build_model(cfg.model, ds.num_classes)
         summary["compression"] = compression.report(params, plain, ds.test_images, ds.test_labels, cfg.quant)
         (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -7,6 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 import jaxaccel
 from jaxaccel import export
@@ -40,7 +41,8 @@ def test_sparse_int8_export_is_what_the_summary_says(sparse_qat_run):
 
 def test_int8_export_predicts_like_the_fake_quant_model(sparse_qat_run, mnist):
     workdir, cfg, summary = sparse_qat_run
-    float_params = jax.tree.map(np.asarray, export._unflatten(dict(np.load(workdir / "export" / "params.npz"))))
+    with np.load(workdir / "export" / "params.npz") as npz:
+        float_params = traverse_util.unflatten_dict({k: npz[k] for k in npz.files}, sep="/")
     qat_model = build_model(cfg.model, 10, None, cfg.quant)  # fake quantization, as trained
     images = mnist.test_images[:2000]
     fake = np.asarray(jax.jit(qat_model.apply)({"params": float_params}, images))
