@@ -78,6 +78,15 @@ class CheckpointConfig(_Section):
 
 class ParallelConfig(_Section):
     mode: Literal["jit", "pmap"] = Field("jit", description="jit: Mesh + NamedSharding; pmap: replicated state.")
+    fsdp: bool = Field(False, description="jit only: shard parameters and optimizer state over the data axis too (FSDP).")
+    check_replicas: bool = Field(
+        True, description="At each evaluation, check that replicated state (masks, loss scale, params) is bit-identical on every device and process.")
+
+    @pydantic.model_validator(mode="after")
+    def _fsdp_needs_jit(self) -> "ParallelConfig":
+        if self.fsdp and self.mode != "jit":
+            raise ValueError("fsdp=true shards state over a Mesh: use parallel.mode=jit (pmap keeps a full copy per device)")
+        return self
 
 
 class DistributedConfig(_Section):

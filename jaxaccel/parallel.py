@@ -4,11 +4,14 @@ Two strategies over the same pure step functions:
 
 - :class:`MeshParallel` (``parallel.mode=jit``, the default; what pjit became): one global
   ``Mesh`` with a ``data`` axis over every device of every process; the batch is sharded over it,
-  the state replicated, and XLA inserts the gradient reductions.
+  the state replicated, and XLA inserts the gradient reductions. With ``parallel.fsdp=true`` the
+  parameters and optimizer state are sharded over the same axis too (fully sharded data
+  parallelism: XLA all-gathers each weight where it is used and reduce-scatters its gradient).
 - :class:`PmapParallel` (``parallel.mode=pmap``): state replicated with a leading device axis,
   each device gathers its slice of the global batch, gradients and metrics are ``lax.pmean``-ed.
 
-The loop calls only ``replicate``, ``put_state``, ``single``, ``host`` and ``compile``.
+The loop calls only ``create_state``, ``replicate``, ``put_state``, ``single``, ``host``,
+``compile``, ``check_replicas`` and ``state_bytes_per_device``.
 """
 from __future__ import annotations
 
@@ -18,44 +21,136 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["MeshParallel", "PmapParallel", "make_parallel", "local_copy"]
+__all__ = ["MeshParallel", "PmapParallel", "make_parallel", "local_copy", "ReplicaMismatch"]
+
+
+class ReplicaMismatch(RuntimeError):
+    """Copies of replicated state differ between devices or processes (the CLI exits 1)."""
 
 
 def local_copy(tree: Any) -> Any:
-    """Host NumPy copies of (replicated or single-device) arrays, read from this process's first
-    shard, so it also works when the global array spans several processes."""
-    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
+    """Host NumPy copies of global arrays. Replicated ones are read from this process's first
+    shard (so it works when the array spans several processes); sharded ones (FSDP) are assembled,
+    across processes with an all-gather, so every process must call this at the same point."""
+    def copy(a):
+        if not isinstance(a, jax.Array) or a.is_fully_replicated:
+            return np.asarray(a.addressable_data(0) if isinstance(a, jax.Array) else a)
+        if a.is_fully_addressable:
+            return np.asarray(a)
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return jax.tree.map(copy, tree)
+
+
+def _digest(shard_data: jax.Array) -> int:
+    import zlib
+    return zlib.crc32(np.ascontiguousarray(np.asarray(shard_data)).view(np.uint8))
+
+
+def _check_copies(tree: Any, copies_of: Callable[[jax.Array], list[list[Any]]],
+                  same_on_every_process: Callable[[jax.Array], bool]) -> int:
+    """Compare, leaf by leaf, every group of shards that must hold the same bytes (on this
+    process), then, for leaves every process holds whole, their digests across processes.
+    Returns the number of leaves checked; raises :class:`ReplicaMismatch` naming those that differ."""
+    flat = [(jax.tree_util.keystr(p), a) for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if isinstance(a, jax.Array)]
+    local_bad, digests = [], []
+    for name, leaf in flat:
+        groups = copies_of(leaf)
+        sums = [[_digest(s.data) for s in group] for group in groups]
+        if any(len(set(g)) > 1 for g in sums):
+            devices = [str(s.device) for g, d in zip(groups, sums) if len(set(d)) > 1 for s in g]
+            local_bad.append(f"{name} (devices {', '.join(devices)})")
+        digests.append(sums[0][0] if same_on_every_process(leaf) else 0)
+    if local_bad:
+        raise ReplicaMismatch(f"replicated state differs between devices of process {jax.process_index()}: "
+                              + "; ".join(local_bad[:5]) + (f" and {len(local_bad) - 5} more" if len(local_bad) > 5 else ""))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        table = np.asarray(multihost_utils.process_allgather(np.asarray(digests, np.uint32)))
+        differ = [name for (name, _), column in zip(flat, table.T) if len(set(column.tolist())) > 1]
+        if differ:
+            raise ReplicaMismatch(f"replicated state differs between processes: {', '.join(differ[:5])}")
+    return len(flat)
+
+
+def _device_bytes(tree: Any, device: jax.Device) -> int:
+    """Bytes of ``tree``'s shards that live on ``device``."""
+    return sum(s.data.nbytes for a in jax.tree.leaves(tree) if isinstance(a, jax.Array)
+               for s in a.addressable_shards if s.device == device)
 
 
 class MeshParallel:
-    """jit over a Mesh with NamedSharding: batch split on ``data``, everything else replicated."""
+    """jit over a Mesh with NamedSharding: batch split on ``data``; the state replicated, or with
+    ``fsdp`` sharded over ``data`` as well."""
 
     axis_name = None  # reductions are inserted by the compiler, not written in the step
 
-    def __init__(self) -> None:
+    def __init__(self, fsdp: bool = False) -> None:
         self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
         self.size = self.mesh.size
+        self.fsdp = fsdp
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
+
+    def leaf_sharding(self, leaf: Any) -> NamedSharding:
+        """Where one state leaf lives. FSDP splits its largest axis that the device count divides
+        (masks and optimizer moments have their parameter's shape, so they split alike); leaves
+        with no such axis (scalars, counters, a 10-wide bias on 4 devices) stay replicated."""
+        shape = tuple(getattr(leaf, "shape", ()))
+        axes = [i for i, n in enumerate(shape) if n >= self.size and n % self.size == 0]
+        if not self.fsdp or self.size == 1 or not axes:
+            return self.replicated
+        axis = max(axes, key=lambda i: shape[i])
+        return NamedSharding(self.mesh, P(*[("data" if i == axis else None) for i in range(len(shape))]))
+
+    def state_sharding(self, state: Any) -> Any:
+        """A pytree of shardings for ``state`` (a single one when nothing is sharded)."""
+        return jax.tree.map(self.leaf_sharding, state) if self.fsdp else self.replicated
 
     def replicate(self, host: np.ndarray) -> jax.Array:
         """A replicated global array from a host array every process holds in full."""
         return jax.make_array_from_callback(host.shape, self.replicated, lambda index: host[index])
 
+    def create_state(self, create: Callable, key: jax.Array) -> Any:
+        """``create(key)`` compiled to write each leaf straight into its sharding (with FSDP no
+        device ever holds the whole state), as one global array on every process."""
+        shardings = self.state_sharding(jax.eval_shape(create, key))
+        return jax.jit(create, out_shardings=shardings)(key)
+
     def put_state(self, state: Any) -> Any:
-        return jax.device_put(state, self.replicated)
+        """The (global) state resharded as this strategy keeps it."""
+        return jax.jit(lambda s: s, out_shardings=self.state_sharding(state))(state)
 
     def single(self, state: Any) -> Any:
         """The state as one (global) copy, for checkpoints and export."""
         return state
+
+    def state_bytes_per_device(self, state: Any) -> int:
+        """Bytes of the train state held by this process's first device."""
+        return _device_bytes(state, jax.local_devices()[0])
+
+    def check_replicas(self, state: Any) -> int:
+        """Raise :class:`ReplicaMismatch` unless every copy of every state leaf is bit-identical:
+        shards holding the same index of a leaf on this process's devices, and (for replicated
+        leaves, across processes) each process's copy. Returns the number of leaves checked."""
+        def copies_of(leaf):
+            groups: dict[str, list] = {}
+            for shard in leaf.addressable_shards:
+                groups.setdefault(repr(shard.index), []).append(shard)
+            return list(groups.values())
+        return _check_copies(state, copies_of, lambda leaf: leaf.is_fully_replicated)
 
     def host(self, tree: Any) -> Any:
         """Replicated results to host NumPy."""
         return local_copy(tree)
 
     def compile(self, fn: Callable, args: tuple, donate: bool = True):
-        """Ahead-of-time compile ``fn(*args)``, replicating its outputs."""
-        jitted = jax.jit(fn, donate_argnums=0 if donate else (), out_shardings=self.replicated)
+        """Ahead-of-time compile ``fn(*args)``. With ``donate``, ``fn`` maps the state
+        (``args[0]``) to ``(state, metrics)`` and the new state keeps the old one's shardings
+        (so its buffers are reused in place); every other output is replicated."""
+        out = (self.state_sharding(args[0]), self.replicated) if donate else self.replicated
+        jitted = jax.jit(fn, donate_argnums=0 if donate else (), out_shardings=out)
         return jitted.lower(*args).compile()
 
 
@@ -77,11 +172,22 @@ class PmapParallel:
         return jax.make_array_from_callback((len(self.devices), *host.shape), self._stacked,
                                             lambda index: host[None])
 
+    def create_state(self, create: Callable, key: jax.Array) -> Any:
+        """``create(key)`` as one copy on the first local device (what checkpoints hold)."""
+        return jax.device_put(jax.jit(create)(key), self.devices[0])
+
     def put_state(self, state: Any) -> Any:
         return jax.tree.map(self.replicate, local_copy(state))
 
     def single(self, state: Any) -> Any:
         return jax.tree.map(lambda x: x[0], state)
+
+    def state_bytes_per_device(self, state: Any) -> int:
+        return _device_bytes(state, self.devices[0])
+
+    def check_replicas(self, state: Any) -> int:
+        """As :meth:`MeshParallel.check_replicas`: the per-device entries of every leaf must match."""
+        return _check_copies(state, lambda leaf: [list(leaf.addressable_shards)], lambda leaf: True)
 
     def host(self, tree: Any) -> Any:
         """Per-device results (identical after pmean/psum) to host NumPy, from device 0."""
@@ -95,6 +201,6 @@ class PmapParallel:
         return pmapped.lower(*args).compile()
 
 
-def make_parallel(mode: str) -> MeshParallel | PmapParallel:
-    """The strategy ``parallel.mode`` names."""
-    return PmapParallel() if mode == "pmap" else MeshParallel()
+def make_parallel(mode: str, fsdp: bool = False) -> MeshParallel | PmapParallel:
+    """The strategy ``parallel.mode`` (and ``parallel.fsdp``) names."""
+    return PmapParallel() if mode == "pmap" else MeshParallel(fsdp)

@@ -15,7 +15,22 @@ Values parse as YAML (true, 3, 1e-3, [2,4], null). Keys and defaults:
 
 def _fail(code: int, message: str) -> int:
     print(f"error: {message}", file=sys.stderr, flush=True)
+    _exit_now_if_multiprocess(code)
     return code
+
+
+def _exit_now_if_multiprocess(code: int) -> None:
+    """A failed process of a multi-process run exits at once: a normal exit would wait in
+    jax.distributed's shutdown barrier for peers that are gone, then abort with a C++ trace
+    and another exit status. Everything worth keeping is already written (checkpoints are
+    committed before the error reaches here)."""
+    if "jax" in sys.modules:
+        import jax
+        if jax.distributed.is_initialized() and jax.process_count() > 1:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            import os
+            os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +62,7 @@ def _train(cfg, overrides: list[str]) -> int:
     from jaxaccel.checkpoint import CheckpointMismatch, CheckpointUnreadable
     from jaxaccel.config import ConfigError
     from jaxaccel.data import DataError
-    from jaxaccel.trainer import DistributedError, NonFiniteError, Preempted, train
+    from jaxaccel.trainer import DistributedError, NonFiniteError, Preempted, ReplicaMismatch, train
 
     try:
         summary = train(cfg, overrides)
@@ -55,7 +70,7 @@ def _train(cfg, overrides: list[str]) -> int:
         return _fail(2, str(e))
     except DataError as e:
         return _fail(3, str(e))
-    except (NonFiniteError, DistributedError, CheckpointUnreadable) as e:
+    except (NonFiniteError, DistributedError, CheckpointUnreadable, ReplicaMismatch) as e:
         return _fail(1, str(e))
     except Preempted as e:
         print(f"{e}; run the same command again to resume")

@@ -33,9 +33,9 @@ from jaxaccel.models import build_model
 from jaxaccel.optim import make_optimizer
 from jaxaccel.precision import NonFiniteError
 from jaxaccel.runtime import DistributedError, Preempted, PreemptionNotice, fault_point, init_distributed
-from jaxaccel.parallel import local_copy, make_parallel
+from jaxaccel.parallel import ReplicaMismatch, local_copy, make_parallel
 
-__all__ = ["train", "NonFiniteError", "Preempted", "DistributedError", "default_loop"]
+__all__ = ["train", "NonFiniteError", "Preempted", "DistributedError", "ReplicaMismatch", "default_loop"]
 
 
 # Measured with XLA:CPU (benchmarks/README.md): convolutions lose their fast kernels inside a device
@@ -166,7 +166,7 @@ class _Run:
         self.workdir = Path(cfg.workdir or f"runs/{cfg.experiment or 'run'}")
         self.is_writer = jax.process_index() == 0
         self.dataset = data_lib.load(cfg.data.name, cfg.data.dir, cfg.data.cache_dir)
-        self.parallel = make_parallel(cfg.parallel.mode)
+        self.parallel = make_parallel(cfg.parallel.mode, cfg.parallel.fsdp)
         n_dev = self.parallel.size
         for key in ("batch_size", "eval_batch_size"):
             if getattr(cfg.train, key) % n_dev:
@@ -186,7 +186,7 @@ class _Run:
     def initial_state(self, progress: Progress) -> tuple[step_lib.TrainState, int]:
         create = functools.partial(_create_state, self.model, self.tx, self.dataset.image_shape)
         # The restore target carries the shardings a checkpoint is read into.
-        state = self.parallel.single(self.parallel.put_state(jax.jit(create)(self.init_key)))
+        state = self.parallel.create_state(create, self.init_key)
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", self.cfg.checkpoint.max_to_keep)
         latest = self.checkpointer.latest_step()
         if latest is not None:
@@ -261,12 +261,14 @@ class _Run:
                 "nonfinite_run": jnp.copy(prec.nonfinite_steps(state.opt_state))}
 
     # -- outputs ---------------------------------------------------------------------------------
-    def write_config(self) -> None:
+    def write_config(self, state) -> None:
         devices = jax.devices()
         record = {"experiment": self.cfg.experiment, "config": self.cfg.to_dict(), "overrides": self.overrides,
                   "versions": _versions(), "python": platform.python_version(),
                   "device_kind": devices[0].device_kind, "device_count": len(devices),
-                  "parallel": {"mode": self.cfg.parallel.mode, "devices": self.parallel.size},
+                  "parallel": {"mode": self.cfg.parallel.mode, "devices": self.parallel.size,
+                               "fsdp": self.cfg.parallel.fsdp,
+                               "state_bytes_per_device": self.parallel.state_bytes_per_device(state)},
                   "backend": jax.default_backend(), "process_count": jax.process_count(),
                   "plan": dataclasses.asdict(self.plan)}
         (self.workdir / "config.json").write_text(json.dumps(record, indent=2))
@@ -293,9 +295,19 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict[str, Any]:
     writer = MetricsWriter(run.workdir / "metrics.jsonl", resume_step=step) if run.is_writer else None
     try:
         if run.is_writer:
-            run.write_config()
+            run.write_config(state)
         with PreemptionNotice() as notice:
             state, timings, last_eval = _loop(run, state, step, writer, progress, notice)
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        # With several processes a runtime error is almost always a lost peer (its collectives
+        # fail with "connection reset" at once); say so instead of a C++ trace.
+        raise DistributedError(
+            f"process {jax.process_index()} of {jax.process_count()} stopped: {str(e).splitlines()[0][:300]}. "
+            "If another process died or was killed, restart every process with the same command: "
+            + (f"the run resumes from its latest checkpoint (step {latest})." if (latest := run.checkpointer.latest_step())
+               is not None else "no checkpoint was written yet, so it starts over.")) from None
     finally:
         # Also on errors: commit the checkpoints already started, so nothing saved is lost.
         run.checkpointer.close()
@@ -320,6 +332,7 @@ def _loop(run: _Run, state, step: int, writer, progress: Progress, notice: Preem
 
     def evaluate(state, at_step):
         fault_point("eval", at_step)
+        check_replicas(state, at_step)
         sums = run.evaluate(state.params, test)
         record = {"step": at_step, "split": "test", "accuracy": float(sums["correct"] / sums["count"]),
                   "loss": float(sums["loss_sum"] / sums["count"]),
@@ -329,6 +342,15 @@ def _loop(run: _Run, state, step: int, writer, progress: Progress, notice: Preem
         progress.message(f"step {at_step}: test accuracy {record['accuracy']:.4f}, loss {record['loss']:.4f}, "
                          f"sparsity {record['sparsity']:.4f}")
         return record
+
+    def check_replicas(state, at_step):
+        """Every copy of the state (params, masks, loss scale, counters) must be bit-identical:
+        divergent replicas would train different models while reporting one."""
+        if not cfg.parallel.check_replicas or run.parallel.size == 1:
+            return
+        leaves = run.parallel.check_replicas(state)
+        progress.message(f"step {at_step}: replica check: {leaves} state leaves bit-identical on "
+                         f"{run.parallel.size} devices, {jax.process_count()} process(es)")
 
     def flush(pending):
         """Write the training line of a finished step group (fetched one group late, so the host
