@@ -75,8 +75,11 @@ def _train(cfg, overrides: list[str]) -> int:
     except Preempted as e:
         print(f"{e}; run the same command again to resume")
         return 0
+    import jax
+    where = (f"outputs in {cfg.workdir or 'runs/' + cfg.experiment}" if jax.process_index() == 0
+             else f"process {jax.process_index()}: process 0 writes the outputs")
     print(f"done: test accuracy {summary['test_accuracy']:.4f} after {summary['steps']} steps, "
-          f"{summary['examples_per_second']:,.0f} examples/s; outputs in {cfg.workdir or 'runs/' + cfg.experiment}")
+          f"{summary['examples_per_second']:,.0f} examples/s; {where}")
     return 0
 
 

@@ -173,6 +173,11 @@ class _Run:
                 raise ConfigError(f"train.{key}={getattr(cfg.train, key)} must be a multiple of the "
                                   f"{n_dev} devices it is split over")
         self.plan = _make_plan(cfg, len(self.dataset.train_labels), jax.default_backend())
+        # XLA:CPU runs each device's part of a call on a shared thread pool; with several calls in
+        # flight, threads waiting in one call's all-reduce can starve the devices that have yet
+        # to reach it (seen: a deadlock with 8 emulated devices). So on CPU with several devices,
+        # a call finishes before the next is dispatched.
+        self.serialize_calls = jax.default_backend() == "cpu" and jax.local_device_count() > 1
         self.model = build_model(cfg.model, self.dataset.num_classes, cfg.precision, cfg.quant)
         # Sparsity wraps the whole optimizer (nothing may rescale updates after its masking).
         # Loss scaling and the non-finite guard wrap everything (they skip whole steps).
@@ -224,8 +229,11 @@ class _Run:
 
     def evaluate(self, params, test) -> dict[str, float]:
         """Test-split metric sums, one compiled call per eval batch, summed on device."""
-        sums = [self.eval_one(params, *test, np.int32(i))
-                for i in range(test[0].shape[-4] // self.cfg.train.eval_batch_size)]
+        sums = []
+        for i in range(test[0].shape[-4] // self.cfg.train.eval_batch_size):
+            sums.append(self.eval_one(params, *test, np.int32(i)))
+            if self.serialize_calls:  # one multi-device call in flight at a time (see __init__)
+                jax.block_until_ready(sums[-1])
         return self.parallel.host(jax.tree.map(lambda *x: sum(x), *sums))
 
     def epoch_perm(self, epoch: int) -> jax.Array:
@@ -248,6 +256,8 @@ class _Run:
         for unroll, n in ((k, count // k), (1, count % k)):
             for _ in range(n):
                 state, sums = self.groups[unroll](state, images, labels, perm, np.int32(position), np.int32(unroll))
+                if self.serialize_calls:
+                    jax.block_until_ready(state)
                 position += unroll
                 sums_all = sums if sums_all is None else jax.tree.map(jnp.add, sums_all, sums)
         return state, self._with_guard_state(state, sums_all)

@@ -92,6 +92,15 @@ def test_fsdp_shards_the_state(runs):
     assert 0.24 * replicated < sharded < 0.27 * replicated
 
 
+def test_eight_devices_with_unrolled_blocks_finish(tmp_path):
+    """Several unrolled calls in flight on 8 emulated devices once deadlocked in an all-reduce
+    (XLA:CPU thread starvation); the loop now runs one multi-device call at a time on CPU."""
+    result = run_cli(*COMMON, "train.steps=150", "train.loop=unroll", "train.steps_per_call=10",
+                     f"workdir={tmp_path}", env=_devices(8), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 150
+
+
 def test_fsdp_needs_jit_mode(tmp_path):
     result = run_cli(*COMMON, "parallel.mode=pmap", "parallel.fsdp=true", f"workdir={tmp_path}")
     assert result.returncode == 2 and "use parallel.mode=jit" in result.stderr
