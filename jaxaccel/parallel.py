@@ -44,6 +44,8 @@ def local_copy(tree: Any) -> Any:
 
 def _digest(shard_data: jax.Array) -> int:
     import zlib
+    if jax.dtypes.issubdtype(shard_data.dtype, jax.dtypes.prng_key):
+        shard_data = jax.random.key_data(shard_data)
     return zlib.crc32(np.ascontiguousarray(np.asarray(shard_data)).view(np.uint8))
 
 
