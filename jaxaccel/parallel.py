@@ -157,43 +157,50 @@ class MeshParallel:
 
 
 class PmapParallel:
-    """pmap over the local devices: replicated state, per-device batch slices, pmean."""
+    """pmap over every device of every process: replicated state, per-device batch slices, pmean."""
 
     axis_name = "data"
 
     def __init__(self) -> None:
-        self.devices = jax.local_devices()
-        self.size = jax.device_count()
+        self.devices = jax.devices()
+        self.size = len(self.devices)
         self.batch_sharding = None  # each device gathers its own slice; nothing to constrain
-        # A leading axis of one entry per device, laid out one entry on each device (what
-        # pmap consumes without moving data; jax.device_put_replicated is gone since jax 0.8).
-        self._stacked = NamedSharding(Mesh(np.asarray(self.devices), ("devices",)), P("devices"))
+        mesh = Mesh(np.asarray(self.devices), ("devices",))
+        # A leading axis of one entry per device, laid out one entry on each device (what pmap
+        # consumes without moving data; jax.device_put_replicated is gone since jax 0.8). Global
+        # arrays, so the same code serves several processes (each holds its devices' entries).
+        self._stacked = NamedSharding(mesh, P("devices"))
+        self._replicated = NamedSharding(mesh, P())  # the one-copy form checkpoints hold
 
     def replicate(self, host: np.ndarray) -> jax.Array:
         host = np.asarray(host)
-        return jax.make_array_from_callback((len(self.devices), *host.shape), self._stacked,
-                                            lambda index: host[None])
+        return jax.make_array_from_callback((self.size, *host.shape), self._stacked, lambda index: host[None])
 
     def create_state(self, create: Callable, key: jax.Array) -> Any:
-        """``create(key)`` as one copy on the first local device (what checkpoints hold)."""
-        return jax.device_put(jax.jit(create)(key), self.devices[0])
+        """``create(key)`` as one replicated global copy (what checkpoints hold)."""
+        return jax.jit(create, out_shardings=self._replicated)(key)
 
     def put_state(self, state: Any) -> Any:
         return jax.tree.map(self.replicate, local_copy(state))
 
     def single(self, state: Any) -> Any:
-        return jax.tree.map(lambda x: x[0], state)
+        """One replicated global copy, assembled from each local device's own entry (no transfer)."""
+        def one(x):
+            parts = [s.data[0] for s in x.addressable_shards]
+            return jax.make_array_from_single_device_arrays(x.shape[1:], self._replicated, parts)
+        return jax.tree.map(one, state)
 
     def state_bytes_per_device(self, state: Any) -> int:
-        return _device_bytes(state, self.devices[0])
+        return _device_bytes(state, jax.local_devices()[0])
 
     def check_replicas(self, state: Any) -> int:
         """As :meth:`MeshParallel.check_replicas`: the per-device entries of every leaf must match."""
         return _check_copies(state, lambda leaf: [list(leaf.addressable_shards)], lambda leaf: True)
 
     def host(self, tree: Any) -> Any:
-        """Per-device results (identical after pmean/psum) to host NumPy, from device 0."""
-        return jax.tree.map(lambda a: np.asarray(a[0]) if getattr(a, "ndim", 0) else np.asarray(a), tree)
+        """Per-device results (identical after pmean/psum) to host NumPy, from this process's first device."""
+        return jax.tree.map(lambda a: np.asarray(a.addressable_data(0))[0] if getattr(a, "ndim", 0)
+                            else np.asarray(a), tree)
 
     def compile(self, fn: Callable, args: tuple, donate: bool = True):
         """pmap ``fn``; leading arguments are per-device, trailing Python/NumPy scalars broadcast."""

@@ -106,15 +106,16 @@ def test_fsdp_needs_jit_mode(tmp_path):
     assert result.returncode == 2 and "use parallel.mode=jit" in result.stderr
 
 
-@pytest.mark.parametrize("how", ["pmap", "2 processes"])
+@pytest.mark.parametrize("how", ["pmap", "pmap over 2 processes"])
 def test_masks_loss_scale_and_quantized_state_identical_on_every_replica(tmp_path_factory, how):
     """With pruning, dynamic loss scaling and QAT, every replica's copy of the whole state is
-    compared byte for byte at each evaluation (the run fails if any differs)."""
+    compared byte for byte at each evaluation (the run fails if any differs). (The jit runs of
+    test_same_loss_curve_and_params_as_one_device run the same check.)"""
     if how == "pmap":
         _, params, _, out = _run(tmp_path_factory, 4, "pmap", *REPLICATED_EXTRAS)
         expected = "bit-identical on 4 devices, 1 process(es)"
     else:
-        _, params, _, out = _launch(tmp_path_factory, "sparse2", *REPLICATED_EXTRAS)
+        _, params, _, out = _launch(tmp_path_factory, "sparse2", "parallel.mode=pmap", *REPLICATED_EXTRAS)
         expected = "bit-identical on 4 devices, 2 process(es)"
     checks = [l for l in out.splitlines() if "replica check:" in l]
     assert checks and all(expected in l for l in checks), out[-2000:]
