@@ -69,15 +69,16 @@ def pretrain(cfg: Config, workdir: Path, message: Callable[[str], None]) -> Conf
     from jaxaccel.trainer import train
     name, *overrides = cfg.init.pretrain.split()
     target = workdir / "pretrained"
-    sub = experiments.get(name).model_copy(update={
-        "seed": cfg.seed, "parallel": cfg.parallel, "distributed": cfg.distributed,
-        "workdir": str(target)})
-    sub.data = sub.data.model_copy(update={"dir": cfg.data.dir, "cache_dir": cfg.data.cache_dir})
     try:
+        sub = experiments.get(name).model_copy(update={
+            "seed": cfg.seed, "parallel": cfg.parallel, "distributed": cfg.distributed, "workdir": str(target)})
+        sub.data = sub.data.model_copy(update={"dir": cfg.data.dir, "cache_dir": cfg.data.cache_dir})
         sub = experiments.override(sub, overrides)
     except ConfigError as e:
         raise ConfigError(f"init.pretrain={cfg.init.pretrain!r}: {e}") from None
-    if not (target / "summary.json").exists():
+    # A run that resumes from its own checkpoint does not read init.from: nothing to pretrain.
+    resuming = any((workdir / "checkpoints").glob("[0-9]*"))
+    if not resuming and not (target / "summary.json").exists():
         message(f"init.from is unset: training `{cfg.init.pretrain}` into {target} first (init.pretrain)")
         train(sub, [f"exp={name}", *overrides])
     return cfg.model_copy(update={"init": cfg.init.model_copy(update={"from_": str(target)})})

@@ -7,7 +7,7 @@ Each RUN_DIR is a run directory (it holds ``config.json``, ``metrics.jsonl`` and
 writes: it is searched for the runs inside. Writes into ``--out`` (default ``report``):
 
 - ``report.md``: one row per run (experiment, test accuracy, sparsity, compressed size, examples/s,
-  training seconds, steps) and the plots below;
+  training seconds, steps), the failed points of a sweep, and the plots below;
 - ``training_curves.png``: training loss, and training and test accuracy, against the step;
 - ``accuracy_vs_sparsity.png`` and ``accuracy_vs_size.png``: final test accuracy against the
   measured sparsity, and against the size of the dense fp32 / sparse / int8 / sparse+int8 forms of
@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Run", "find_runs", "load_run", "table", "plot", "main"]
+__all__ = ["Run", "find_runs", "load_run", "table", "failed_points", "plot", "main"]
 
 _FORMS = {"dense_fp32": ("dense fp32", "o"), "sparse": ("sparse", "s"), "int8": ("int8", "^"),
           "sparse_int8": ("sparse+int8", "D")}
@@ -100,42 +100,62 @@ def table(runs: list[Run]) -> str:
         if not s:
             rows.append(f"| {run.label} | {run.experiment} | - (unfinished: no summary.json) | - | - | - | - | - |")
             continue
-        ratio = s["model_bytes"] / s["compressed_bytes"] if s.get("compressed_bytes") else 1.0
-        size = f"{_bytes(s['compressed_bytes'])} ({ratio:.2f}x)" if "compressed_bytes" in s else "-"
+        size = (f"{_bytes(s['compressed_bytes'])} ({s['model_bytes'] / s['compressed_bytes']:.2f}x)"
+                if s.get("compressed_bytes") else "-")
         rows.append(f"| {run.label} | {run.experiment} | {100 * s['test_accuracy']:.2f}% | "
                     f"{100 * s['sparsity']:.2f}% | {size} | {s['examples_per_second']:,.0f} | "
                     f"{s['train_seconds']:.1f} | {s['steps']} |")
     return "\n".join(rows) + "\n"
 
 
+def failed_points(paths: list[str | Path]) -> str:
+    """Markdown lines for the failed points of the sweeps (``sweep.json``) among ``paths``."""
+    lines = []
+    for path in map(Path, paths):
+        if (path / "sweep.json").exists():
+            for point in json.loads((path / "sweep.json").read_text())["points"]:
+                if point["exit_status"]:
+                    log = Path(point["workdir"]) / "run.log"
+                    last = log.read_text().strip().splitlines()[-1:] if log.exists() else []
+                    lines.append(f"- `{' '.join(point.get('swept', point['overrides']))}`: exit {point['exit_status']}: "
+                                 f"{' '.join(last)} ({log})")
+    return "\n**Failed sweep points**\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
 # ---------------------------------------------------------------------------------------------
 # Plots.
 
-def _pyplot():
+def _require_matplotlib() -> None:
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
         raise ImportError("jaxaccel.report draws its plots with matplotlib: pip install 'jaxaccel[report]'") from None
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-    return plt
 
 
-def _colors(plt, n: int) -> list:
-    cmap = plt.get_cmap("tab10" if n <= 10 else "viridis")
+def _figure(**kw):
+    """A figure outside pyplot: it renders to files with Agg and leaves pyplot's backend and figure
+    list alone (the report may run inside a notebook)."""
+    from matplotlib.figure import Figure
+    return Figure(**kw)
+
+
+def _colors(n: int) -> list:
+    import matplotlib
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "viridis"]
     return [cmap(i if n <= 10 else i / max(n - 1, 1)) for i in range(n)]
 
 
 def _plain_log_ticks(axis) -> None:
-    """Ticks at 1, 2, 5 x 10^k labelled as plain numbers (0.2, 500) instead of 2 x 10^-1."""
+    """Ticks at 1, 2, 3, 5 x 10^k labelled as plain numbers (0.2, 500) instead of 2 x 10^-1."""
     from matplotlib import ticker
-    axis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+    axis.set_major_locator(ticker.LogLocator(subs=(1, 2, 3, 5)))
     axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(ticker.NullFormatter())
 
 
-def _training_curves(plt, runs: list[Run], colors: list, path: Path) -> None:
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+def _training_curves(runs: list[Run], colors: list, path: Path) -> None:
+    fig = _figure(figsize=(12, 4.5))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for run, color in zip(runs, colors):
         train = [m for m in run.metrics if "split" not in m]
         test = [m for m in run.metrics if m.get("split") == "test"]
@@ -150,11 +170,12 @@ def _training_curves(plt, runs: list[Run], colors: list, path: Path) -> None:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
     ax_acc.legend(fontsize="small", title="run", bbox_to_anchor=(1.02, 1), loc="upper left")
-    _save(plt, fig, path)
+    _save(fig, path)
 
 
-def _accuracy_vs_sparsity(plt, runs: list[Run], colors: list, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def _accuracy_vs_sparsity(runs: list[Run], colors: list, path: Path) -> None:
+    fig = _figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     done = [(r, c) for r, c in zip(runs, colors) if r.summary]
     for experiment in {r.experiment for r, _ in done}:  # a line through each experiment's runs (a sweep)
         points = sorted((100 * r.summary["sparsity"], 100 * r.summary["test_accuracy"])
@@ -168,12 +189,13 @@ def _accuracy_vs_sparsity(plt, runs: list[Run], colors: list, path: Path) -> Non
            title="Test accuracy vs sparsity")
     ax.grid(alpha=0.3)
     _legend_or_note(ax, bool(done), title="run", fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
-    _save(plt, fig, path)
+    _save(fig, path)
 
 
-def _accuracy_vs_size(plt, runs: list[Run], colors: list, path: Path) -> None:
+def _accuracy_vs_size(runs: list[Run], colors: list, path: Path) -> None:
     from matplotlib.lines import Line2D
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    fig = _figure(figsize=(8, 4.8))
+    ax = fig.subplots()
     done = [(r, c) for r, c in zip(runs, colors) if r.summary]
     for run, color in done:
         forms = run.summary.get("compression") or {
@@ -200,12 +222,12 @@ def _accuracy_vs_size(plt, runs: list[Run], colors: list, path: Path) -> None:
                                markeredgecolor="black", label="the exported form"))
     if not done:
         _legend_or_note(ax, False)
-        return _save(plt, fig, path)
+        return _save(fig, path)
     first = ax.legend(handles=run_handles, title="run", fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
     ax.add_artist(first)
     ax.legend(handles=form_handles, title="form (accuracy measured)", fontsize="small",
               bbox_to_anchor=(1.02, 0), loc="lower left")
-    _save(plt, fig, path)
+    _save(fig, path)
 
 
 def _legend_or_note(ax, any_run: bool, **legend) -> None:
@@ -215,19 +237,18 @@ def _legend_or_note(ax, any_run: bool, **legend) -> None:
         ax.text(0.5, 0.5, "no finished run (no summary.json)", transform=ax.transAxes, ha="center")
 
 
-def _save(plt, fig, path: Path) -> None:
+def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight" keeps the legends outside the axes
-    plt.close(fig)
 
 
 def plot(runs: list[Run], out: Path) -> list[Path]:
     """Write the three PNGs into ``out``; returns their paths."""
-    plt = _pyplot()
-    colors = _colors(plt, len(runs))
+    _require_matplotlib()
+    colors = _colors(len(runs))
     files = [out / "training_curves.png", out / "accuracy_vs_sparsity.png", out / "accuracy_vs_size.png"]
-    _training_curves(plt, runs, colors, files[0])
-    _accuracy_vs_sparsity(plt, runs, colors, files[1])
-    _accuracy_vs_size(plt, runs, colors, files[2])
+    _training_curves(runs, colors, files[0])
+    _accuracy_vs_sparsity(runs, colors, files[1])
+    _accuracy_vs_size(runs, colors, files[2])
     return files
 
 
@@ -241,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="report", help="output directory (default: report)")
     args = parser.parse_args(argv)
     try:
-        _pyplot()  # fail on a missing matplotlib before reading anything
+        _require_matplotlib()  # fail before reading anything
         paths = find_runs(args.runs)
     except (ImportError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -253,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [load_run(p, label) for p, label in zip(paths, _labels(paths))]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = table(runs)
+    text = table(runs) + failed_points(args.runs)
     files = plot(runs, out)
     images = "\n".join(f"![{f.stem.replace('_', ' ')}]({f.name})" for f in files)
     (out / "report.md").write_text(f"# Runs\n\n{text}\n{images}\n")

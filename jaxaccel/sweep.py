@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"    FAILED (exit {code}) after {seconds:.0f}s; last lines of {workdir / 'run.log'}:\n"
                   f"{_tail(workdir / 'run.log')}", flush=True)
-        results.append({"overrides": fixed + swept, "workdir": str(workdir), "exit_status": code, "seconds": seconds})
+        results.append({"swept": swept, "overrides": fixed + swept, "workdir": str(workdir), "exit_status": code, "seconds": seconds})
     (out / "sweep.json").write_text(json.dumps({"experiment": name, "points": results}, indent=2))
     failed = [r for r in results if r["exit_status"] != 0]
     print(f"{len(results) - len(failed)} of {len(results)} points done; "

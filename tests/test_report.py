@@ -59,7 +59,9 @@ def test_report_tabulates_and_plots_the_sweep(swept, tmp_path):
         assert cells[3] == f"{100 * summary['sparsity']:.2f}%" and abs(summary["sparsity"] - float(target)) < 0.01
         assert cells[4].startswith(f"{summary['compressed_bytes'] / 1e3:.1f} kB")
         assert cells[7] == "40"
-    assert "100000" not in text  # the failed points left no run to report
+    table, failed = text.split("**Failed sweep points**")
+    assert "100000" not in table  # the failed points left no run to report, but are listed
+    assert failed.count("train.batch_size=100000`: exit 2: error: train.batch_size=100000 is larger") == 2
     import matplotlib.image
     for name in ("training_curves", "accuracy_vs_sparsity", "accuracy_vs_size"):
         assert f"({name}.png)" in text
