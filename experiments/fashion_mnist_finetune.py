@@ -1,7 +1,7 @@
 """LeNet-300-100 fine-tuned on Fashion-MNIST from a 1-epoch MNIST model, head re-initialized.
 
 Command:  python -m jaxaccel.run exp=fashion_mnist_finetune
-Runtime:  ~16 s on a 2-core CPU (1 MNIST epoch, then 3 Fashion-MNIST epochs; whole command, warm caches)
+Runtime:  ~21 s on a 2-core CPU (1 MNIST epoch, then 3 Fashion-MNIST epochs; whole command, warm caches, under load)
 Accuracy: >= 85.0% test (measured 86.80%: 86.70, 86.73, 86.96 for seeds 0-2)
 
 With `init.from` unset, `init.pretrain` first trains `mnist_mlp` for one epoch into

@@ -11,7 +11,9 @@ Each point runs as ``python -m jaxaccel.run`` in a subprocess (a failing point c
 others down) into ``DIR/<key>=<value>[,...]`` (default DIR: ``runs/sweep_<exp>``), with its output
 in ``run.log`` there; ``DIR/sweep.json`` lists the points and their exit status. Then
 ``python -m jaxaccel.report DIR`` tabulates and plots them. All points are validated before the
-first runs. Exit status: 0 all points done, 2 bad command line or config, 1 a point failed.
+first runs. Running the same sweep again resumes each point from its checkpoints (a finished point
+is only evaluated and exported again). Exit status: 0 all points done, 2 bad command line or
+config, 1 a point failed.
 """
 from __future__ import annotations
 
