@@ -56,6 +56,8 @@ class TrainConfig(_Section):
     loop: Literal["auto", "scan", "unroll"] = Field(
         "auto", description="How steps_per_call steps are compiled: a device loop (scan) or unrolled; auto = measured default.")
     log_every_steps: StrictInt = Field(100, ge=1, description="Period of training lines in metrics.jsonl.")
+    tensorboard: Optional[bool] = Field(
+        None, description="TensorBoard event files beside metrics.jsonl: null = when tensorboardX is installed, true = required, false = never.")
 
 
 class OptimConfig(_Section):
@@ -98,7 +100,27 @@ class DistributedConfig(_Section):
 
 
 class InitConfig(_Section):
-    from_: Optional[str] = Field(None, alias="from", description="Checkpoint or export to start from.")
+    from_: Optional[str] = Field(None, alias="from", description="Run dir, checkpoint or export to start from (fine-tuning).")
+    include: list[str] = Field([".*"], description="Regexes over '/'-joined param paths loaded from init.from; the rest is re-initialized.")
+    freeze: list[str] = Field([], description="Regexes over param paths that get zero updates (left bit-identical by training).")
+    pretrain: Optional[str] = Field(
+        None, description="When init.from is unset: 'EXPERIMENT [key=value ...]' trained first into <workdir>/pretrained, then started from.")
+
+    @pydantic.field_validator("include", "freeze")
+    @classmethod
+    def _regexes(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{pattern!r} is not a regular expression ({e})") from None
+        return patterns
+
+    @pydantic.model_validator(mode="after")
+    def _needs_source(self) -> "InitConfig":
+        if self.include != [".*"] and self.from_ is None and self.pretrain is None:
+            raise ValueError("include chooses what init.from loads: set init.from (or init.pretrain)")
+        return self
 
 
 _DTYPE = Literal["float32", "bfloat16", "float16"]

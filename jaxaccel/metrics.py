@@ -1,36 +1,70 @@
-"""``metrics.jsonl`` writing and progress output.
+"""``metrics.jsonl`` writing, TensorBoard event files and progress output.
 
 A resumed run first drops the lines written after the checkpoint it resumes from, so the file has
-each step once, as if the run had never stopped.
+each step once, as if the run had never stopped. The TensorBoard events of a resumed run go to a
+new event file that starts with a purge marker at the resume step + 1 (``purge_step`` of
+tensorboardX): TensorBoard then hides the older events from that step on, so its curves show each
+step once too (a raw reader of the files sees both).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["MetricsWriter", "Progress"]
+__all__ = ["MetricsWriter", "Progress", "tensorboard_enabled"]
+
+
+def tensorboard_enabled(setting: bool | None) -> bool:
+    """Whether to write TensorBoard events for ``train.tensorboard``: null = when tensorboardX is
+    installed, true = required (an error if missing), false = never."""
+    if setting is False:
+        return False
+    available = importlib.util.find_spec("tensorboardX") is not None
+    if setting and not available:
+        from jaxaccel.config import ConfigError
+        raise ConfigError("train.tensorboard=true needs tensorboardX: pip install 'jaxaccel[tensorboard]' "
+                          "(or set train.tensorboard=null to write events only when it is installed)")
+    return available
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``path``."""
+    """Appends one JSON object per line to ``path`` and, with ``tensorboard``, each number of it as
+    a TensorBoard scalar ``<split>/<key>`` (split ``train`` for training lines) in the same folder."""
 
-    def __init__(self, path: str | Path, resume_step: int | None = None):
+    def __init__(self, path: str | Path, resume_step: int | None = None, tensorboard: bool = False):
         self.path = Path(path)
         lines = self.path.read_text().splitlines() if self.path.exists() and resume_step is not None else []
         kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= resume_step]
         self.path.write_text("".join(l + "\n" for l in kept))
         self._file: TextIO = self.path.open("a")
+        self._events = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            # The pid keeps a quick restart from reusing the previous file's name (seconds + host).
+            self._events = SummaryWriter(str(self.path.parent), filename_suffix=f".{os.getpid()}",
+                                         purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, allow_nan=True) + "\n")
         self._file.flush()
+        if self._events is not None:
+            split = record.get("split", "train")
+            for key, value in record.items():
+                if key not in ("step", "split") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._events.add_scalar(f"{split}/{key}", value, record["step"])
+            # Flushed per line, like the JSON: a killed run must not lose events before its checkpoint.
+            self._events.flush()
 
     def close(self) -> None:
         self._file.close()
+        if self._events is not None:
+            self._events.close()
 
 
 class Progress:

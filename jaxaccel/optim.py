@@ -1,11 +1,14 @@
 """Optimizers and learning-rate schedules from the config, all plain optax."""
 from __future__ import annotations
 
+import re
+
+import jax
 import optax
 
-from jaxaccel.config import OptimConfig
+from jaxaccel.config import ConfigError, OptimConfig
 
-__all__ = ["make_schedule", "make_optimizer"]
+__all__ = ["make_schedule", "make_optimizer", "freeze"]
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -40,3 +43,28 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     if cfg.grad_clip_norm:
         opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), opt)
     return opt
+
+
+def freeze(tx: optax.GradientTransformation, patterns: list[str] | tuple[str, ...]) -> optax.GradientTransformation:
+    """``tx`` for the parameters whose '/'-joined path matches none of ``patterns`` (``re.search``);
+    zero updates for the rest, which training therefore leaves bit-identical.
+
+    Built with ``optax.multi_transform``: ``tx`` sees only the trainable parameters (so gradient
+    clipping, weight decay and moments ignore the frozen ones), and the frozen ones get
+    ``optax.set_to_zero`` and no optimizer state. A pattern that matches nothing is an error.
+    """
+    if not patterns:
+        return tx
+    from jaxaccel.sparsity.masks import leaf_paths, prunable_tree
+
+    def labels(params):
+        frozen = prunable_tree(params, tuple(patterns))
+        flags = jax.tree.leaves(frozen)
+        for pattern in patterns:
+            if not any(re.search(pattern, p) for p in leaf_paths(params)):
+                raise ConfigError(f"init.freeze: {pattern!r} matches no parameter; paths: {', '.join(leaf_paths(params))}")
+        if all(flags):
+            raise ConfigError(f"init.freeze={list(patterns)} freezes every parameter: nothing would train")
+        return jax.tree.map(lambda f: "frozen" if f else "train", frozen)
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

@@ -23,14 +23,15 @@ import numpy as np
 from jaxaccel import compression
 from jaxaccel import data as data_lib
 from jaxaccel import export as export_lib
+from jaxaccel import finetune
 from jaxaccel import precision as prec
 from jaxaccel import sparsity
 from jaxaccel import step as step_lib
 from jaxaccel.checkpoint import Checkpointer
 from jaxaccel.config import Config, ConfigError
-from jaxaccel.metrics import MetricsWriter, Progress
+from jaxaccel.metrics import MetricsWriter, Progress, tensorboard_enabled
 from jaxaccel.models import build_model
-from jaxaccel.optim import make_optimizer
+from jaxaccel.optim import freeze, make_optimizer
 from jaxaccel.precision import NonFiniteError
 from jaxaccel.runtime import DistributedError, Preempted, PreemptionNotice, fault_point, init_distributed
 from jaxaccel.parallel import ReplicaMismatch, local_copy, make_parallel
@@ -120,39 +121,6 @@ def _create_state(model, tx, image_shape, key) -> step_lib.TrainState:
     return step_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
-def _load_init_params(path: str, target: Any, progress: Progress) -> Any:
-    """Parameters for fine-tuning from an export or a checkpoint: every path whose shape matches is
-    copied; the rest (e.g. a head for another number of classes) keeps its fresh initialisation."""
-    from flax import traverse_util
-    src = Path(path)
-    if (src / "model.json").exists() or (src / "export" / "model.json").exists():
-        source = export_lib.load(src).params
-    elif src.exists():
-        import orbax.checkpoint as ocp
-        ckpt_dir = src / "checkpoints" if (src / "checkpoints").exists() else src
-        with ocp.CheckpointManager(ckpt_dir.absolute()) as mngr:
-            if mngr.latest_step() is None:
-                raise ConfigError(f"init.from={path}: no checkpoint or export found there")
-            restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-        source = restored["state"]["params"]
-    else:
-        raise ConfigError(f"init.from={path}: no such file or directory")
-    src_flat = traverse_util.flatten_dict(source, sep="/")
-    out, kept, fresh = {}, [], []
-    for key, value in traverse_util.flatten_dict(target, sep="/").items():
-        if key in src_flat and tuple(src_flat[key].shape) == tuple(value.shape):
-            out[key] = jnp.asarray(src_flat[key], value.dtype)
-            kept.append(key)
-        else:
-            out[key] = value
-            fresh.append(key)
-    if not kept:
-        raise ConfigError(f"init.from={path}: no parameter path and shape matches this model")
-    if fresh:
-        progress.message(f"init.from: {len(kept)} tensors loaded; re-initialized (shape or path differs): {', '.join(fresh)}")
-    return traverse_util.unflatten_dict(out, sep="/")
-
-
 # ----------------------------------------------------------------------------------------------
 # The run.
 
@@ -165,6 +133,7 @@ class _Run:
         _enable_compilation_cache()
         self.workdir = Path(cfg.workdir or f"runs/{cfg.experiment or 'run'}")
         self.is_writer = jax.process_index() == 0
+        self.tensorboard = tensorboard_enabled(cfg.train.tensorboard)
         self.dataset = data_lib.load(cfg.data.name, cfg.data.dir, cfg.data.cache_dir)
         self.parallel = make_parallel(cfg.parallel.mode, cfg.parallel.fsdp)
         n_dev = self.parallel.size
@@ -179,11 +148,12 @@ class _Run:
         # a call finishes before the next is dispatched.
         self.serialize_calls = jax.default_backend() == "cpu" and jax.local_device_count() > 1
         self.model = build_model(cfg.model, self.dataset.num_classes, cfg.precision, cfg.quant)
-        # Sparsity wraps the whole optimizer (nothing may rescale updates after its masking).
-        # Loss scaling and the non-finite guard wrap everything (they skip whole steps).
-        self.tx = prec.with_precision(
+        # Sparsity wraps the whole optimizer (nothing may rescale updates after its masking);
+        # freezing wraps sparsity (a frozen weight is not even pruned). Loss scaling and the
+        # non-finite guard wrap everything (they skip whole steps).
+        self.tx = prec.with_precision(freeze(
             sparsity.make_sparsity(cfg.sparsity, make_optimizer(cfg.optim, self.plan.total_steps),
-                                   self.plan.total_steps, seed=cfg.seed), cfg.precision)
+                                   self.plan.total_steps, seed=cfg.seed), cfg.init.freeze), cfg.precision)
         root = jax.random.key(cfg.seed)
         self.init_key, self.data_key, self.step_key = (jax.random.fold_in(root, i) for i in range(3))
 
@@ -200,7 +170,8 @@ class _Run:
                 progress.message(f"warning: {note}")
             progress.message(f"resuming from checkpoint step {latest} in {self.workdir / 'checkpoints'}")
         elif self.cfg.init.from_:
-            params = _load_init_params(self.cfg.init.from_, state.params, progress)
+            params = finetune.load_init_params(self.cfg.init.from_, self.cfg.init.include, state.params,
+                                               progress.message)
             # Under jit, so every leaf is a fresh buffer (the train step donates them all).
             state = jax.jit(lambda s, p: s.replace(params=p, opt_state=self.tx.init(p)))(state, params)
         return self.parallel.put_state(state), latest or 0
@@ -293,6 +264,9 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict[str, Any]:
     from jaxaccel import experiments
     if cfg.experiment in experiments.names() and experiments.info(cfg.experiment).unavailable:
         raise ConfigError(f"experiment {cfg.experiment}: {experiments.info(cfg.experiment).unavailable}")
+    if cfg.init.pretrain and not cfg.init.from_:
+        cfg = finetune.pretrain(cfg, Path(cfg.workdir or f"runs/{cfg.experiment or 'run'}"),
+                                lambda text: print(text, flush=True))
     run = _Run(cfg, overrides)
     run.workdir.mkdir(parents=True, exist_ok=True)
     progress = Progress(run.plan.total_steps, 0, cfg.train.batch_size)
@@ -302,7 +276,8 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict[str, Any]:
         if hasattr(run, "checkpointer"):
             run.checkpointer.close()  # stop orbax's background work before the error propagates
         raise
-    writer = MetricsWriter(run.workdir / "metrics.jsonl", resume_step=step) if run.is_writer else None
+    writer = (MetricsWriter(run.workdir / "metrics.jsonl", resume_step=step, tensorboard=run.tensorboard)
+              if run.is_writer else None)
     try:
         if run.is_writer:
             run.write_config(state)

@@ -22,7 +22,7 @@ def test_override_sets_typed_fields():
         "init.from=/some/path", "workdir=2024"])
     assert cfg.train.epochs == 3 and cfg.optim.learning_rate == 0.01 and cfg.model.features == [64, 32]
     assert cfg.init.from_ == "/some/path" and cfg.workdir == "2024"
-    assert cfg.to_dict()["init"] == {"from": "/some/path"}
+    assert cfg.to_dict()["init"]["from"] == "/some/path"  # the public name, not from_
 
 
 def test_override_does_not_mutate_the_original():

@@ -1,0 +1,286 @@
+"""Results of runs as a Markdown table and PNG plots.
+
+    python -m jaxaccel.report RUN_DIR... [--out DIR]
+
+Each RUN_DIR is a run directory (it holds ``config.json``, ``metrics.jsonl`` and, once finished,
+``summary.json``) or any directory above runs, such as the one ``python -m jaxaccel.sweep``
+writes: it is searched for the runs inside. Writes into ``--out`` (default ``report``):
+
+- ``report.md``: one row per run (experiment, test accuracy, sparsity, compressed size, examples/s,
+  training seconds, steps), the failed points of a sweep, and the plots below;
+- ``training_curves.png``: training loss, and training and test accuracy, against the step;
+- ``accuracy_vs_sparsity.png`` and ``accuracy_vs_size.png``: final test accuracy against the
+  measured sparsity, and against the size of the dense fp32 / sparse / int8 / sparse+int8 forms of
+  each model (the ``compression`` entry of ``summary.json``, each with its measured accuracy).
+
+Needs matplotlib (``pip install 'jaxaccel[report]'``). Exit status: 0 done, 2 bad arguments or
+matplotlib missing, 1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Run", "find_runs", "load_run", "table", "failed_points", "plot", "main"]
+
+_FORMS = {"dense_fp32": ("dense fp32", "o"), "sparse": ("sparse", "s"), "int8": ("int8", "^"),
+          "sparse_int8": ("sparse+int8", "D")}
+
+
+@dataclasses.dataclass
+class Run:
+    """What one run directory holds; ``summary`` is empty for an unfinished run."""
+    path: Path
+    label: str
+    experiment: str
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "config.json").exists() or (path / "metrics.jsonl").exists()
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """The run directories named by ``paths``: each one itself if it is a run, else the runs under
+    it (not descending into a run, whose ``pretrained/`` belongs to it)."""
+    found = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such directory")
+        if _is_run(path):
+            found.append(path)
+            continue
+        for root, dirs, _ in os.walk(path):
+            dirs.sort()
+            if _is_run(Path(root)):
+                found.append(Path(root))
+                dirs.clear()
+    return found
+
+
+def load_run(path: Path, label: str | None = None) -> Run:
+    """Read one run directory (any of its three files may be missing)."""
+    def read_json(name):
+        file = path / name
+        return json.loads(file.read_text()) if file.exists() else {}
+    metrics_file = path / "metrics.jsonl"
+    lines = metrics_file.read_text().splitlines() if metrics_file.exists() else []
+    summary = read_json("summary.json")
+    experiment = read_json("config.json").get("experiment") or summary.get("experiment", "")
+    return Run(path, label or path.name, experiment, [json.loads(l) for l in lines if l.strip()], summary)
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    """Short unique names: the paths relative to their common parent."""
+    if len(paths) == 1:
+        return [paths[0].name or str(paths[0])]
+    common = Path(os.path.commonpath([p.resolve() for p in paths]))
+    return [str(p.resolve().relative_to(common)) or p.name for p in paths]
+
+
+# ---------------------------------------------------------------------------------------------
+# Table.
+
+def _bytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def table(runs: list[Run]) -> str:
+    """The Markdown table: one row per run, '-' where a finished run's summary is missing."""
+    rows = ["| run | experiment | test accuracy | sparsity | compressed size (dense fp32 / it) | examples/s | train s | steps |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for run in runs:
+        s = run.summary
+        if not s:
+            rows.append(f"| {run.label} | {run.experiment} | - (unfinished: no summary.json) | - | - | - | - | - |")
+            continue
+        size = (f"{_bytes(s['compressed_bytes'])} ({s['model_bytes'] / s['compressed_bytes']:.2f}x)"
+                if s.get("compressed_bytes") else "-")
+        rows.append(f"| {run.label} | {run.experiment} | {100 * s['test_accuracy']:.2f}% | "
+                    f"{100 * s['sparsity']:.2f}% | {size} | {s['examples_per_second']:,.0f} | "
+                    f"{s['train_seconds']:.1f} | {s['steps']} |")
+    return "\n".join(rows) + "\n"
+
+
+def failed_points(paths: list[str | Path]) -> str:
+    """Markdown lines for the failed points of the sweeps (``sweep.json``) among ``paths``."""
+    lines = []
+    for path in map(Path, paths):
+        if (path / "sweep.json").exists():
+            for point in json.loads((path / "sweep.json").read_text())["points"]:
+                if point["exit_status"]:
+                    log = Path(point["workdir"]) / "run.log"
+                    last = log.read_text().strip().splitlines()[-1:] if log.exists() else []
+                    lines.append(f"- `{' '.join(point.get('swept', point['overrides']))}`: exit {point['exit_status']}: "
+                                 f"{' '.join(last)} ({log})")
+    return "\n**Failed sweep points**\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots.
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError("jaxaccel.report draws its plots with matplotlib: pip install 'jaxaccel[report]'") from None
+
+
+def _figure(**kw):
+    """A figure outside pyplot: it renders to files with Agg and leaves pyplot's backend and figure
+    list alone (the report may run inside a notebook)."""
+    from matplotlib.figure import Figure
+    return Figure(**kw)
+
+
+def _colors(n: int) -> list:
+    import matplotlib
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "viridis"]
+    return [cmap(i if n <= 10 else i / max(n - 1, 1)) for i in range(n)]
+
+
+def _plain_log_ticks(axis) -> None:
+    """Ticks at 1, 2, 3, 5 x 10^k labelled as plain numbers (0.2, 500) instead of 2 x 10^-1."""
+    from matplotlib import ticker
+    axis.set_major_locator(ticker.LogLocator(subs=(1, 2, 3, 5)))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _training_curves(runs: list[Run], colors: list, path: Path) -> None:
+    fig = _figure(figsize=(12, 4.5))
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for run, color in zip(runs, colors):
+        train = [m for m in run.metrics if "split" not in m]
+        test = [m for m in run.metrics if m.get("split") == "test"]
+        ax_loss.plot([m["step"] for m in train], [m["loss"] for m in train], ".-", color=color, label=run.label)
+        if train and "accuracy" in train[0]:
+            ax_acc.plot([m["step"] for m in train], [100 * m["accuracy"] for m in train], ".-", color=color, alpha=0.6)
+        ax_acc.plot([m["step"] for m in test], [100 * m["accuracy"] for m in test], "o", color=color,
+                    markeredgecolor="black", label=run.label)
+    ax_loss.set(xlabel="step", ylabel="training loss (cross-entropy, log scale)", title="Training loss", yscale="log")
+    _plain_log_ticks(ax_loss.yaxis)
+    ax_acc.set(xlabel="step", ylabel="accuracy (%)", title="Accuracy: training (line), test (dots)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize="small", title="run", bbox_to_anchor=(1.02, 1), loc="upper left")
+    _save(fig, path)
+
+
+def _accuracy_vs_sparsity(runs: list[Run], colors: list, path: Path) -> None:
+    fig = _figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    done = [(r, c) for r, c in zip(runs, colors) if r.summary]
+    for experiment in {r.experiment for r, _ in done}:  # a line through each experiment's runs (a sweep)
+        points = sorted((100 * r.summary["sparsity"], 100 * r.summary["test_accuracy"])
+                        for r, _ in done if r.experiment == experiment)
+        if len(points) > 1:
+            ax.plot(*zip(*points), color="lightgray", zorder=1)
+    for run, color in done:
+        x, y = 100 * run.summary["sparsity"], 100 * run.summary["test_accuracy"]
+        ax.scatter(x, y, color=color, edgecolor="black", s=50, zorder=2, label=run.label)
+    ax.set(xlabel="sparsity: exact zeros in the prunable weights (%)", ylabel="test accuracy (%)",
+           title="Test accuracy vs sparsity")
+    ax.grid(alpha=0.3)
+    _legend_or_note(ax, bool(done), title="run", fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
+    _save(fig, path)
+
+
+def _accuracy_vs_size(runs: list[Run], colors: list, path: Path) -> None:
+    from matplotlib.lines import Line2D
+    fig = _figure(figsize=(8, 4.8))
+    ax = fig.subplots()
+    done = [(r, c) for r, c in zip(runs, colors) if r.summary]
+    for run, color in done:
+        forms = run.summary.get("compression") or {
+            "dense_fp32": {"bytes": run.summary["model_bytes"], "accuracy": run.summary["test_accuracy"]}}
+        exported = run.summary.get("compressed_bytes")
+        for form, entry in forms.items():
+            name, marker = _FORMS.get(form, (form, "x"))
+            # Hollow, so forms of equal size (dense and sparse of a dense model) stay visible.
+            ax.scatter(entry["bytes"] / 1e3, 100 * entry["accuracy"], marker=marker, s=60, zorder=2,
+                       facecolor="none", edgecolor=color, linewidth=1.5)
+        if exported:
+            ax.scatter(exported / 1e3, 100 * run.summary["test_accuracy"], marker="*", s=140, color=color,
+                       edgecolor="black", linewidth=0.5, zorder=3)
+    ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis)
+    ax.set(xlabel="model size (kB, log scale)", ylabel="test accuracy (%)",
+           title="Test accuracy vs size of each stored form")
+    ax.grid(alpha=0.3, which="both")
+    run_handles = [Line2D([], [], marker="o", linestyle="", color=c, markeredgecolor="black", label=r.label)
+                   for r, c in done]
+    form_handles = [Line2D([], [], marker=m, linestyle="", markerfacecolor="none", markeredgecolor="black",
+                           label=n) for n, m in _FORMS.values()]
+    form_handles.append(Line2D([], [], marker="*", linestyle="", color="gray", markersize=11,
+                               markeredgecolor="black", label="the exported form"))
+    if not done:
+        _legend_or_note(ax, False)
+        return _save(fig, path)
+    first = ax.legend(handles=run_handles, title="run", fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
+    ax.add_artist(first)
+    ax.legend(handles=form_handles, title="form (accuracy measured)", fontsize="small",
+              bbox_to_anchor=(1.02, 0), loc="lower left")
+    _save(fig, path)
+
+
+def _legend_or_note(ax, any_run: bool, **legend) -> None:
+    if any_run:
+        ax.legend(**legend)
+    else:
+        ax.text(0.5, 0.5, "no finished run (no summary.json)", transform=ax.transAxes, ha="center")
+
+
+def _save(fig, path: Path) -> None:
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight" keeps the legends outside the axes
+
+
+def plot(runs: list[Run], out: Path) -> list[Path]:
+    """Write the three PNGs into ``out``; returns their paths."""
+    _require_matplotlib()
+    colors = _colors(len(runs))
+    files = [out / "training_curves.png", out / "accuracy_vs_sparsity.png", out / "accuracy_vs_size.png"]
+    _training_curves(runs, colors, files[0])
+    _accuracy_vs_sparsity(runs, colors, files[1])
+    _accuracy_vs_size(runs, colors, files[2])
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m jaxaccel.report", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories holding runs")
+    parser.add_argument("--out", default="report", help="output directory (default: report)")
+    args = parser.parse_args(argv)
+    try:
+        _require_matplotlib()  # fail before reading anything
+        paths = find_runs(args.runs)
+    except (ImportError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not paths:
+        print(f"error: no run directories (with config.json or metrics.jsonl) in {', '.join(args.runs)}",
+              file=sys.stderr)
+        return 2
+    runs = [load_run(p, label) for p, label in zip(paths, _labels(paths))]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = table(runs) + failed_points(args.runs)
+    files = plot(runs, out)
+    images = "\n".join(f"![{f.stem.replace('_', ' ')}]({f.name})" for f in files)
+    (out / "report.md").write_text(f"# Runs\n\n{text}\n{images}\n")
+    print(text + f"\nwrote {out / 'report.md'} and {', '.join(f.name for f in files)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
