@@ -34,15 +34,26 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    name: str = Field("mnist", description="TFDS dataset name (mnist, fashion_mnist).")
+    name: str = Field("mnist", description="TFDS dataset name (mnist, fashion_mnist, cifar10, ag_news_subset, "
+                                           "imdb_reviews, speech_commands).")
     dir: Optional[str] = Field(None, description="TFDS data dir; default $TFDS_DATA_DIR, else TFDS's default.")
     cache_dir: Optional[str] = Field(
-        None, description="Where decoded uint8 arrays are cached; default $JAXACCEL_CACHE_DIR or ~/.cache/jaxaccel.")
+        None, description="Where decoded arrays are cached; default $JAXACCEL_CACHE_DIR or ~/.cache/jaxaccel.")
+    max_length: Optional[StrictInt] = Field(
+        None, ge=1, description="Text: tokens per example (default 128); audio: samples per example "
+                                "(default 16000, 1 s at 16 kHz). Longer inputs are cut, shorter padded with 0.")
 
 
 class ModelConfig(_Section):
-    name: Literal["mlp", "cnn"] = Field("mlp", description="Architecture: mlp (LeNet-300-100 style) or cnn (flax example CNN).")
+    name: Literal["mlp", "cnn", "resnet", "text_cnn", "kws_cnn"] = Field(
+        "mlp", description="Architecture: mlp (LeNet-300-100 style), cnn (flax example CNN), resnet (CIFAR "
+                           "ResNet-6n+2), text_cnn (token conv encoder), kws_cnn (log-mel + conv, keyword spotting).")
     features: list[StrictInt] = Field([300, 100], description="Hidden widths of the MLP.")
+    width: StrictInt = Field(16, ge=1, description="resnet/text_cnn/kws_cnn: channels of the first stage.")
+    depth: StrictInt = Field(3, ge=1, description="resnet: residual blocks per stage (3: ResNet-20); "
+                                                  "text_cnn/kws_cnn: conv layers.")
+    vocab_size: StrictInt = Field(32768, ge=16, description="text: hashed word vocabulary of the tokenizer "
+                                                            "(the embedding's rows).")
 
 
 class TrainConfig(_Section):
@@ -70,6 +81,18 @@ class OptimConfig(_Section):
     b2: float = Field(0.999, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0, description="Decoupled (adamw) or L2-added (others) weight decay.")
     grad_clip_norm: Optional[float] = Field(None, gt=0.0, description="Clip gradients to this global norm.")
+
+
+class AugmentConfig(_Section):
+    """Random image augmentation inside the compiled train step (off by default)."""
+    crop_padding: StrictInt = Field(0, ge=0, description="Pad by this many zero pixels, then crop back at a random offset.")
+    flip: bool = Field(False, description="Flip left-right with probability 1/2.")
+    rotate_degrees: float = Field(0.0, ge=0.0, le=180.0, description="Rotate by a uniform angle in [-d, d] degrees.")
+    scale: float = Field(0.0, ge=0.0, lt=1.0, description="Zoom by a uniform factor in [1-s, 1+s].")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.crop_padding or self.flip or self.rotate_degrees or self.scale)
 
 
 class CheckpointConfig(_Section):
@@ -202,6 +225,7 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    augment: AugmentConfig = AugmentConfig()
     optim: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     parallel: ParallelConfig = ParallelConfig()

@@ -1,22 +1,35 @@
-"""Datasets: TFDS by name, decoded once into uint8 arrays and cached on disk.
+"""Datasets: TFDS by name, decoded once into fixed-shape integer arrays and cached on disk.
 
 Reading goes through ``tfds.data_source`` (array_record random access), which needs no TensorFlow.
 Decoding 60k PNGs takes several seconds, so the decoded arrays are cached as ``.npy`` files keyed
 by the prepared files they came from; a later start memory-maps them in well under a second.
+
+The kind of input follows the dataset's features: images (MNIST, CIFAR) stay uint8 NHWC; text
+(``ag_news_subset``, ``imdb_reviews``) is tokenized at cache time into int32 ``[N, max_length]``
+(:mod:`jaxaccel.text`; several Text features are joined in key order); audio
+(``speech_commands``) becomes int16 ``[N, max_length]`` clips (:mod:`jaxaccel.audio`). The
+tokenizer settings are part of the cached files' names, so other settings never read stale arrays.
+
+Inside ``tfds.testing.mock_data`` (the tests of datasets this machine does not hold) the same code
+reads TFDS's generated examples; nothing is cached then.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
+import importlib.util
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["Dataset", "DataError", "load", "resolve_data_dir"]
+__all__ = ["Dataset", "Decoding", "DataError", "load", "resolve_data_dir"]
 
 
 class DataError(RuntimeError):
@@ -25,7 +38,9 @@ class DataError(RuntimeError):
 
 @dataclass(frozen=True)
 class Dataset:
-    """A labelled image dataset held as host uint8 arrays (NHWC) and int32 labels."""
+    """A labelled dataset held as host arrays and int32 labels. The input fields keep their
+    historical ``images`` names for every kind: uint8 images [N, H, W, C], int32 tokens [N, L] or
+    int16 audio [N, T]."""
     name: str
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -35,7 +50,28 @@ class Dataset:
 
     @property
     def image_shape(self) -> tuple[int, ...]:
+        """The shape of one input (without the batch axis)."""
         return tuple(self.train_images.shape[1:])
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        return self.train_images.dtype
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How text and audio examples become fixed-shape arrays (images need no settings)."""
+    vocab_size: int = 32768           # text: hashed word vocabulary
+    max_length: int | None = None     # tokens (default 128) or samples (default 16000: 1 s at 16 kHz)
+
+    def length(self, kind: str) -> int:
+        return self.max_length or {"text": 128, "audio": 16000}[kind]
+
+    def suffix(self, kind: str) -> str:
+        """Part of the cached file names: arrays decoded with other settings are other files."""
+        if kind == "text":
+            return f"-words{self.vocab_size}x{self.length(kind)}"
+        return f"-int16x{self.length(kind)}" if kind == "audio" else ""
 
 
 def resolve_data_dir(data_dir: str | None) -> Path:
@@ -53,8 +89,17 @@ def _cache_root(cache_dir: str | None) -> Path:
     return Path(root).expanduser()
 
 
-def _prepared_version_dir(name: str, data_dir: Path) -> Path:
-    """The newest prepared version of ``name`` (``<dir>/<name>/<version>/dataset_info.json``).
+def _tfds_mocked() -> bool:
+    """Whether ``tfds.testing.mock_data`` is active: TFDS then generates examples from the
+    dataset's code and nothing needs to be on disk (it is imported by then if it is active)."""
+    tfds = sys.modules.get("tensorflow_datasets")
+    source = getattr(getattr(getattr(tfds, "core", None), "DatasetBuilder", None), "as_data_source", None)
+    return getattr(source, "__module__", "").startswith("tensorflow_datasets.testing")
+
+
+def _prepared_version_dir(name: str, data_dir: Path) -> Path | None:
+    """The newest prepared version of ``name`` (``<dir>/<name>/<version>/dataset_info.json``);
+    None under ``tfds.testing.mock_data``, which needs none.
 
     Checked here rather than left to TFDS: for absent data TFDS either retries downloads for
     minutes or raises a misleading NotImplementedError about the TFRECORD format.
@@ -64,6 +109,8 @@ def _prepared_version_dir(name: str, data_dir: Path) -> Path:
     prepared = [p.parent for p in candidates if any(p.parent.glob("*.array_record*"))]
     if prepared:
         return prepared[-1]
+    if _tfds_mocked():
+        return None
     present = sorted(p.parent.parent.name for p in data_dir.glob("*/*/dataset_info.json"))
     have = f" That dir holds: {', '.join(present)}." if present else ""
     raise DataError(
@@ -78,19 +125,74 @@ def _fingerprint(version_dir: Path) -> str:
     return hashlib.sha256(json.dumps([str(version_dir.resolve()), stats]).encode()).hexdigest()[:16]
 
 
-def _decode_split(name: str, split: str, data_dir: Path) -> tuple[np.ndarray, np.ndarray, int]:
-    import tensorflow_datasets as tfds  # imported late: it is slow and only needed on a cache miss
+@contextlib.contextmanager
+def _audio_without_tensorflow():
+    """TFDS's Audio feature asks TensorFlow for a dtype when it is built, which fails without
+    TensorFlow although reading NumPy records never uses it (tensorflow/datasets#11233). Without
+    TensorFlow, build it with the NumPy dtype instead, for the duration of the read only."""
+    if importlib.util.find_spec("tensorflow") is not None:
+        yield
+        return
+    from unittest import mock
 
-    source = tfds.data_source(name, split=split, data_dir=str(data_dir), download=False)
+    from tensorflow_datasets.core.features import audio_feature
+
+    def init(self, file_format, np_dtype, shape):
+        self._file_format, self._np_dtype, self._dtype, self._shape = file_format, np_dtype, np_dtype, shape
+        self._channels = shape[1] if len(shape) > 1 else 1
+
+    with mock.patch.object(audio_feature._AudioDecoder, "__init__", init):
+        yield
+
+
+def _read_records(source: Any) -> list[dict[str, Any]]:
     n = len(source)
+    if _tfds_mocked():  # the mock's __getitems__ lacks its `self` (tfds 4.9); single reads work
+        return [source[i] for i in range(n)]
     chunks = [range(i, min(i + 5000, n)) for i in range(0, n, 5000)]
     # PIL releases the GIL while decoding, so threads give a real speed-up.
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        records = [r for chunk in pool.map(lambda c: source.__getitems__(list(c)), chunks) for r in chunk]
-    images = np.stack([r["image"] for r in records]).astype(np.uint8)
+        return [r for chunk in pool.map(lambda c: source.__getitems__(list(c)), chunks) for r in chunk]
+
+
+def _kind(features: Any) -> tuple[str, list[str]]:
+    """("image" | "text" | "audio", the input feature keys) from a TFDS FeaturesDict."""
+    types = {key: type(f).__name__ for key, f in features.items() if key != "label"}
+    for kind, type_name in (("image", "Image"), ("audio", "Audio")):
+        keys = [k for k, t in types.items() if t == type_name]
+        if keys:
+            return kind, keys[:1]
+    texts = sorted(k for k, t in types.items() if t == "Text")
+    if texts:
+        return "text", texts
+    raise DataError(f"no image, audio or text feature among {sorted(types)}: jaxaccel cannot train on it")
+
+
+def _decode_split(name: str, split: str, data_dir: Path,
+                  decoding: Decoding = Decoding()) -> tuple[np.ndarray, np.ndarray, int, str]:
+    """(inputs, int32 labels, number of classes, kind) of one split."""
+    import tensorflow_datasets as tfds  # imported late: it is slow and only needed on a cache miss
+
+    from jaxaccel import audio, text
+
+    with _audio_without_tensorflow():
+        source = tfds.data_source(name, split=split, data_dir=str(data_dir), download=False)
+        records = _read_records(source)
+        features = source.dataset_info.features
+    kind, keys = _kind(features)
+    if kind == "image":
+        inputs = np.stack([r[keys[0]] for r in records]).astype(np.uint8)
+    elif kind == "audio":
+        inputs = audio.fix_length([r[keys[0]] for r in records], decoding.length(kind))
+    else:
+        joined = (" ".join(_as_str(r[k]) for k in keys) for r in records)
+        inputs = text.tokenize(joined, decoding.vocab_size, decoding.length(kind))
     labels = np.asarray([r["label"] for r in records], np.int32)
-    num_classes = source.dataset_info.features["label"].num_classes
-    return images, labels, num_classes
+    return inputs, labels, features["label"].num_classes, kind
+
+
+def _as_str(value: Any) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
@@ -99,19 +201,28 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
     os.replace(f.name, path)
 
 
-def load(name: str, data_dir: str | None = None, cache_dir: str | None = None) -> Dataset:
-    """Load TFDS dataset ``name`` (train and test splits) as uint8 arrays, via the on-disk cache."""
+def load(name: str, data_dir: str | None = None, cache_dir: str | None = None,
+         decoding: Decoding = Decoding()) -> Dataset:
+    """Load TFDS dataset ``name`` (train and test splits) as integer arrays, via the on-disk cache."""
     root = resolve_data_dir(data_dir)
     version_dir = _prepared_version_dir(name, root)
+    if version_dir is None:  # mock data: decode every time, never cache generated examples
+        (x, y, num_classes, _), (tx, ty, _, _) = (_decode_split(name, s, root, decoding) for s in ("train", "test"))
+        return Dataset(name, x, y, tx, ty, num_classes)
     cache = _cache_root(cache_dir) / "data" / f"{name}-{version_dir.name}-{_fingerprint(version_dir)}"
-    meta = cache / "meta.json"
-    if not meta.exists():
+    meta_path = cache / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    # Caches written before text and audio existed hold images and have no "kind".
+    suffix = decoding.suffix(meta.get("kind", "image")) if meta else None
+    if meta is None or not (cache / f"test_images{suffix}.npy").exists():
         cache.mkdir(parents=True, exist_ok=True)
-        num_classes = 0
         for split in ("train", "test"):
-            images, labels, num_classes = _decode_split(name, split, root)
-            _atomic_save(cache / f"{split}_images.npy", images)
+            inputs, labels, num_classes, kind = _decode_split(name, split, root, decoding)
+            suffix = decoding.suffix(kind)
+            _atomic_save(cache / f"{split}_images{suffix}.npy", inputs)
             _atomic_save(cache / f"{split}_labels.npy", labels)
-        meta.write_text(json.dumps({"name": name, "num_classes": num_classes, "source": str(version_dir)}))
-    arrays = {f"{s}_{k}": np.load(cache / f"{s}_{k}.npy") for s in ("train", "test") for k in ("images", "labels")}
-    return Dataset(name=name, num_classes=json.loads(meta.read_text())["num_classes"], **arrays)
+        meta = {"name": name, "num_classes": num_classes, "source": str(version_dir), "kind": kind}
+        meta_path.write_text(json.dumps(meta))
+    arrays = {f"{s}_{k}": np.load(cache / f"{s}_{k}{suffix if k == 'images' else ''}.npy")
+              for s in ("train", "test") for k in ("images", "labels")}
+    return Dataset(name=name, num_classes=meta["num_classes"], **arrays)

@@ -2,7 +2,9 @@
 
 An experiment file holds a docstring (first line: the summary; then ``Command:``, ``Runtime:`` and
 ``Accuracy:`` lines that tests and benchmarks hold the code to) and a ``config`` dict with the
-fields it changes from the :class:`~jaxaccel.config.Config` defaults. An experiment that cannot run
+fields it changes from the :class:`~jaxaccel.config.Config` defaults. An Accuracy line that starts
+with "not measured here:" gives the reason instead of a floor (e.g. the dataset is not on the
+machine the numbers come from); tests report such experiments as skipped with that reason. An experiment that cannot run
 yet may define ``unavailable = "why"``; the registry refuses it with that message.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ class ExperimentInfo:
     expected_accuracy: float | None  # the ">= X%" floor of the Accuracy line, as a fraction
     expected_sparsity: float | None  # the "at >= X% sparsity" floor (or "at X% ... sparsity"), if any
     unavailable: str | None
+    not_measured: str | None = None  # why the Accuracy line has no floor ("not measured here: why")
 
 
 def names() -> list[str]:
@@ -64,7 +67,13 @@ def info(name: str) -> ExperimentInfo:
         command=_docline(doc, "Command"), runtime=_docline(doc, "Runtime"), accuracy=accuracy,
         expected_accuracy=float(floor.group(1)) / 100 if floor else None,
         expected_sparsity=float(sparse.group(1)) / 100 if sparse else None,
-        unavailable=getattr(module, "unavailable", None))
+        unavailable=getattr(module, "unavailable", None),
+        not_measured=_not_measured(accuracy))
+
+
+def _not_measured(accuracy: str) -> str | None:
+    match = re.match(r"not measured here:\s*(.+)", accuracy)
+    return match.group(1).strip() if match else None
 
 
 def get(name: str) -> Config:

@@ -13,8 +13,9 @@ An export directory holds:
 
 ``load(path)`` reads the compressed form. It returns an :class:`ExportedModel`: ``.params`` is a
 nested dict of NumPy arrays (int8 kernels for a quantized export, ``.scales`` beside them) and
-calling it on uint8 images ``[N, H, W, C]`` returns logits ``[N, num_classes]``, computed with
-int32 accumulation for int8 exports.
+calling it on inputs of the model's dtype and shape (``input_dtype`` and ``image_shape`` in
+model.json: uint8 images ``[N, H, W, C]``, int32 tokens ``[N, L]`` or int16 audio ``[N, T]``)
+returns logits ``[N, num_classes]``, computed with int32 accumulation for int8 exports.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def save(directory: str | Path, params: Any, *, model: dict[str, Any], num_classes: int,
-         image_shape: tuple[int, ...], precision: dict[str, Any] | None = None,
+         image_shape: tuple[int, ...], input_dtype: str = "uint8", precision: dict[str, Any] | None = None,
          quant: dict[str, Any] | None = None) -> tuple[int, str]:
     """Write the export; returns (``compressed_bytes``, the size of the compressed arrays; the form)."""
     from jaxaccel.sparsity import export as sparse_export
@@ -85,7 +86,7 @@ def save(directory: str | Path, params: Any, *, model: dict[str, Any], num_class
     (directory / "model.json").write_text(json.dumps({
         "format_version": FORMAT_VERSION, "form": form, "model": model,
         "precision": precision, "quant": quant if quantized else None, "num_classes": num_classes,
-        "image_shape": list(image_shape), "tensors": tensors}, indent=1))
+        "image_shape": list(image_shape), "input_dtype": input_dtype, "tensors": tensors}, indent=1))
     return sparse_export.nbytes(arrays), form
 
 
@@ -116,8 +117,10 @@ class ExportedModel:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
-        if images.dtype != np.uint8 or images.shape[1:] != tuple(self.meta["image_shape"]):
-            raise ValueError(f"expected uint8 images of shape [N, {', '.join(map(str, self.meta['image_shape']))}], "
+        dtype = self.meta.get("input_dtype", "uint8")  # exports from before text and audio: images
+        if images.dtype != np.dtype(dtype) or images.shape[1:] != tuple(self.meta["image_shape"]):
+            what = "images" if dtype == "uint8" else "inputs"
+            raise ValueError(f"expected {dtype} {what} of shape [N, {', '.join(map(str, self.meta['image_shape']))}], "
                              f"got {images.dtype} {images.shape}")
         return np.asarray(self._apply(self.params, self.scales, images))
 

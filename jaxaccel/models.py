@@ -1,5 +1,6 @@
-"""Flax models. Inputs are uint8 images [N, H, W, C]; scaling to [0, 1] happens inside the model,
-so the dataset stays uint8 on the device (4x less memory and host-to-device traffic).
+"""Flax models. Inputs are uint8 images [N, H, W, C] (int32 tokens [N, L] for text_cnn, int16 audio
+[N, T] for kws_cnn); scaling to floats happens inside the model, so the dataset stays in its compact
+integer form on the device (4x less memory and host-to-device traffic).
 
 Every Dense/Conv takes its dtype, dot/conv op and fake quantization from the precision policy
 and the QAT config (:func:`jaxaccel.precision.layer_kwargs`); with neither set it is plain fp32.
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from jaxaccel import precision as prec
 from jaxaccel.config import ModelConfig, PrecisionConfig, QuantConfig
 
-__all__ = ["MLP", "CNN", "build_model"]
+__all__ = ["MLP", "CNN", "ResNet", "TextCNN", "KWSCNN", "build_model"]
 
 
 def _to_float(images: jnp.ndarray) -> jnp.ndarray:
@@ -75,4 +76,98 @@ def build_model(cfg: ModelConfig, num_classes: int, precision: PrecisionConfig |
         return MLP(features=tuple(cfg.features), num_classes=num_classes, precision=precision, quant=quant)
     if cfg.name == "cnn":
         return CNN(num_classes=num_classes, precision=precision, quant=quant)
+    if cfg.name in _APPLICATION_MODELS:
+        return _APPLICATION_MODELS[cfg.name](num_classes=num_classes, width=cfg.width, depth=cfg.depth,
+                                             precision=precision, quant=quant,
+                                             **({"vocab_size": cfg.vocab_size} if cfg.name == "text_cnn" else {}))
     raise ValueError(f"unknown model {cfg.name!r}")  # unreachable: the schema restricts the name
+
+
+# ---------------------------------------------------------------------------------------------
+# Models of the other applications: CIFAR images, text, keyword spotting. Every layer is a named
+# top-level nn.Dense/nn.Conv, so precision, QAT, int8 export and sparsity treat them like the above.
+
+def _group_norm(channels: int, name: str) -> nn.GroupNorm:
+    # Group norm instead of batch norm: the train state holds parameters only, no batch statistics.
+    return nn.GroupNorm(num_groups=min(8, channels), name=name)
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet-(6n+2) (He et al. 2016, section 4.2): a 3x3 conv, three stages of ``depth``
+    basic blocks with ``width``, 2x and 4x channels (stride 2 into stages 2 and 3, 1x1 projection
+    shortcuts), global average pool, Dense. depth=3 is ResNet-20. Group norm, not batch norm."""
+    num_classes: int = 10
+    width: int = 16
+    depth: int = 3
+    precision: Optional[PrecisionConfig] = None
+    quant: Optional[QuantConfig] = None
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
+        conv = lambda c, name, k=(3, 3), s=1: nn.Conv(c, k, strides=s, use_bias=False, name=name,
+                                                      **_layer_kw(self, "conv", name, quant_enabled))
+        x = _to_float(images) - 0.5
+        x = nn.relu(_group_norm(self.width, "Norm_0")(conv(self.width, "Conv_0")(x)))
+        for stage in range(3):
+            channels = self.width * 2 ** stage
+            for block in range(self.depth):
+                name, stride = f"Stage{stage}_Block{block}", 2 if stage and not block else 1
+                y = nn.relu(_group_norm(channels, f"{name}_Norm_0")(conv(channels, f"{name}_Conv_0", s=stride)(x)))
+                y = _group_norm(channels, f"{name}_Norm_1")(conv(channels, f"{name}_Conv_1")(y))
+                if stride != 1 or x.shape[-1] != channels:
+                    x = conv(channels, f"{name}_Shortcut", k=(1, 1), s=stride)(x)
+                x = nn.relu(x + y)
+        x = jnp.mean(x, axis=(1, 2))
+        return _output(self, nn.Dense(self.num_classes, name="Dense_0",
+                                      **_layer_kw(self, "dense", "Dense_0", quant_enabled))(x))
+
+
+class TextCNN(nn.Module):
+    """Token ids [N, L] (0 = padding) -> embedding (``width``) -> ``depth`` 1-D convolutions of
+    width 5 with ReLU -> max over the real tokens -> Dense."""
+    num_classes: int = 4
+    vocab_size: int = 32768
+    width: int = 64
+    depth: int = 2
+    precision: Optional[PrecisionConfig] = None
+    quant: Optional[QuantConfig] = None
+
+    @nn.compact
+    def __call__(self, tokens: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
+        dtype = prec.DTYPES[self.precision.compute] if self.precision else jnp.float32
+        x = nn.Embed(self.vocab_size, self.width, dtype=dtype, name="Embed_0")(tokens)
+        for i in range(self.depth):
+            name = f"Conv_{i}"
+            x = nn.relu(nn.Conv(self.width, (5,), name=name, **_layer_kw(self, "conv", name, quant_enabled))(x))
+        # ReLU outputs are >= 0, so zeroing the padding positions leaves the max over real tokens.
+        x = jnp.max(jnp.where((tokens != 0)[..., None], x, 0), axis=1)
+        return _output(self, nn.Dense(self.num_classes, name="Dense_0",
+                                      **_layer_kw(self, "dense", "Dense_0", quant_enabled))(x))
+
+
+class KWSCNN(nn.Module):
+    """Keyword spotting: int16 audio [N, T] -> log-mel features (:func:`jaxaccel.audio.log_mel`,
+    float32, normalised per clip) -> ``depth`` x (3x3 conv + ReLU + 2x2 max pool), channels
+    ``width`` doubling up to 4x -> global average pool -> Dense."""
+    num_classes: int = 12
+    width: int = 16
+    depth: int = 3
+    precision: Optional[PrecisionConfig] = None
+    quant: Optional[QuantConfig] = None
+
+    @nn.compact
+    def __call__(self, clips: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
+        from jaxaccel import audio
+        feats = audio.log_mel(clips)
+        mean, std = feats.mean(axis=(1, 2), keepdims=True), feats.std(axis=(1, 2), keepdims=True)
+        x = ((feats - mean) / (std + 1e-5))[..., None]
+        for i in range(self.depth):
+            name = f"Conv_{i}"
+            x = nn.Conv(self.width * 2 ** min(i, 2), (3, 3), name=name, **_layer_kw(self, "conv", name, quant_enabled))(x)
+            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        x = jnp.mean(x, axis=(1, 2))
+        return _output(self, nn.Dense(self.num_classes, name="Dense_0",
+                                      **_layer_kw(self, "dense", "Dense_0", quant_enabled))(x))
+
+
+_APPLICATION_MODELS = {"resnet": ResNet, "text_cnn": TextCNN, "kws_cnn": KWSCNN}

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from jaxaccel import augment as augment_lib
 from jaxaccel import precision as prec
 
 __all__ = ["TrainState", "cross_entropy", "train_step", "eval_step", "make_train_steps", "make_eval"]
@@ -38,8 +39,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                label_smoothing: float = 0.0, axis_name: str | None = None,
                penalty: Callable[[Any], jax.Array] | None = None, precision: Any = None,
-               quant_start_step: int | None = None) -> tuple[TrainState, Metrics]:
-    """One optimizer step on ``batch`` ({"image": uint8 [B,H,W,C], "label": int32 [B]}).
+               quant_start_step: int | None = None, augment: Any = None) -> tuple[TrainState, Metrics]:
+    """One optimizer step on ``batch`` ({"image": inputs [B, ...], "label": int32 [B]}).
+
+    Inputs are uint8 images [B,H,W,C], int32 tokens [B,L] or int16 audio [B,T]; the model turns
+    them into floats, so the dataset stays in its compact integer form on the device.
 
     ``axis_name``: under pmap, the device axis over which gradients and metrics are averaged
     (under jit with a sharded batch the compiler inserts that reduction itself), so the
@@ -49,18 +53,25 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     ``precision``: a PrecisionConfig whose ``include``-d params are cast for the forward pass
     (the float32 master weights get float32 gradients through the cast).
     ``quant_start_step``: QAT models fake-quantize from this step on.
+    ``augment``: an AugmentConfig; images are randomly augmented with keys drawn from ``rng``
+    (under pmap folded with the device index, so the devices' slices get different draws).
     The loss is multiplied by the loss scale found in the optimizer state (1 without scaling);
     the optimizer's loss-scaling wrapper unscales the gradients and skips non-finite steps.
     """
-    chex.assert_rank(batch["image"], 4)
-    chex.assert_type([batch["image"], batch["label"]], [jnp.uint8, jnp.int32])
-    del rng  # reserved for dropout and augmentation; derived per step from (seed, step)
+    chex.assert_rank(batch["label"], 1)
+    chex.assert_type(batch["label"], jnp.int32)
+    if batch["image"].dtype not in (jnp.uint8, jnp.int32, jnp.int16):
+        raise TypeError(f"inputs must be uint8 images, int32 tokens or int16 audio, got {batch['image'].dtype}")
+    images = batch["image"]
+    if augment is not None and augment.enabled:
+        key = jax.random.fold_in(rng, jax.lax.axis_index(axis_name)) if axis_name is not None else rng
+        images = augment_lib.augment(augment, key, images)
     model_kwargs = {} if quant_start_step is None else {"quant_enabled": state.step >= quant_start_step}
 
     def loss_fn(params):
         compute_params = prec.cast_params(params, precision) if precision is not None else params
-        logits = state.apply_fn({"params": compute_params}, batch["image"], **model_kwargs)
-        chex.assert_shape(logits, (batch["image"].shape[0], None))
+        logits = state.apply_fn({"params": compute_params}, images, **model_kwargs)
+        chex.assert_shape(logits, (images.shape[0], None))
         loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
         extra = penalty(params) if penalty is not None else jnp.zeros((), jnp.float32)
         return prec.scale_loss(loss + extra, state.opt_state), (loss, extra, logits)

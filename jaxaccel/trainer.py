@@ -42,7 +42,11 @@ __all__ = ["train", "NonFiniteError", "Preempted", "DistributedError", "ReplicaM
 # Measured with XLA:CPU (benchmarks/README.md): convolutions lose their fast kernels inside a device
 # loop (the CNN ran 13-14x slower), so the CNN runs unrolled blocks; 10 steps run as fast as 20 and
 # compile in half the time. The MLP is fastest as a device loop (unrolling only adds compile time).
-_CPU_LOOP = {"mlp": ("scan", None), "cnn": ("unroll", 10)}
+_CPU_LOOP = {"mlp": ("scan", None), "cnn": ("unroll", 10),
+             # Step speed not measured for these (their datasets are not on the dev machine); a device
+             # loop because unrolling 10 ResNet steps compiled in 190 s against 16 s (4-channel
+             # ResNet-8, under load). train.loop=unroll is there to try.
+             "resnet": ("scan", None), "text_cnn": ("scan", None), "kws_cnn": ("scan", None)}
 
 
 def default_loop(model_name: str, backend: str) -> tuple[str, int | None]:
@@ -116,8 +120,8 @@ def _pad_to(images: np.ndarray, labels: np.ndarray, multiple: int):
 # ----------------------------------------------------------------------------------------------
 # Model state and initialisation.
 
-def _create_state(model, tx, image_shape, key) -> step_lib.TrainState:
-    params = model.init(key, jnp.zeros((1, *image_shape), jnp.uint8))["params"]
+def _create_state(model, tx, image_shape, key, dtype=np.uint8) -> step_lib.TrainState:
+    params = model.init(key, jnp.zeros((1, *image_shape), dtype))["params"]
     return step_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
@@ -134,7 +138,8 @@ class _Run:
         self.workdir = Path(cfg.workdir or f"runs/{cfg.experiment or 'run'}")
         self.is_writer = jax.process_index() == 0
         self.tensorboard = tensorboard_enabled(cfg.train.tensorboard)
-        self.dataset = data_lib.load(cfg.data.name, cfg.data.dir, cfg.data.cache_dir)
+        self.dataset = data_lib.load(cfg.data.name, cfg.data.dir, cfg.data.cache_dir,
+                                     data_lib.Decoding(cfg.model.vocab_size, cfg.data.max_length))
         self.parallel = make_parallel(cfg.parallel.mode, cfg.parallel.fsdp)
         n_dev = self.parallel.size
         for key in ("batch_size", "eval_batch_size"):
@@ -159,7 +164,8 @@ class _Run:
 
     # -- state -----------------------------------------------------------------------------------
     def initial_state(self, progress: Progress) -> tuple[step_lib.TrainState, int]:
-        create = functools.partial(_create_state, self.model, self.tx, self.dataset.image_shape)
+        create = functools.partial(_create_state, self.model, self.tx, self.dataset.image_shape,
+                                   dtype=self.dataset.input_dtype)
         # The restore target carries the shardings a checkpoint is read into.
         state = self.parallel.create_state(create, self.init_key)
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", self.cfg.checkpoint.max_to_keep)
@@ -186,7 +192,8 @@ class _Run:
             step_lib.train_step, label_smoothing=self.cfg.train.label_smoothing, axis_name=axis,
             penalty=functools.partial(sparsity.penalty, self.cfg.sparsity) if uses_penalty else None,
             precision=self.cfg.precision if self.cfg.precision.params != "float32" else None,
-            quant_start_step=self.cfg.quant.start_step if self.cfg.quant.mode == "qat" else None)
+            quant_start_step=self.cfg.quant.start_step if self.cfg.quant.mode == "qat" else None,
+            augment=self.cfg.augment if self.cfg.augment.enabled else None)
         kw = dict(batch_size=self.cfg.train.batch_size, batch_sharding=par.batch_sharding,
                   step_key=self.step_key, axis_name=axis)
         args = (state, images, labels, self.epoch_perm(0), np.int32(0), np.int32(1))
@@ -201,7 +208,7 @@ class _Run:
     def evaluate(self, params, test) -> dict[str, float]:
         """Test-split metric sums, one compiled call per eval batch, summed on device."""
         sums = []
-        for i in range(test[0].shape[-4] // self.cfg.train.eval_batch_size):
+        for i in range(test[1].shape[-1] // self.cfg.train.eval_batch_size):  # labels: [N] or [devices, N]
             sums.append(self.eval_one(params, *test, np.int32(i)))
             if self.serialize_calls:  # one multi-device call in flight at a time (see __init__)
                 jax.block_until_ready(sums[-1])
@@ -413,7 +420,8 @@ def _finish(run: _Run, state, timings: dict[str, float], last_eval: dict[str, fl
         precision = cfg.precision.model_dump() if cfg.precision != type(cfg.precision)() else None
         summary["compressed_bytes"], summary["export_form"] = export_lib.save(
             run.workdir / "export", params, model=cfg.model.model_dump(), num_classes=ds.num_classes,
-            image_shape=ds.image_shape, precision=precision, quant=cfg.quant.model_dump())
+            image_shape=ds.image_shape, input_dtype=ds.input_dtype.name, precision=precision,
+            quant=cfg.quant.model_dump())
         plain = build_model(cfg.model, ds.num_classes)
         summary["compression"] = compression.report(params, plain, ds.test_images, ds.test_labels, cfg.quant)
         (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -18,7 +18,9 @@ def test_every_experiment_validates_and_documents_itself(name):
     info = jaxaccel.experiments.info(name)
     assert info.summary and info.command == f"python -m jaxaccel.run exp={name}"
     assert info.runtime and info.accuracy
-    if info.unavailable is None:
+    if info.not_measured is not None:  # no floor: the docstring must say why
+        assert info.expected_accuracy is None and len(info.not_measured) > 20
+    elif info.unavailable is None:
         assert 0.5 < info.expected_accuracy <= 1.0
 
 
