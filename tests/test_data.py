@@ -73,3 +73,24 @@ def test_absent_dataset_names_dataset_dir_and_fix(tmp_path):
 def test_unknown_dataset_lists_what_the_dir_holds():
     with pytest.raises(data.DataError, match="That dir holds: fashion_mnist, mnist"):
         data.load("cifar10")
+
+
+def test_text_caches_are_named_by_their_tokenizer_settings(tmp_path, monkeypatch):
+    """Arrays decoded with other tokenizer settings are other files: a changed setting decodes
+    again instead of reading stale tokens, an unchanged one reads the cache."""
+    calls = []
+
+    def fake_text(name, split, root, decoding):
+        calls.append((split, decoding.vocab_size, decoding.length("text")))
+        tokens = np.full((4, decoding.length("text")), decoding.vocab_size - 1, np.int32)
+        return tokens, np.zeros(4, np.int32), 4, "text"
+
+    monkeypatch.setattr(data, "_decode_split", fake_text)
+    first = data.load("mnist", cache_dir=str(tmp_path), decoding=data.Decoding(100, 8))
+    again = data.load("mnist", cache_dir=str(tmp_path), decoding=data.Decoding(100, 8))
+    other = data.load("mnist", cache_dir=str(tmp_path), decoding=data.Decoding(200, 16))
+    assert calls == [("train", 100, 8), ("test", 100, 8), ("train", 200, 16), ("test", 200, 16)]
+    assert first.train_images.shape == again.train_images.shape == (4, 8) and again.train_images.max() == 99
+    assert other.train_images.shape == (4, 16) and other.train_images.max() == 199
+    names = sorted(p.name for p in next((tmp_path / "data").iterdir()).iterdir())
+    assert "train_images-words100x8.npy" in names and "test_images-words200x16.npy" in names
