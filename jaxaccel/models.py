@@ -92,15 +92,23 @@ def _group_norm(channels: int, name: str) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=min(8, channels), name=name)
 
 
-class ResNet(nn.Module):
-    """CIFAR ResNet-(6n+2) (He et al. 2016, section 4.2): a 3x3 conv, three stages of ``depth``
-    basic blocks with ``width``, 2x and 4x channels (stride 2 into stages 2 and 3, 1x1 projection
-    shortcuts), global average pool, Dense. depth=3 is ResNet-20. Group norm, not batch norm."""
+class _Application(nn.Module):
+    """The fields and the classifier head the application models share."""
     num_classes: int = 10
     width: int = 16
     depth: int = 3
     precision: Optional[PrecisionConfig] = None
     quant: Optional[QuantConfig] = None
+
+    def _head(self, x: jnp.ndarray, quant_enabled: Any) -> jnp.ndarray:
+        return _output(self, nn.Dense(self.num_classes, name="Dense_0",
+                                      **_layer_kw(self, "dense", "Dense_0", quant_enabled))(x))
+
+
+class ResNet(_Application):
+    """CIFAR ResNet-(6n+2) (He et al. 2016, section 4.2): a 3x3 conv, three stages of ``depth``
+    basic blocks with ``width``, 2x and 4x channels (stride 2 into stages 2 and 3, 1x1 projection
+    shortcuts), global average pool, Dense. depth=3 is ResNet-20. Group norm, not batch norm."""
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
@@ -118,19 +126,13 @@ class ResNet(nn.Module):
                     x = conv(channels, f"{name}_Shortcut", k=(1, 1), s=stride)(x)
                 x = nn.relu(x + y)
         x = jnp.mean(x, axis=(1, 2))
-        return _output(self, nn.Dense(self.num_classes, name="Dense_0",
-                                      **_layer_kw(self, "dense", "Dense_0", quant_enabled))(x))
+        return self._head(x, quant_enabled)
 
 
-class TextCNN(nn.Module):
+class TextCNN(_Application):
     """Token ids [N, L] (0 = padding) -> embedding (``width``) -> ``depth`` 1-D convolutions of
     width 5 with ReLU -> max over the real tokens -> Dense."""
-    num_classes: int = 4
     vocab_size: int = 32768
-    width: int = 64
-    depth: int = 2
-    precision: Optional[PrecisionConfig] = None
-    quant: Optional[QuantConfig] = None
 
     @nn.compact
     def __call__(self, tokens: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
@@ -141,19 +143,13 @@ class TextCNN(nn.Module):
             x = nn.relu(nn.Conv(self.width, (5,), name=name, **_layer_kw(self, "conv", name, quant_enabled))(x))
         # ReLU outputs are >= 0, so zeroing the padding positions leaves the max over real tokens.
         x = jnp.max(jnp.where((tokens != 0)[..., None], x, 0), axis=1)
-        return _output(self, nn.Dense(self.num_classes, name="Dense_0",
-                                      **_layer_kw(self, "dense", "Dense_0", quant_enabled))(x))
+        return self._head(x, quant_enabled)
 
 
-class KWSCNN(nn.Module):
+class KWSCNN(_Application):
     """Keyword spotting: int16 audio [N, T] -> log-mel features (:func:`jaxaccel.audio.log_mel`,
     float32, normalised per clip) -> ``depth`` x (3x3 conv + ReLU + 2x2 max pool), channels
     ``width`` doubling up to 4x -> global average pool -> Dense."""
-    num_classes: int = 12
-    width: int = 16
-    depth: int = 3
-    precision: Optional[PrecisionConfig] = None
-    quant: Optional[QuantConfig] = None
 
     @nn.compact
     def __call__(self, clips: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
@@ -166,8 +162,7 @@ class KWSCNN(nn.Module):
             x = nn.Conv(self.width * 2 ** min(i, 2), (3, 3), name=name, **_layer_kw(self, "conv", name, quant_enabled))(x)
             x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
         x = jnp.mean(x, axis=(1, 2))
-        return _output(self, nn.Dense(self.num_classes, name="Dense_0",
-                                      **_layer_kw(self, "dense", "Dense_0", quant_enabled))(x))
+        return self._head(x, quant_enabled)
 
 
 _APPLICATION_MODELS = {"resnet": ResNet, "text_cnn": TextCNN, "kws_cnn": KWSCNN}
