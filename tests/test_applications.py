@@ -108,7 +108,7 @@ def test_speech_kws_runs_under_pmap_on_two_devices(tmp_path):
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert record["parallel"] == {"mode": "pmap", "devices": 2}
+    assert record["parallel"]["mode"] == "pmap" and record["parallel"]["devices"] == 2
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and np.isfinite(summary["test_loss"])
     assert json.loads((tmp_path / "run" / "export" / "model.json").read_text())["input_dtype"] == "int16"
