@@ -166,3 +166,13 @@ class KWSCNN(_Application):
 
 
 _APPLICATION_MODELS = {"resnet": ResNet, "text_cnn": TextCNN, "kws_cnn": KWSCNN}
+# What each model takes (every other model: uint8 images [N, H, W, C]).
+INPUT_KINDS = {"text_cnn": ("int32", 1, "tokens [N, L]"), "kws_cnn": ("int16", 1, "audio [N, T]")}
+
+
+def input_problem(model_name: str, dtype: str, shape: tuple[int, ...]) -> str | None:
+    """Why ``model_name`` cannot take inputs of ``dtype`` and per-example ``shape`` (None: it can)."""
+    want_dtype, want_rank, what = INPUT_KINDS.get(model_name, ("uint8", 3, "images [N, H, W, C]"))
+    if dtype == want_dtype and len(shape) == want_rank:
+        return None
+    return f"model.name={model_name} takes {want_dtype} {what}, but the dataset gives {dtype} {list(shape)} per example"

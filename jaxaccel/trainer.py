@@ -109,6 +109,17 @@ def _make_plan(cfg: Config, num_train: int, backend: str) -> _Plan:
                  cfg.train.log_every_steps, cfg.checkpoint.every_steps)
 
 
+def _check_inputs(cfg: Config, dataset: data_lib.Dataset) -> None:
+    """Refuse (exit 2) a model or augmentation that does not fit the dataset's kind of input."""
+    from jaxaccel.models import input_problem
+    problem = input_problem(cfg.model.name, dataset.input_dtype.name, dataset.image_shape)
+    if problem:
+        raise ConfigError(f"{problem} ({cfg.data.name}): choose a model for this data")
+    if cfg.augment.enabled and (dataset.input_dtype != np.uint8 or len(dataset.image_shape) != 3):
+        raise ConfigError(f"augment.* transforms images; {cfg.data.name} holds {dataset.input_dtype.name} "
+                          f"{list(dataset.image_shape)} inputs: leave the augment section off")
+
+
 def _pad_to(images: np.ndarray, labels: np.ndarray, multiple: int):
     n = images.shape[0]
     pad = -n % multiple
@@ -146,6 +157,7 @@ class _Run:
             if getattr(cfg.train, key) % n_dev:
                 raise ConfigError(f"train.{key}={getattr(cfg.train, key)} must be a multiple of the "
                                   f"{n_dev} devices it is split over")
+        _check_inputs(cfg, self.dataset)
         self.plan = _make_plan(cfg, len(self.dataset.train_labels), jax.default_backend())
         # XLA:CPU runs each device's part of a call on a shared thread pool; with several calls in
         # flight, threads waiting in one call's all-reduce can starve the devices that have yet

@@ -121,3 +121,15 @@ def test_absent_cifar10_exits_3_fast_naming_dataset_dir_and_fix(tmp_path):
     assert time.perf_counter() - start < 10
     assert "'cifar10'" in proc.stderr and str(tmp_path) in proc.stderr
     assert "tfds build cifar10" in proc.stderr and "jaxaccel[prepare]" in proc.stderr
+
+
+@pytest.mark.parametrize("exp, override, message", [
+    ("ag_news_text", "augment.flip=true", "leave the augment section off"),
+    ("speech_commands_kws", "model.name=resnet", "model.name=resnet takes uint8 images"),
+])
+def test_a_model_or_augmentation_that_does_not_fit_the_data_is_a_config_error(tmp_path, exp, override, message):
+    from jaxaccel.config import ConfigError
+    cfg = jaxaccel.experiments.override(jaxaccel.experiments.get(exp), [
+        f"workdir={tmp_path / 'run'}", f"data.dir={tmp_path}", override])
+    with _mock(), pytest.raises(ConfigError, match=message):
+        jaxaccel.train(cfg)
