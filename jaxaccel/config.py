@@ -41,8 +41,14 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: Literal["mlp", "cnn"] = Field("mlp", description="Architecture: mlp (LeNet-300-100 style) or cnn (flax example CNN).")
+    name: Literal["mlp", "cnn", "small_cnn"] = Field(
+        "mlp", description="Architecture: mlp (LeNet-300-100 style), cnn (flax example CNN) or small_cnn "
+                           "(3x3 convs of `channels` widths, each relu + 2x2 average pool, then one dense layer).")
     features: list[StrictInt] = Field([300, 100], description="Hidden widths of the MLP.")
+    channels: list[StrictInt] = Field([16, 32], min_length=1, description="Conv widths of small_cnn.")
+    conv: Literal["im2col", "xla"] = Field(
+        "im2col", description="How convolutions are lowered: im2col (patches as shifted slices + one dot; "
+                              "the measured fastest on CPU, also inside a device loop) or xla (lax.conv).")
 
 
 class TrainConfig(_Section):
