@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import statistics
 import time
 
@@ -27,7 +28,8 @@ from jaxaccel.config import ModelConfig, OptimConfig, PrecisionConfig
 from jaxaccel.models import build_model
 from jaxaccel.optim import make_optimizer
 
-DEFAULT = ["xla:unroll", "xla:scan", "im2col:scan", "im2col:unroll", "im2col:scan:bf16", "xla:unroll:bf16"]
+# xla:scan (13-14x slower than xla:unroll, benchmarks/README.md) only when asked: it takes minutes.
+DEFAULT = ["xla:unroll", "im2col:scan", "im2col:unroll", "im2col:scan:bf16"]
 
 
 def build(variant: str, model_cfg: ModelConfig, ds, batch: int, steps: int):
@@ -49,12 +51,13 @@ def build(variant: str, model_cfg: ModelConfig, ds, batch: int, steps: int):
     return compiled, args, time.perf_counter() - t
 
 
-def time_group(compiled, args) -> float:
-    out = compiled(*args)
-    jax.block_until_ready(out)  # warm-up call
-    t = time.perf_counter()
+def time_group(compiled, args) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one call. CPU time (all threads) is less distorted than wall
+    time when other processes load the machine."""
+    jax.block_until_ready(compiled(*args))  # warm-up call
+    t, c = time.perf_counter(), time.process_time()
     jax.block_until_ready(compiled(*args))
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def main() -> None:
@@ -73,16 +76,20 @@ def main() -> None:
         flops = compiled.cost_analysis()["flops"]
         built[v] = (compiled, call_args)
         print(f"# {v:18s} compile {seconds:6.1f} s, XLA flops per group {flops / 1e9:.2f} G", flush=True)
-    times = {v: [] for v in built}
+    times, cpu = {v: [] for v in built}, {v: [] for v in built}
     for _ in range(args.rounds):
         for v, (compiled, call_args) in built.items():
-            times[v].append(1000 * time_group(compiled, call_args) / args.steps)
-    base = statistics.median(times[args.variants[0]])
-    print(f"| variant | ms/step (median of {args.rounds}) | rounds | vs {args.variants[0]} |")
-    print("| --- | --- | --- | --- |")
+            wall, cpu_s = time_group(compiled, call_args)
+            times[v].append(1000 * wall / args.steps)
+            cpu[v].append(1000 * cpu_s / args.steps)
+    base, base_cpu = statistics.median(times[args.variants[0]]), statistics.median(cpu[args.variants[0]])
+    print(f"load average {os.getloadavg()}")
+    print(f"| variant | ms/step (median of {args.rounds}) | rounds | vs {args.variants[0]} | CPU ms/step | CPU vs {args.variants[0]} |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for v, ts in times.items():
-        med = statistics.median(ts)
-        print(f"| {v} | {med:.1f} | {', '.join(f'{t:.0f}' for t in ts)} | {base / med:.2f}x |")
+        med, med_cpu = statistics.median(ts), statistics.median(cpu[v])
+        print(f"| {v} | {med:.1f} | {', '.join(f'{t:.0f}' for t in ts)} | {base / med:.2f}x | {med_cpu:.1f} | "
+              f"{base_cpu / med_cpu:.2f}x |")
 
 
 if __name__ == "__main__":

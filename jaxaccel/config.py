@@ -43,9 +43,10 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     name: Literal["mlp", "cnn", "small_cnn"] = Field(
         "mlp", description="Architecture: mlp (LeNet-300-100 style), cnn (flax example CNN) or small_cnn "
-                           "(3x3 convs of `channels` widths, each relu + 2x2 average pool, then one dense layer).")
-    features: list[StrictInt] = Field([300, 100], description="Hidden widths of the MLP.")
+                           "(3x3 convs of `channels` widths, each relu + 2x2 average pool, then dense layers).")
+    features: list[StrictInt] = Field([300, 100], description="Hidden dense widths of the MLP and of small_cnn.")
     channels: list[StrictInt] = Field([16, 32], min_length=1, description="Conv widths of small_cnn.")
+    pool: Literal["avg", "max"] = Field("avg", description="2x2 pooling after each conv of small_cnn.")
     conv: Literal["im2col", "xla"] = Field(
         "im2col", description="How convolutions are lowered: im2col (patches as shifted slices + one dot; "
                               "the measured fastest on CPU, also inside a device loop) or xla (lax.conv).")

@@ -3,6 +3,7 @@ precision policy and QAT, and with the same parameter tree; the default loop fol
 from __future__ import annotations
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -68,3 +69,14 @@ def test_default_loop_follows_the_conv_lowering():
     assert default_loop("small_cnn", "cpu", "im2col") == ("scan", None)
     assert default_loop("mlp", "cpu") == ("scan", None)
     assert default_loop("cnn", "gpu", "xla") == ("scan", None)
+
+
+@pytest.mark.parametrize("kind", ["avg", "max"])
+def test_small_cnn_pooling_equals_flax_pooling(kind):
+    """The reshape max pool (fast gradient on XLA:CPU) is nn.max_pool, odd sizes included."""
+    from jaxaccel.models import _pool2
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 6, 3)).astype(np.float32))
+    want_fn = lambda x: (nn.avg_pool if kind == "avg" else nn.max_pool)(x, (2, 2), strides=(2, 2))
+    np.testing.assert_allclose(_pool2(x, kind), want_fn(x), rtol=1e-6)
+    grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) ** 2))(x)
+    np.testing.assert_allclose(grad(lambda x: _pool2(x, kind)), grad(want_fn), rtol=1e-6)
