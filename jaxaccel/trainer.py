@@ -61,7 +61,9 @@ def _enable_compilation_cache() -> None:
     if jax.config.jax_compilation_cache_dir is None:
         cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "jaxaccel" / "xla"
         jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    # Every executable, also the small ones (init, permutation, eval, compression report): with
+    # the 0.2 s threshold a warm command spent half its start-up recompiling them (benchmarks/README.md).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def _versions() -> dict[str, str]:
