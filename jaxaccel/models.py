@@ -64,11 +64,12 @@ def im2col_conv(dot_general: Callable = lax.dot_general) -> Callable:
                   for offset in itertools.product(*(range(k) for k in window))]
         patches = jnp.concatenate(slices, axis=-1)  # [N, out..., prod(window) * C], window-major
         # A 2-D matrix product (XLA:CPU runs bf16 x bf16 -> f32 only as a plain 2-D dot).
-        y = dot_general(patches.reshape(-1, patches.shape[-1]), w.reshape(-1, w.shape[-1]), (((1,), (0,)), ((), ())),
-                        precision=precision, preferred_element_type=preferred_element_type)
+        y = dot_general(patches.reshape(-1, patches.shape[-1]), w.reshape(-1, w.shape[-1]),
+                        (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=preferred_element_type)
         y = y.reshape(*patches.shape[:-1], w.shape[-1])
         # back from N, spatial..., O to the requested output layout
-        return y.transpose(tuple(int(i) for i in np.argsort((dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))))
+        order = (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1])
+        return y.transpose(tuple(int(i) for i in np.argsort(order)))
 
     return conv
 
@@ -129,8 +130,9 @@ class CNN(nn.Module):
     def __call__(self, images: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
         kw = lambda kind, name: dict(name=name, **_layer_kw(self, kind, name, quant_enabled))
         x = _to_float(images)
-        x = nn.avg_pool(nn.relu(nn.Conv(32, (3, 3), **_conv_kw(self, "Conv_0", quant_enabled))(x)), (2, 2), strides=(2, 2))
-        x = nn.avg_pool(nn.relu(nn.Conv(64, (3, 3), **_conv_kw(self, "Conv_1", quant_enabled))(x)), (2, 2), strides=(2, 2))
+        conv = lambda width, name: nn.Conv(width, (3, 3), **_conv_kw(self, name, quant_enabled))
+        x = nn.avg_pool(nn.relu(conv(32, "Conv_0")(x)), (2, 2), strides=(2, 2))
+        x = nn.avg_pool(nn.relu(conv(64, "Conv_1")(x)), (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(256, **kw("dense", "Dense_0"))(x))
         return _output(self, nn.Dense(self.num_classes, **kw("dense", "Dense_1"))(x))
