@@ -3,6 +3,9 @@
 Command:  python -m jaxaccel.run exp=mnist_cnn
 Runtime:  ~175 s on a 2-core CPU (4 epochs; a first run adds ~10 s of compilation)
 Accuracy: >= 99.0% test (measured 99.05%)
+
+(Runtime and accuracy were measured with model.conv=xla, before im2col became the default; the
+lowering computes the same convolution to float rounding, checked in tests/test_conv_lowering.py.)
 """
 
 config = {

@@ -45,10 +45,16 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: Literal["mlp", "cnn", "resnet", "text_cnn", "kws_cnn"] = Field(
-        "mlp", description="Architecture: mlp (LeNet-300-100 style), cnn (flax example CNN), resnet (CIFAR "
-                           "ResNet-6n+2), text_cnn (token conv encoder), kws_cnn (log-mel + conv, keyword spotting).")
-    features: list[StrictInt] = Field([300, 100], description="Hidden widths of the MLP.")
+    name: Literal["mlp", "cnn", "small_cnn", "resnet", "text_cnn", "kws_cnn"] = Field(
+        "mlp", description="Architecture: mlp (LeNet-300-100 style), cnn (flax example CNN), small_cnn "
+                           "(3x3 convs of `channels` widths, each relu + 2x2 pool, then dense layers), resnet "
+                           "(CIFAR ResNet-6n+2), text_cnn (token conv encoder), kws_cnn (log-mel + conv, keyword spotting).")
+    features: list[StrictInt] = Field([300, 100], description="Hidden dense widths of the MLP and of small_cnn.")
+    channels: list[StrictInt] = Field([16, 32], min_length=1, description="Conv widths of small_cnn.")
+    pool: Literal["avg", "max"] = Field("avg", description="2x2 pooling after each conv of small_cnn.")
+    conv: Literal["im2col", "xla"] = Field(
+        "im2col", description="How convolutions of cnn/small_cnn are lowered: im2col (patches as shifted slices + "
+                              "one dot; the measured fastest on CPU, also inside a device loop) or xla (lax.conv).")
     width: StrictInt = Field(16, ge=1, description="resnet/text_cnn/kws_cnn: channels of the first stage.")
     depth: StrictInt = Field(3, ge=1, description="resnet: residual blocks per stage (3: ResNet-20); "
                                                   "text_cnn/kws_cnn: conv layers.")

@@ -4,18 +4,27 @@ integer form on the device (4x less memory and host-to-device traffic).
 
 Every Dense/Conv takes its dtype, dot/conv op and fake quantization from the precision policy
 and the QAT config (:func:`jaxaccel.precision.layer_kwargs`); with neither set it is plain fp32.
+
+Convolutions are ``nn.Conv`` layers (same parameter names and shapes whatever the lowering); with
+``conv="im2col"`` their ``conv_general_dilated`` is :func:`im2col_conv`: the kh*kw shifted slices
+of the padded input concatenated on the channel axis, times the kernel reshaped to a matrix, in one
+dot. XLA:CPU runs that dot with its fast matmul kernels also inside a device loop, where its own
+convolution loses them (benchmarks/README.md).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import itertools
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 from jaxaccel import precision as prec
 from jaxaccel.config import ModelConfig, PrecisionConfig, QuantConfig
 
-__all__ = ["MLP", "CNN", "ResNet", "TextCNN", "KWSCNN", "build_model"]
+__all__ = ["MLP", "CNN", "SmallCNN", "ResNet", "TextCNN", "KWSCNN", "build_model", "im2col_conv"]
 
 
 def _to_float(images: jnp.ndarray) -> jnp.ndarray:
@@ -25,6 +34,69 @@ def _to_float(images: jnp.ndarray) -> jnp.ndarray:
 def _layer_kw(module: nn.Module, kind: str, name: str, quant_enabled: Any) -> dict[str, Any]:
     """Keyword arguments for one Dense/Conv from the module's precision policy and QAT config."""
     return prec.layer_kwargs(kind, name, module.precision, module.quant, quant_enabled)
+
+
+def im2col_conv(dot_general: Callable = lax.dot_general) -> Callable:
+    """A ``lax.conv_general_dilated`` replacement computing the convolution as one ``dot_general``.
+
+    The patch matrix is built from kh*kw strided slices of the padded input (no gather), so its
+    transpose in the backward pass is a sum of pads. Supports any layout, strides and padding;
+    dilations and feature groups raise. ``dot_general`` is the dot to use (e.g. the precision
+    policy's mixed bf16 dot); ``preferred_element_type`` is passed through to it.
+    """
+    def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+             dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+             preferred_element_type=None, **unused):
+        if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))) or feature_group_count != 1 \
+                or batch_group_count != 1:
+            raise NotImplementedError("im2col_conv: dilation and grouped convolutions are not supported; "
+                                      "use model.conv=xla")
+        dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        x = lhs.transpose(dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1])  # N, spatial..., C
+        w = rhs.transpose(*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0])  # spatial..., I, O
+        window, spatial = w.shape[:-2], x.shape[1:-1]
+        if isinstance(padding, str):
+            padding = lax.padtype_to_pads(spatial, window, window_strides, padding)
+        x = jnp.pad(x, ((0, 0), *[tuple(p) for p in padding], (0, 0)))
+        out = [(x.shape[1 + d] - window[d]) // window_strides[d] + 1 for d in range(len(window))]
+        slices = [lax.slice(x, (0, *offset, 0),
+                            (x.shape[0], *[o + (n - 1) * s + 1 for o, n, s in zip(offset, out, window_strides)],
+                             x.shape[-1]), (1, *window_strides, 1))
+                  for offset in itertools.product(*(range(k) for k in window))]
+        patches = jnp.concatenate(slices, axis=-1)  # [N, out..., prod(window) * C], window-major
+        # A 2-D matrix product (XLA:CPU runs bf16 x bf16 -> f32 only as a plain 2-D dot).
+        y = dot_general(patches.reshape(-1, patches.shape[-1]), w.reshape(-1, w.shape[-1]),
+                        (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=preferred_element_type)
+        y = y.reshape(*patches.shape[:-1], w.shape[-1])
+        # back from N, spatial..., O to the requested output layout
+        order = (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1])
+        return y.transpose(tuple(int(i) for i in np.argsort(order)))
+
+    return conv
+
+
+def _conv_kw(module: nn.Module, name: str, quant_enabled: Any) -> dict[str, Any]:
+    """nn.Conv keyword arguments: the precision/QAT ones, with the module's conv lowering."""
+    if module.conv == "xla":
+        return dict(name=name, **_layer_kw(module, "conv", name, quant_enabled))
+    # im2col: the precision policy's dot (and dtype) applied to the patch matrix, QAT around it.
+    kw = prec.layer_kwargs("dense", name, module.precision, None)
+    kw["conv_general_dilated"] = im2col_conv(kw.pop("dot_general", lax.dot_general))
+    if "conv_general_dilated" in prec.layer_kwargs("conv", name, None, module.quant, quant_enabled):
+        kw["conv_general_dilated"] = prec.quant_conv_general_dilated(module.quant, kw["conv_general_dilated"],
+                                                                     quant_enabled)
+    return dict(name=name, **kw)
+
+
+def _pool2(x: jnp.ndarray, kind: str) -> jnp.ndarray:
+    """2x2 pooling, stride 2, VALID (as nn.avg_pool / nn.max_pool). Max pooling as a max over a
+    reshape: XLA:CPU's select-and-scatter (the gradient of nn.max_pool) was 12x slower (measured
+    fwd+bwd on [256,28,28,16]: 377 vs 32 ms); average pooling is fastest as nn.avg_pool."""
+    if kind == "avg":
+        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+    n, h, w, c = x.shape
+    x = x[:, :h - h % 2, :w - w % 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 def _output(module: nn.Module, logits: jnp.ndarray) -> jnp.ndarray:
@@ -53,16 +125,42 @@ class CNN(nn.Module):
     num_classes: int = 10
     precision: Optional[PrecisionConfig] = None
     quant: Optional[QuantConfig] = None
+    conv: str = "xla"  # lowering of the convolutions: "xla" or "im2col" (same parameters)
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
         kw = lambda kind, name: dict(name=name, **_layer_kw(self, kind, name, quant_enabled))
         x = _to_float(images)
-        x = nn.avg_pool(nn.relu(nn.Conv(32, (3, 3), **kw("conv", "Conv_0"))(x)), (2, 2), strides=(2, 2))
-        x = nn.avg_pool(nn.relu(nn.Conv(64, (3, 3), **kw("conv", "Conv_1"))(x)), (2, 2), strides=(2, 2))
+        conv = lambda width, name: nn.Conv(width, (3, 3), **_conv_kw(self, name, quant_enabled))
+        x = nn.avg_pool(nn.relu(conv(32, "Conv_0")(x)), (2, 2), strides=(2, 2))
+        x = nn.avg_pool(nn.relu(conv(64, "Conv_1")(x)), (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(256, **kw("dense", "Dense_0"))(x))
         return _output(self, nn.Dense(self.num_classes, **kw("dense", "Dense_1"))(x))
+
+
+class SmallCNN(nn.Module):
+    """A small CNN for time-to-accuracy: per width in ``channels`` a 3x3 conv, relu and 2x2 pool
+    (``pool``: average or max); then a relu dense layer per width in ``features``, and the logits."""
+    channels: Sequence[int] = (16, 32)
+    features: Sequence[int] = ()
+    pool: str = "avg"  # "avg" or "max"
+    num_classes: int = 10
+    precision: Optional[PrecisionConfig] = None
+    quant: Optional[QuantConfig] = None
+    conv: str = "im2col"
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
+        x = _to_float(images)
+        for i, width in enumerate(self.channels):
+            conv = nn.Conv(width, (3, 3), **_conv_kw(self, f"Conv_{i}", quant_enabled))
+            x = _pool2(nn.relu(conv(x)), self.pool)
+        x = x.reshape(x.shape[0], -1)
+        for i, width in enumerate((*self.features, self.num_classes)):
+            x = nn.Dense(width, name=f"Dense_{i}", **_layer_kw(self, "dense", f"Dense_{i}", quant_enabled))(x)
+            x = nn.relu(x) if i < len(self.features) else x
+        return _output(self, x)
 
 
 def build_model(cfg: ModelConfig, num_classes: int, precision: PrecisionConfig | None = None,
@@ -75,7 +173,10 @@ def build_model(cfg: ModelConfig, num_classes: int, precision: PrecisionConfig |
     if cfg.name == "mlp":
         return MLP(features=tuple(cfg.features), num_classes=num_classes, precision=precision, quant=quant)
     if cfg.name == "cnn":
-        return CNN(num_classes=num_classes, precision=precision, quant=quant)
+        return CNN(num_classes=num_classes, precision=precision, quant=quant, conv=cfg.conv)
+    if cfg.name == "small_cnn":
+        return SmallCNN(channels=tuple(cfg.channels), features=tuple(cfg.features), pool=cfg.pool,
+                        num_classes=num_classes, precision=precision, quant=quant, conv=cfg.conv)
     if cfg.name in _APPLICATION_MODELS:
         return _APPLICATION_MODELS[cfg.name](num_classes=num_classes, width=cfg.width, depth=cfg.depth,
                                              precision=precision, quant=quant,

@@ -78,8 +78,9 @@ def _train(cfg, overrides: list[str]) -> int:
     import jax
     where = (f"outputs in {cfg.workdir or 'runs/' + cfg.experiment}" if jax.process_index() == 0
              else f"process {jax.process_index()}: process 0 writes the outputs")
+    flops = f", {summary['model_flops_per_second'] / 1e9:.1f} model GFLOP/s" if summary.get("model_flops_per_second") else ""
     print(f"done: test accuracy {summary['test_accuracy']:.4f} after {summary['steps']} steps, "
-          f"{summary['examples_per_second']:,.0f} examples/s; {where}")
+          f"{summary['examples_per_second']:,.0f} examples/s{flops}; {where}")
     return 0
 
 

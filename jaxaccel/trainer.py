@@ -39,19 +39,22 @@ from jaxaccel.parallel import ReplicaMismatch, local_copy, make_parallel
 __all__ = ["train", "NonFiniteError", "Preempted", "DistributedError", "ReplicaMismatch", "default_loop"]
 
 
-# Measured with XLA:CPU (benchmarks/README.md): convolutions lose their fast kernels inside a device
-# loop (the CNN ran 13-14x slower), so the CNN runs unrolled blocks; 10 steps run as fast as 20 and
-# compile in half the time. The MLP is fastest as a device loop (unrolling only adds compile time).
-_CPU_LOOP = {"mlp": ("scan", None), "cnn": ("unroll", 10),
-             # Step speed not measured for these (their datasets are not on the dev machine); a device
-             # loop because unrolling 10 ResNet steps compiled in 190 s against 16 s (4-channel
-             # ResNet-8, under load). train.loop=unroll is there to try.
-             "resnet": ("scan", None), "text_cnn": ("scan", None), "kws_cnn": ("scan", None)}
+# Measured with XLA:CPU (benchmarks/README.md): XLA's convolutions lose their fast kernels inside a
+# device loop (the CNN ran 13-14x slower), so the MNIST CNNs with model.conv=xla run unrolled blocks;
+# 10 steps run as fast as 20 and compile in half the time. Everything else (the MLP, convolutions
+# lowered to im2col dots) is fastest as a device loop (unrolling only adds compile time). The
+# application models (resnet, text_cnn, kws_cnn) use XLA's convolutions but run a device loop too:
+# their step speed is not measured (no data here), and unrolling 10 ResNet steps compiled in 190 s
+# against 16 s (4-channel ResNet-8, under load); train.loop=unroll is there to try.
+_CPU_XLA_CONV_LOOP = ("unroll", 10)
+_UNROLLED_WITH_XLA_CONV = ("cnn", "small_cnn")
 
 
-def default_loop(model_name: str, backend: str) -> tuple[str, int | None]:
-    """The measured default (loop, steps_per_call) for a model on a backend."""
-    return _CPU_LOOP[model_name] if backend == "cpu" else ("scan", None)
+def default_loop(model_name: str, backend: str, conv: str = "xla") -> tuple[str, int | None]:
+    """The measured default (loop, steps_per_call) for a model and conv lowering on a backend."""
+    if backend == "cpu" and model_name in _UNROLLED_WITH_XLA_CONV and conv == "xla":
+        return _CPU_XLA_CONV_LOOP
+    return ("scan", None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,7 +65,9 @@ def _enable_compilation_cache() -> None:
     if jax.config.jax_compilation_cache_dir is None:
         cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "jaxaccel" / "xla"
         jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    # Every executable, also the small ones (init, permutation, eval, compression report): with
+    # the 0.2 s threshold a warm command spent half its start-up recompiling them (benchmarks/README.md).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def _versions() -> dict[str, str]:
@@ -99,7 +104,7 @@ def _make_plan(cfg: Config, num_train: int, backend: str) -> _Plan:
     if batch > num_train:
         raise ConfigError(f"train.batch_size={batch} is larger than the training split ({num_train} examples)")
     steps_per_epoch = num_train // batch  # the last partial batch is dropped; each epoch reshuffles
-    loop, per_call = default_loop(cfg.model.name, backend)
+    loop, per_call = default_loop(cfg.model.name, backend, cfg.model.conv)
     if cfg.train.loop != "auto":
         loop = cfg.train.loop
         per_call = cfg.train.steps_per_call or (None if loop == "scan" else 10)
@@ -136,6 +141,27 @@ def _create_state(model, tx, image_shape, key, dtype=np.uint8) -> step_lib.Train
     return step_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux /proc, 10 ms resolution); None elsewhere."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return float(Path("/proc/uptime").read_text().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _flops_per_step(groups: dict[int | None, Any]) -> float | None:
+    """Model FLOPs of one training step from XLA's cost analysis of a compiled step group (the
+    one-step group when unrolled; a device loop's body is counted once). None if unavailable."""
+    compiled = groups[1] if 1 in groups else groups[None]
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per program
+        return float(cost["flops"]) if cost and cost.get("flops", -1) > 0 else None
+    except Exception:  # noqa: BLE001 - a backend without cost analysis reports no FLOP rate
+        return None
+
+
 # ----------------------------------------------------------------------------------------------
 # The run.
 
@@ -143,6 +169,7 @@ class _Run:
     """Holds what one call to :func:`train` builds, so the loop reads top to bottom."""
 
     def __init__(self, cfg: Config, overrides: list[str] | None):
+        self.started = time.perf_counter()
         self.cfg, self.overrides = cfg, list(overrides or [])
         init_distributed(cfg)
         _enable_compilation_cache()
@@ -213,6 +240,7 @@ class _Run:
         unrolls = [None] if self.plan.loop == "scan" else sorted({1, self.plan.steps_per_call})
         for unroll in unrolls:
             self.groups[unroll] = par.compile(step_lib.make_train_steps(step_fn, unroll=unroll, **kw), args)
+        self.flops_per_step = _flops_per_step(self.groups)
         eval_fn = step_lib.make_eval(self.model.apply, self.cfg.train.eval_batch_size, par.batch_sharding, axis)
         self.eval_one = par.compile(eval_fn, (state.params, *test, np.int32(0)), donate=False)
         return time.perf_counter() - t0
@@ -333,6 +361,8 @@ def _loop(run: _Run, state, step: int, writer, progress: Progress, notice: Preem
                      f"({plan.loop}, {plan.steps_per_call or 'any'} steps per call) on "
                      f"{run.parallel.size} {jax.devices()[0].platform} device(s), parallel.mode={cfg.parallel.mode}")
     progress.restart(step)
+    # Start-up: everything before the first training step (imports, data, init, restore, compile).
+    startup = {"from_train_call": time.perf_counter() - run.started, "from_process_start": _process_age()}
 
     def evaluate(state, at_step):
         fault_point("eval", at_step)
@@ -411,7 +441,8 @@ def _loop(run: _Run, state, step: int, writer, progress: Progress, notice: Preem
             raise Preempted(step)
     if last_eval is None:  # resumed at the end: nothing left to train
         last_eval = evaluate(state, step)
-    timings = {"steps_run": step - first_step, "train_seconds": train_seconds, "compile_seconds": compile_seconds}
+    timings = {"steps_run": step - first_step, "train_seconds": train_seconds, "compile_seconds": compile_seconds,
+               "startup": startup}
     return state, timings, last_eval
 
 
@@ -427,7 +458,12 @@ def _finish(run: _Run, state, timings: dict[str, float], last_eval: dict[str, fl
         "steps": int(local_copy(state.step)), "train_seconds": seconds, "compile_seconds": timings["compile_seconds"],
         "examples_per_second": timings["steps_run"] * cfg.train.batch_size / seconds if seconds else 0.0,
         "sparsity": sparsity.report(params, cfg.sparsity)["sparsity"], "param_count": param_count, "model_bytes": param_count * 4,
+        "seconds_to_first_step": timings["startup"],
     }
+    # Achieved model FLOP/s: XLA's count for the compiled step (all devices) over the training time.
+    if run.flops_per_step:
+        summary["flops_per_step"] = run.flops_per_step * run.parallel.size
+        summary["model_flops_per_second"] = summary["flops_per_step"] * timings["steps_run"] / seconds if seconds else 0.0
     if run.is_writer:
         precision = cfg.precision.model_dump() if cfg.precision != type(cfg.precision)() else None
         summary["compressed_bytes"], summary["export_form"] = export_lib.save(

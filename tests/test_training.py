@@ -130,6 +130,14 @@ def test_unrolled_steps_match_the_device_loop(tmp_path):
     for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "scan")), jax.tree.leaves(_final_params(tmp_path / "unroll"))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert abs(scan["test_accuracy"] - unroll["test_accuracy"]) < 0.01
+    # Model FLOPs per step, from each lowering's compiled cost analysis (loop body / one-step group),
+    # against the dots counted by hand: forward, weight gradients, input gradient of the last layer.
+    b, dots = 128, 784 * 32 + 32 * 10
+    by_hand = 2 * b * dots * 2 + 2 * b * 32 * 10
+    for summary in (scan, unroll):
+        assert by_hand <= summary["flops_per_step"] <= 1.25 * by_hand  # + elementwise ops and Adam
+        assert summary["model_flops_per_second"] == pytest.approx(
+            summary["flops_per_step"] * 40 / summary["train_seconds"])
 
 
 def test_mismatched_checkpoint_is_refused_with_the_paths(mlp_run, tmp_path):
