@@ -238,7 +238,11 @@ def _legend_or_note(ax, any_run: bool, **legend) -> None:
 
 
 def _save(fig, path: Path) -> None:
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight" keeps the legends outside the axes
+    from matplotlib.legend import Legend
+    # "tight" keeps the legends outside the axes; a legend kept with add_artist must be named here
+    # or its long run names are cut off.
+    legends = [a for ax in fig.axes for a in ax.get_children() if isinstance(a, Legend)]
+    fig.savefig(path, dpi=110, bbox_inches="tight", bbox_extra_artists=legends)
 
 
 def plot(runs: list[Run], out: Path) -> list[Path]:
