@@ -42,12 +42,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     parser.add_argument("--steps", type=int, default=None, help="steps per run instead of one epoch")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="which variants to run (dense fp32, the baseline, always runs)")
     args = parser.parse_args()
+    chosen = {k: v for k, v in VARIANTS.items() if k == "dense fp32" or k in args.variants}
     exp = {"mlp": "mnist_mlp", "cnn": "mnist_cnn"}[args.model]
     length = [f"train.steps={args.steps}"] if args.steps else ["train.epochs=1"]
-    times = {k: [] for k in VARIANTS}
+    times = {k: [] for k in chosen}
     for _ in range(args.repeats):
-        for name, overrides in VARIANTS.items():
+        for name, overrides in chosen.items():
             times[name].append(epoch_seconds(exp, [*length, *overrides]))
     base = statistics.median(times["dense fp32"])
     print(f"| variant ({exp}, {args.steps or 'one epoch of'} steps) | median s | vs dense fp32 | runs |")
