@@ -212,6 +212,12 @@ class PrecisionConfig(_Section):
     loss_scale_period: StrictInt = Field(2000, ge=1, description="Finite steps before the dynamic scale grows.")
     loss_scale_factor: float = Field(2.0, gt=1.0)
     max_nonfinite_steps: StrictInt = Field(10, ge=1, description="Stop after this many consecutive non-finite steps.")
+    guard: Literal["auto", "step", "rollback"] = Field(
+        "auto", description="How non-finite steps are skipped. step: every step tests its gradients and a "
+        "non-finite one leaves the state untouched. rollback: the same steps skipped, faster: a step group runs "
+        "untested from a copy of its start state and is rerun with the per-step test only if it met a "
+        "non-finite loss or state (one extra copy of the state in memory). auto: rollback without loss "
+        "scaling, step with it.")
 
 
 class QuantConfig(_Section):

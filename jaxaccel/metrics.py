@@ -33,6 +33,21 @@ def tensorboard_enabled(setting: bool | None) -> bool:
     return available
 
 
+def _summary_writer_class():
+    """``tensorboardX.SummaryWriter``, imported without PyTorch: tensorboardX imports torch when
+    it is installed (1.6-2 s of start-up here) only to accept torch tensors, and we log floats.
+    torch is hidden for that one import unless something has loaded it already."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Appends one JSON object per line to ``path`` and, with ``tensorboard``, each number of it as
     a TensorBoard scalar ``<split>/<key>`` (split ``train`` for training lines) in the same folder."""
@@ -45,7 +60,7 @@ class MetricsWriter:
         self._file: TextIO = self.path.open("a")
         self._events = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            SummaryWriter = _summary_writer_class()
             # The pid keeps a quick restart from reusing the previous file's name (seconds + host).
             self._events = SummaryWriter(str(self.path.parent), filename_suffix=f".{os.getpid()}",
                                          purge_step=None if resume_step is None else resume_step + 1)

@@ -39,7 +39,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                label_smoothing: float = 0.0, axis_name: str | None = None,
                penalty: Callable[[Any], jax.Array] | None = None, precision: Any = None,
-               quant_start_step: int | None = None, augment: Any = None) -> tuple[TrainState, Metrics]:
+               quant_start_step: int | None = None, augment: Any = None,
+               tx: optax.GradientTransformation | None = None) -> tuple[TrainState, Metrics]:
     """One optimizer step on ``batch`` ({"image": inputs [B, ...], "label": int32 [B]}).
 
     Inputs are uint8 images [B,H,W,C], int32 tokens [B,L] or int16 audio [B,T]; the model turns
@@ -55,6 +56,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     ``quant_start_step``: QAT models fake-quantize from this step on.
     ``augment``: an AugmentConfig; images are randomly augmented with keys drawn from ``rng``
     (under pmap folded with the device index, so the devices' slices get different draws).
+    ``tx``: apply the gradients with this optimizer instead of ``state.tx`` (it must keep the same
+    state; the trainer passes the unguarded half of the rollback guard).
     The loss is multiplied by the loss scale found in the optimizer state (1 without scaling);
     the optimizer's loss-scaling wrapper unscales the gradients and skips non-finite steps.
     """
@@ -86,7 +89,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
         metrics["penalty"] = jnp.where(finite, extra, 0.0)
     if axis_name is not None:
         grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
-    return state.apply_gradients(grads=grads), metrics
+    new_state = (state.apply_gradients(grads=grads) if tx is None
+                 else state.replace(tx=tx).apply_gradients(grads=grads).replace(tx=state.tx))
+    # The optimizer's own verdict (its consecutive-skip counter is reset by every applied step):
+    # a step can be skipped for non-finite gradients even when its loss is finite.
+    metrics["skipped_steps"] = (prec.nonfinite_steps(new_state.opt_state) > 0).astype(jnp.float32)
+    return new_state, metrics
 
 
 def eval_step(params: Any, apply_fn: Callable, images: jax.Array, labels: jax.Array,

@@ -204,11 +204,20 @@ class _Run:
         # Sparsity wraps the whole optimizer (nothing may rescale updates after its masking);
         # freezing wraps sparsity (a frozen weight is not even pruned). Loss scaling and the
         # non-finite guard wrap everything (they skip whole steps).
-        self.tx = prec.with_precision(freeze(
-            sparsity.make_sparsity(cfg.sparsity, make_optimizer(cfg.optim, self.plan.total_steps),
-                                   self.plan.total_steps, seed=cfg.seed), cfg.init.freeze), cfg.precision)
+        self.tx = self._optimizer()
+        # precision.guard=rollback: step groups run with an untested copy of the optimizer (same
+        # state) and only a group that met a non-finite value is rerun with self.tx (run_group).
+        self.rollback = prec.resolve_guard(cfg.precision) == "rollback"
+        self.fast_tx = self._optimizer(assume_finite=True) if self.rollback else None
         root = jax.random.key(cfg.seed)
         self.init_key, self.data_key, self.step_key = (jax.random.fold_in(root, i) for i in range(3))
+
+    def _optimizer(self, assume_finite: bool = False):
+        cfg = self.cfg
+        return prec.with_precision(freeze(
+            sparsity.make_sparsity(cfg.sparsity, make_optimizer(cfg.optim, self.plan.total_steps),
+                                   self.plan.total_steps, seed=cfg.seed), cfg.init.freeze), cfg.precision,
+            assume_finite=assume_finite)
 
     # -- state -----------------------------------------------------------------------------------
     def initial_state(self, progress: Progress) -> tuple[step_lib.TrainState, int]:
@@ -245,10 +254,20 @@ class _Run:
         kw = dict(batch_size=self.cfg.train.batch_size, batch_sharding=par.batch_sharding,
                   step_key=self.step_key, axis_name=axis)
         args = (state, images, labels, self.epoch_perm(0), np.int32(0), np.int32(1))
-        self.groups = {}
         unrolls = [None] if self.plan.loop == "scan" else sorted({1, self.plan.steps_per_call})
-        for unroll in unrolls:
-            self.groups[unroll] = par.compile(step_lib.make_train_steps(step_fn, unroll=unroll, **kw), args)
+
+        def compile_groups(fn):
+            return {unroll: par.compile(step_lib.make_train_steps(fn, unroll=unroll, **kw), args)
+                    for unroll in unrolls}
+
+        if self.rollback:
+            self.groups = compile_groups(functools.partial(step_fn, tx=self.fast_tx))
+            # The guarded groups are compiled only if a group ever needs a rerun.
+            self._guarded_groups = functools.cache(lambda: compile_groups(step_fn))
+            self._copy_state = jax.jit(lambda s: jax.tree.map(jnp.copy, s))
+            self._state_finite = jax.jit(lambda s: prec.all_finite((s.params, s.opt_state)))
+        else:
+            self.groups = compile_groups(step_fn)
         self.flops_per_step = _flops_per_step(self.groups)
         eval_fn = step_lib.make_eval(self.eval_model.apply, self.cfg.train.eval_batch_size, par.batch_sharding, axis)
         self.eval_one = par.compile(eval_fn, (state.params, *test, np.int32(0)), donate=False)
@@ -274,15 +293,30 @@ class _Run:
         return jax.jit(lambda key, epoch: jax.random.permutation(jax.random.fold_in(key, epoch), n))
 
     def run_group(self, state, images, labels, perm, position: int, count: int):
-        """Run ``count`` steps from batch ``position``; returns the state and summed metrics."""
+        """Run ``count`` steps from batch ``position``; returns the state and summed metrics.
+
+        With the rollback guard the steps run untested from a copy of ``state``; if any had a
+        non-finite loss or the state ends non-finite, the group is run again from that copy with
+        the per-step guard, which skips exactly the non-finite steps (so results never depend on
+        the guard). This waits for the group's end: one sync per group, not per step."""
+        if not self.rollback:
+            return self._run_steps(self.groups, state, images, labels, perm, position, count)
+        start = self._copy_state(state)
+        new, sums = self._run_steps(self.groups, state, images, labels, perm, position, count)
+        finite_steps = float(self.parallel.host(sums["finite_steps"]))
+        if finite_steps == count and bool(local_copy(self._state_finite(new))):
+            return new, sums
+        return self._run_steps(self._guarded_groups(), start, images, labels, perm, position, count)
+
+    def _run_steps(self, groups, state, images, labels, perm, position: int, count: int):
         if self.plan.loop == "scan":
-            state, sums = self.groups[None](state, images, labels, perm, np.int32(position), np.int32(count))
+            state, sums = groups[None](state, images, labels, perm, np.int32(position), np.int32(count))
             return state, self._with_guard_state(state, sums)
         sums_all = None
         k = self.plan.steps_per_call
         for unroll, n in ((k, count // k), (1, count % k)):
             for _ in range(n):
-                state, sums = self.groups[unroll](state, images, labels, perm, np.int32(position), np.int32(unroll))
+                state, sums = groups[unroll](state, images, labels, perm, np.int32(position), np.int32(unroll))
                 if self.serialize_calls:
                     jax.block_until_ready(state)
                 position += unroll
@@ -402,14 +436,14 @@ def _loop(run: _Run, state, step: int, writer, progress: Progress, notice: Preem
             return
         end, count, sums = pending
         raw = run.parallel.host(sums)
-        finite = float(raw.pop("finite_steps"))
+        finite, skipped = float(raw.pop("finite_steps")), int(raw.pop("skipped_steps"))
         scale, run_length = float(raw.pop("loss_scale")), int(raw.pop("nonfinite_run"))
         record = {"step": end, **{k: float(v) / max(finite, 1.0) for k, v in raw.items()}}
         if prec.resolve_mode(cfg.precision) != "none":
             record["loss_scale"] = scale
-        if finite < count:
-            record["skipped_nonfinite_steps"] = int(count - finite)
-            progress.message(f"skipped {int(count - finite)} non-finite step(s) in steps {end - count + 1}-{end}")
+        if skipped:
+            record["skipped_nonfinite_steps"] = skipped
+            progress.message(f"skipped {skipped} non-finite step(s) in steps {end - count + 1}-{end}")
         if writer:
             writer.write(record)
         if run_length >= cfg.precision.max_nonfinite_steps:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -71,6 +73,19 @@ def test_tensorboard_required_but_missing_says_what_to_install(monkeypatch):
     assert tensorboard_enabled(None) is False and tensorboard_enabled(False) is False
     with pytest.raises(ConfigError, match=r"pip install 'jaxaccel\[tensorboard\]'"):
         tensorboard_enabled(True)
+
+
+def test_tensorboard_writer_does_not_import_torch(tmp_path):
+    """tensorboardX imports torch when installed (~2 s of every run's start-up); the writer hides
+    it for that import, and torch stays importable afterwards."""
+    pytest.importorskip("torch")
+    code = ("import sys; from jaxaccel.metrics import MetricsWriter; "
+            f"w = MetricsWriter({str(tmp_path / 'm.jsonl')!r}, tensorboard=True); w.write({{'step': 1, 'loss': 0.5}}); "
+            "w.close(); print('torch' in sys.modules); import torch; print(torch.ones(2).sum().item())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "2.0"]
+    assert list(tmp_path.glob("events.out.tfevents.*"))
 
 
 # ---------------------------------------------------------------------------------------------
