@@ -13,10 +13,12 @@ convolution loses them (benchmarks/README.md).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -59,20 +61,65 @@ def im2col_conv(dot_general: Callable = lax.dot_general) -> Callable:
             padding = lax.padtype_to_pads(spatial, window, window_strides, padding)
         x = jnp.pad(x, ((0, 0), *[tuple(p) for p in padding], (0, 0)))
         out = [(x.shape[1 + d] - window[d]) // window_strides[d] + 1 for d in range(len(window))]
-        slices = [lax.slice(x, (0, *offset, 0),
-                            (x.shape[0], *[o + (n - 1) * s + 1 for o, n, s in zip(offset, out, window_strides)],
-                             x.shape[-1]), (1, *window_strides, 1))
-                  for offset in itertools.product(*(range(k) for k in window))]
-        patches = jnp.concatenate(slices, axis=-1)  # [N, out..., prod(window) * C], window-major
-        # A 2-D matrix product (XLA:CPU runs bf16 x bf16 -> f32 only as a plain 2-D dot).
-        y = dot_general(patches.reshape(-1, patches.shape[-1]), w.reshape(-1, w.shape[-1]),
-                        (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=preferred_element_type)
-        y = y.reshape(*patches.shape[:-1], w.shape[-1])
+        slices_of = [((0, *offset, 0),
+                      (x.shape[0], *(o + (n - 1) * s + 1 for o, n, s in zip(offset, out, window_strides)), x.shape[-1]),
+                      (1, *window_strides, 1))
+                     for offset in itertools.product(*(range(k) for k in window))]
+        slices = [lax.slice(x, *where) for where in slices_of]
+        w2d = w.reshape(-1, w.shape[-1])
+        if (dot_general is lax.dot_general and preferred_element_type is None
+                and w2d.shape[0] <= SMALL_CONTRACTION):
+            y = _small_contraction_conv(x, w2d, tuple(slices_of))
+        else:
+            patches = jnp.concatenate(slices, axis=-1)  # [N, out..., prod(window) * C], window-major
+            # A 2-D matrix product (XLA:CPU runs bf16 x bf16 -> f32 only as a plain 2-D dot).
+            y = dot_general(patches.reshape(-1, patches.shape[-1]), w2d,
+                            (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=preferred_element_type)
+            y = y.reshape(*patches.shape[:-1], w.shape[-1])
         # back from N, spatial..., O to the requested output layout
         order = (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1])
         return y.transpose(tuple(int(i) for i in np.argsort(order)))
 
     return conv
+
+
+# A convolution whose contraction (kh*kw*in_channels) is at most this small (the first layer of an
+# MNIST CNN: 9) runs its forward pass as that many broadcast multiply-adds in one elementwise
+# fusion instead of a patch matrix and a dot with a 9-long contraction (measured on XLA:CPU,
+# [128,28,28,1] -> 32 channels: 1.2 vs 8.3 ms). Its backward pass stays the im2col one.
+SMALL_CONTRACTION = 16
+
+
+def _patches(x, slices_of):
+    return jnp.concatenate([lax.slice(x, *where) for where in slices_of], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _small_contraction_conv(x, w2d, slices_of):
+    """``patches(x) @ w2d`` for a short contraction, as broadcast multiply-adds (see SMALL_CONTRACTION)."""
+    channels = x.shape[-1]
+    y = None
+    for i, where in enumerate(slices_of):
+        part = lax.slice(x, *where)
+        for c in range(channels):
+            term = part[..., c:c + 1] * w2d[i * channels + c]
+            y = term if y is None else y + term
+    return y
+
+
+def _small_contraction_fwd(x, w2d, slices_of):
+    return _small_contraction_conv(x, w2d, slices_of), (x, w2d)
+
+
+def _small_contraction_bwd(slices_of, residuals, g):
+    x, w2d = residuals
+    def as_dot(x, w2d):
+        patches = _patches(x, slices_of)
+        return (patches.reshape(-1, patches.shape[-1]) @ w2d).reshape(*patches.shape[:-1], w2d.shape[-1])
+    return jax.vjp(as_dot, x, w2d)[1](g)
+
+
+_small_contraction_conv.defvjp(_small_contraction_fwd, _small_contraction_bwd)
 
 
 def _conv_kw(module: nn.Module, name: str, quant_enabled: Any) -> dict[str, Any]:

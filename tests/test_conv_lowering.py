@@ -25,6 +25,32 @@ def test_im2col_conv_equals_lax_conv(layout, strides, padding):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", [("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NCHW")])
+@pytest.mark.parametrize("strides,padding", [((1, 1), "SAME"), ((2, 1), ((1, 2), (0, 1)))])
+def test_short_contraction_conv_and_its_gradients_equal_lax_conv(layout, strides, padding):
+    """A contraction of <= SMALL_CONTRACTION (a first layer: 3x3 x 1 channel, or 2x2 x 2) takes the
+    broadcast multiply-add forward pass; values and both gradients must still be lax.conv's."""
+    rng = np.random.default_rng(1)
+    for lhs_shape, rhs_shape in ([(3, 10, 9, 1), (3, 3, 1, 4)], [(3, 10, 9, 2), (2, 2, 2, 3)]):
+        if layout[0] == "NCHW":
+            lhs_shape, rhs_shape = (lhs_shape[0], lhs_shape[3], *lhs_shape[1:3]), (rhs_shape[3], rhs_shape[2], *rhs_shape[:2])
+        x, w = rng.normal(size=lhs_shape).astype(np.float32), rng.normal(size=rhs_shape).astype(np.float32)
+        cot = None
+
+        def run(conv):
+            nonlocal cot
+            y, vjp = jax.vjp(lambda x, w: conv(x, w, strides, padding, dimension_numbers=layout), x, w)
+            cot = rng.normal(size=y.shape).astype(np.float32) if cot is None else cot
+            return y, *vjp(cot)
+
+        want = run(lax.conv_general_dilated)
+        got = run(im2col_conv())
+        for g, w_ in zip(got, want):
+            np.testing.assert_allclose(g, w_, rtol=1e-5, atol=1e-5)
+        jaxpr = str(jax.make_jaxpr(lambda x, w: im2col_conv()(x, w, strides, padding, dimension_numbers=layout))(x, w))
+        assert "_small_contraction_conv" in jaxpr  # the path under test was taken
+
+
 def test_im2col_conv_refuses_dilation():
     x, w = jnp.ones((1, 5, 5, 1)), jnp.ones((3, 3, 1, 1))
     with pytest.raises(NotImplementedError, match="model.conv=xla"):
