@@ -34,6 +34,8 @@ def test_short_run_learns_and_writes_every_output(mlp_run):
     assert on_disk["steps"] == 600 and on_disk["param_count"] == 784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10
     assert on_disk["model_bytes"] == 4 * on_disk["param_count"] == on_disk["compressed_bytes"]
     assert on_disk["sparsity"] == 0.0
+    # One whole epoch (468 steps) of the 600 was run: its seconds are part of the training time.
+    assert len(on_disk["epoch_seconds"]) == 1 and 0 < on_disk["epoch_seconds"][0] < on_disk["train_seconds"]
     lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     train_steps = [l["step"] for l in lines if "split" not in l]
     assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 600
