@@ -1,9 +1,9 @@
 """The flax-example CNN (conv32-conv64-dense256-dense10, avg-pooled) on MNIST: the speed reference.
 
 Command:  python -m jaxaccel.run exp=mnist_cnn
-Runtime:  ~95 s on a 2-core CPU (4 epochs, warm caches; 80 s of training)
-Accuracy: >= 99.0% test (measured 99.09% with the default model.conv=im2col; 99.05% with
-          model.conv=xla, which took ~175 s)
+Runtime:  ~86 s on a 2-core CPU (4 epochs, warm caches; 77 s of training; 86 and 113 s measured)
+Accuracy: >= 99.0% test (measured 99.04% twice with the default model.conv=im2col; 99.05% with
+          model.conv=xla, which took ~175 s, measured with an earlier data order)
 """
 
 config = {

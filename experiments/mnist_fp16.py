@@ -1,8 +1,8 @@
 """LeNet-300-100 trained in float16 with dynamic loss scaling (float32 master weights and accumulation).
 
 Command:  python -m jaxaccel.run exp=mnist_fp16
-Runtime:  ~19 s on a 2-core CPU (10 epochs; float16 has no native CPU arithmetic)
-Accuracy: >= 97.9% test, within 0.3 pp of mnist_mlp (measured 98.23%, mean of 3 seeds)
+Runtime:  ~15 s on a 2-core CPU (10 epochs; float16 has no native CPU arithmetic)
+Accuracy: >= 97.9% test, within 0.3 pp of mnist_mlp (measured 98.23%, mean of 3 seeds: 98.18, 98.22, 98.28)
 """
 
 config = {

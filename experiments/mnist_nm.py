@@ -1,8 +1,8 @@
 """LeNet-300-100 with 2:4 structured sparsity on every prunable kernel (the sparse-tensor-core layout).
 
 Command:  python -m jaxaccel.run exp=mnist_nm
-Runtime:  ~31 s on a 2-core CPU (15 epochs)
-Accuracy: >= 97.9% test at 50% (2:4) sparsity, within 0.3 pp of mnist_mlp (measured 98.08%, mean of 3 seeds)
+Runtime:  ~17 s on a 2-core CPU (15 epochs)
+Accuracy: >= 97.9% test at 50% (2:4) sparsity, within 0.3 pp of mnist_mlp (measured 98.20%, mean of 3 seeds: 98.16, 98.19, 98.24)
 """
 
 config = {

@@ -1,8 +1,8 @@
 """LeNet-300-100 with int8 quantization-aware training (fake quant, straight-through), exported as int8.
 
 Command:  python -m jaxaccel.run exp=mnist_qat
-Runtime:  ~24 s on a 2-core CPU (10 epochs)
-Accuracy: >= 97.9% test, within 0.3 pp of mnist_mlp (measured 98.21%, mean of 3 seeds)
+Runtime:  ~13 s on a 2-core CPU (10 epochs)
+Accuracy: >= 97.9% test, within 0.3 pp of mnist_mlp (measured 98.21%, mean of 3 seeds: 98.14, 98.26, 98.23)
 """
 
 config = {

@@ -1,8 +1,8 @@
 """LeNet-300-100 trained sparse from scratch with RigL at a constant 90% sparsity (ERK layer mix).
 
 Command:  python -m jaxaccel.run exp=mnist_rigl
-Runtime:  ~43 s on a 2-core CPU (20 epochs)
-Accuracy: >= 97.8% test at 90% sparsity (measured 97.99%, mean of 3 seeds)
+Runtime:  ~31 s on a 2-core CPU (20 epochs)
+Accuracy: >= 97.8% test at 90% sparsity (measured 98.06%, mean of 3 seeds: 97.89, 98.13, 98.15)
 """
 
 config = {

@@ -295,8 +295,8 @@ class _Run:
 
         With the rollback guard the steps run untested from a copy of ``state``; if any had a
         non-finite loss or the state ends non-finite, the group is run again from that copy with
-        the per-step guard, which skips exactly the non-finite steps (so results never depend on
-        the guard). This waits for the group's end: one sync per group, not per step."""
+        the per-step guard, which skips exactly the non-finite steps: the same steps are skipped
+        whichever guard runs. This waits for the group's end: one sync per group, not per step."""
         if not self.rollback:
             return self._run_steps(self.groups, state, images, labels, perm, position, count)
         start = self._copy_state(state)
