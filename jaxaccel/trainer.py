@@ -210,15 +210,18 @@ class _Run:
         # state) and only a group that met a non-finite value is rerun with self.tx (run_group).
         self.rollback = prec.resolve_guard(cfg.precision) == "rollback"
         self.fast_tx = self._optimizer(assume_finite=True) if self.rollback else None
+        # ... and a group in which no mask update is due runs without the mask-update conditional.
+        self.fixed_mask_tx = (self._optimizer(assume_finite=True, refresh=False)
+                              if self.rollback and sparsity.updates_masks(cfg.sparsity) else None)
         root = jax.random.key(cfg.seed)
         self.init_key, self.step_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 2)
 
-    def _optimizer(self, assume_finite: bool = False):
+    def _optimizer(self, assume_finite: bool = False, refresh: bool = True):
         cfg = self.cfg
         return prec.with_precision(freeze(
             sparsity.make_sparsity(cfg.sparsity, make_optimizer(cfg.optim, self.plan.total_steps),
-                                   self.plan.total_steps, seed=cfg.seed), cfg.init.freeze), cfg.precision,
-            assume_finite=assume_finite)
+                                   self.plan.total_steps, seed=cfg.seed, refresh=refresh), cfg.init.freeze),
+            cfg.precision, assume_finite=assume_finite)
 
     # -- state -----------------------------------------------------------------------------------
     def initial_state(self, progress: Progress) -> tuple[step_lib.TrainState, int]:
@@ -263,12 +266,14 @@ class _Run:
 
         if self.rollback:
             self.groups = compile_groups(functools.partial(step_fn, tx=self.fast_tx))
+            self.fixed_mask_groups = (compile_groups(functools.partial(step_fn, tx=self.fixed_mask_tx))
+                                      if self.fixed_mask_tx is not None else None)
             # The guarded groups are compiled only if a group ever needs a rerun.
             self._guarded_groups = functools.cache(lambda: compile_groups(step_fn))
             self._copy_state = jax.jit(lambda s: jax.tree.map(jnp.copy, s))
             self._state_finite = jax.jit(lambda s: prec.all_finite((s.params, s.opt_state)))
         else:
-            self.groups = compile_groups(step_fn)
+            self.groups, self.fixed_mask_groups = compile_groups(step_fn), None
         self.flops_per_step = _flops_per_step(self.groups)
         eval_fn = step_lib.make_eval(self.eval_model.apply, self.cfg.train.eval_batch_size, par.batch_sharding, axis)
         self.eval_one = par.compile(eval_fn, (state.params, *test, np.int32(0)), donate=False)
@@ -300,11 +305,22 @@ class _Run:
         if not self.rollback:
             return self._run_steps(self.groups, state, images, labels, perm, position, count)
         start = self._copy_state(state)
-        new, sums = self._run_steps(self.groups, state, images, labels, perm, position, count)
+        groups = self.groups if self._mask_update_due(state, count) else self.fixed_mask_groups
+        new, sums = self._run_steps(groups, state, images, labels, perm, position, count)
         finite_steps = float(self.parallel.host(sums["finite_steps"]))
         if finite_steps == count and bool(local_copy(self._state_finite(new))):
             return new, sums
         return self._run_steps(self._guarded_groups(), start, images, labels, perm, position, count)
+
+    def _mask_update_due(self, state, count: int) -> bool:
+        """Whether the sparsity masks may change in the next ``count`` updates (always True when
+        there are no fixed-mask groups). Counts are the optimizer's, read from the state: in these
+        untested groups every step is an update."""
+        if self.fixed_mask_groups is None:
+            return True
+        first = int(self.parallel.host(sparsity.sparsity_count(state.opt_state)))
+        due = sparsity.mask_update_due(self.cfg.sparsity, self.plan.total_steps, first + np.arange(count))
+        return bool(np.any(np.asarray(due)))
 
     def _run_steps(self, groups, state, images, labels, perm, position: int, count: int):
         if self.plan.loop == "scan":

@@ -174,16 +174,23 @@ def _poison_step(monkeypatch, bad_step: int):
     monkeypatch.setattr(step_lib, "train_step", poisoned)
 
 
-@pytest.mark.parametrize("loop", ["scan", "unroll"])
-def test_rollback_guard_gives_the_per_step_guards_results(tmp_path, monkeypatch, loop):
-    """precision.guard=rollback runs groups untested and reruns one that met a non-finite step:
-    params, metrics and counters must be exactly those of the per-step guard, finite or not."""
+# Gradual pruning with mask updates at steps 5, 10, 15 and 20: groups of 5 steps with and without one.
+_PRUNING = ("sparsity.method=magnitude", "sparsity.target=0.5", "sparsity.start_step=5", "sparsity.end_step=20",
+            "sparsity.update_every=5")
+
+
+@pytest.mark.parametrize("loop,sparse", [("scan", False), ("unroll", False), ("scan", True)])
+def test_rollback_guard_gives_the_per_step_guards_results(tmp_path, monkeypatch, loop, sparse):
+    """precision.guard=rollback runs groups untested (and, with pruning, groups without a mask update
+    due without the mask-update conditional) and reruns one that met a non-finite step: params,
+    masks, metrics and counters must be those of the per-step guard, finite or not."""
     _poison_step(monkeypatch, bad_step=13)
     runs = {}
     for guard in ("step", "rollback"):
         workdir = tmp_path / guard
         summary = jaxaccel.train(_cfg(workdir, "train.steps=30", "train.log_every_steps=5", f"train.loop={loop}",
-                                      "train.steps_per_call=5", "model.features=[16]", f"precision.guard={guard}"))
+                                      "train.steps_per_call=5", "model.features=[16]", f"precision.guard={guard}",
+                                      *(_PRUNING if sparse else ())))
         lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
         runs[guard] = (summary, [l for l in lines if "split" not in l], _final_params(workdir))
     (s_step, lines_step, params_step), (s_roll, lines_roll, params_roll) = runs["step"], runs["rollback"]
@@ -197,7 +204,10 @@ def test_rollback_guard_gives_the_per_step_guards_results(tmp_path, monkeypatch,
     assert s_roll["test_accuracy"] == pytest.approx(s_step["test_accuracy"], abs=2e-4)
     for a, b in zip(jax.tree.leaves(params_step), jax.tree.leaves(params_roll)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(a == 0, b == 0)  # the same entries pruned
         assert np.all(np.isfinite(a))
+    if sparse:  # the mask updates happened (one was in the rerun group 11-15)
+        assert s_roll["sparsity"] == s_step["sparsity"] and s_roll["sparsity"] == pytest.approx(0.5, abs=0.01)
 
 
 def test_consecutive_nonfinite_steps_stop_the_run_and_nothing_nonfinite_is_saved(tmp_path):

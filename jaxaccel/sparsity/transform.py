@@ -34,7 +34,8 @@ from jaxaccel.sparsity import dst as dst_lib
 from jaxaccel.sparsity import masks as masks_lib
 from jaxaccel.sparsity import schedules
 
-__all__ = ["SparsityState", "make_sparsity", "find_masks", "map_param_trees"]
+__all__ = ["SparsityState", "make_sparsity", "find_masks", "map_param_trees", "mask_update_due",
+           "sparsity_count", "updates_masks"]
 
 PRUNE_METHODS = ("magnitude", "random", "saliency")
 DST_METHODS = ("set", "rigl")
@@ -52,6 +53,33 @@ def find_masks(opt_state: Any) -> Any:
     """The mask tree of the first :class:`SparsityState` inside ``opt_state`` (None if none)."""
     nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SparsityState))
     return next((n.masks for n in nodes if isinstance(n, SparsityState)), None)
+
+
+def updates_masks(cfg: Any) -> bool:
+    """Whether the transformation for ``cfg`` ever changes its masks (pruning, DST, thresholding)."""
+    return cfg.method in PRUNE_METHODS + DST_METHODS or cfg.threshold > 0.0
+
+
+def mask_update_due(cfg: Any, total_steps: int, count: Any) -> jax.Array:
+    """Whether the masks may change at the update numbered ``count`` (a scalar or an array of
+    counts; usable on the host). The transformation itself decides with this function."""
+    count = jnp.asarray(count, jnp.int32)
+    due = jnp.zeros(count.shape, jnp.bool_)
+    start, every = int(cfg.start_step), int(cfg.update_every)
+    end = schedules.resolve_end_step(cfg.end_step, total_steps)
+    if cfg.method in PRUNE_METHODS:
+        due |= schedules.is_update_step(cfg.schedule, count, start, end, every)
+    if cfg.method in DST_METHODS:
+        due |= dst_lib.is_dst_update_step(count, start, end, every)
+    if cfg.threshold > 0.0:
+        due |= count == schedules.resolve_threshold_step(cfg.threshold_step, total_steps)
+    return due
+
+
+def sparsity_count(opt_state: Any) -> jax.Array | None:
+    """The update count of the first :class:`SparsityState` inside ``opt_state`` (None if none)."""
+    nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SparsityState))
+    return next((n.count for n in nodes if isinstance(n, SparsityState)), None)
 
 
 def map_param_trees(inner: optax.GradientTransformation, fn, state: Any, params: Any, *rest: Any) -> Any:
@@ -90,12 +118,15 @@ def _select(pred: jax.Array, a: Any, b: Any) -> Any:
 
 
 def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: int, *,
-                  seed: int = 0) -> optax.GradientTransformation:
+                  seed: int = 0, refresh: bool = True) -> optax.GradientTransformation:
     """Wrap ``inner`` with the pruning / DST / threshold behaviour ``cfg`` (a SparsityConfig) asks.
 
     Returns ``inner`` itself when nothing is asked (method none and no threshold; a penalty alone
     only changes the loss, see :func:`jaxaccel.sparsity.penalty`). ``total_steps`` resolves
     ``end_step=None`` (75%) and ``threshold_step=None`` (90%); ``seed`` keys random scores and SET.
+    ``refresh=False``: the masks are never recomputed (no ``lax.cond``, which costs XLA:CPU ~0.2 ms
+    a step even when not taken); only for updates at which :func:`mask_update_due` is False, as the
+    trainer's fixed-mask step groups. Same state either way.
     The update requires ``params``. Make this the outermost transformation (wrap the whole
     optimizer, clipping included): anything that rescales updates after it would break
     ``params + update == 0`` for pruned entries; a wrapper that skips whole steps is fine.
@@ -143,6 +174,8 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
         frozen = ones(params) if thresholding else None
         return SparsityState(jnp.zeros([], jnp.int32), masks, frozen, inner.init(params))
 
+    refresh_masks = refresh
+
     def refresh(step, grads, state, params):
         """New (masks, frozen) at a step where some mask update is due."""
         old, new, frozen = state.masks, state.masks, state.frozen
@@ -176,20 +209,17 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
         if params is None:
             raise ValueError("the sparsity transformation needs params: call tx.update(grads, state, params)")
         step = state.count
-        due = jnp.zeros([], jnp.bool_)
-        if prune:
-            due |= schedules.is_update_step(cfg.schedule, step, start, end, every)
-        if dst:
-            due |= dst_lib.is_dst_update_step(step, start, end, every)
-        if thresholding:
-            due |= step == thr_step
+        due = mask_update_due(cfg, total_steps, step)
         # Only the masks go through the conditional: passing the optimizer state through it makes
         # XLA copy every moment every step. The reset below is an elementwise select that fuses
         # into the optimizer's update (a no-op where the masks did not change).
-        masks, frozen = jax.lax.cond(due, lambda: refresh(step, updates, state, params),
-                                     lambda: (state.masks, state.frozen))
+        if refresh_masks:
+            masks, frozen = jax.lax.cond(due, lambda: refresh(step, updates, state, params),
+                                         lambda: (state.masks, state.frozen))
+        else:  # refresh=False: the caller runs this only where mask_update_due is False
+            masks, frozen = state.masks, state.frozen
         inner_state = state.inner_state
-        if regrows:
+        if regrows and refresh_masks:
             inner_state = map_param_trees(inner, reset, inner_state, params, state.masks, masks)
         active = _and(masks, state.masks)
         grads = masks_lib.apply_masks(updates, active)
