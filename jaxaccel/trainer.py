@@ -212,7 +212,7 @@ class _Run:
         self.fast_tx = self._optimizer(assume_finite=True) if self.rollback else None
         # ... and a group in which no mask update is due runs without the mask-update conditional.
         self.fixed_mask_tx = (self._optimizer(assume_finite=True, refresh=False)
-                              if self.rollback and sparsity.updates_masks(cfg.sparsity) else None)
+                              if self.rollback and sparsity.changes_masks(cfg.sparsity) else None)
         root = jax.random.key(cfg.seed)
         self.init_key, self.step_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 2)
 

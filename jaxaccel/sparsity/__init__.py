@@ -20,12 +20,12 @@ from jaxaccel.sparsity.schedules import (
     resolve_threshold_step, sparsity_fraction,
 )
 from jaxaccel.sparsity.transform import (
-    SparsityState, find_masks, make_sparsity, map_param_trees, mask_update_due, sparsity_count, updates_masks,
+    SparsityState, find_masks, make_sparsity, map_param_trees, mask_update_due, sparsity_count, changes_masks,
 )
 
 __all__ = [
     "make_sparsity", "SparsityState", "find_masks", "map_param_trees", "mask_update_due", "sparsity_count",
-    "updates_masks", "penalty", "group_norms",
+    "changes_masks", "penalty", "group_norms",
     "report", "prunable_mask_tree", "prunable_tree", "path_name", "compute_masks", "apply_masks",
     "keep_top", "unstructured_mask", "nm_mask", "block_mask", "channel_mask", "structured_mask",
     "global_unstructured_masks", "magnitude_masks", "random_masks", "saliency_masks", "nm_masks",

@@ -35,7 +35,7 @@ from jaxaccel.sparsity import masks as masks_lib
 from jaxaccel.sparsity import schedules
 
 __all__ = ["SparsityState", "make_sparsity", "find_masks", "map_param_trees", "mask_update_due",
-           "sparsity_count", "updates_masks"]
+           "sparsity_count", "changes_masks"]
 
 PRUNE_METHODS = ("magnitude", "random", "saliency")
 DST_METHODS = ("set", "rigl")
@@ -55,7 +55,7 @@ def find_masks(opt_state: Any) -> Any:
     return next((n.masks for n in nodes if isinstance(n, SparsityState)), None)
 
 
-def updates_masks(cfg: Any) -> bool:
+def changes_masks(cfg: Any) -> bool:
     """Whether the transformation for ``cfg`` ever changes its masks (pruning, DST, thresholding)."""
     return cfg.method in PRUNE_METHODS + DST_METHODS or cfg.threshold > 0.0
 
@@ -174,9 +174,7 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
         frozen = ones(params) if thresholding else None
         return SparsityState(jnp.zeros([], jnp.int32), masks, frozen, inner.init(params))
 
-    refresh_masks = refresh
-
-    def refresh(step, grads, state, params):
+    def recompute(step, grads, state, params):
         """New (masks, frozen) at a step where some mask update is due."""
         old, new, frozen = state.masks, state.masks, state.frozen
         if prune:
@@ -213,13 +211,13 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
         # Only the masks go through the conditional: passing the optimizer state through it makes
         # XLA copy every moment every step. The reset below is an elementwise select that fuses
         # into the optimizer's update (a no-op where the masks did not change).
-        if refresh_masks:
-            masks, frozen = jax.lax.cond(due, lambda: refresh(step, updates, state, params),
+        if refresh:
+            masks, frozen = jax.lax.cond(due, lambda: recompute(step, updates, state, params),
                                          lambda: (state.masks, state.frozen))
         else:  # refresh=False: the caller runs this only where mask_update_due is False
             masks, frozen = state.masks, state.frozen
         inner_state = state.inner_state
-        if regrows and refresh_masks:
+        if regrows and refresh:
             inner_state = map_param_trees(inner, reset, inner_state, params, state.masks, masks)
         active = _and(masks, state.masks)
         grads = masks_lib.apply_masks(updates, active)
