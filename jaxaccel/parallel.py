@@ -147,13 +147,14 @@ class MeshParallel:
         """Replicated results to host NumPy."""
         return local_copy(tree)
 
-    def compile(self, fn: Callable, args: tuple, donate: bool = True):
+    def compile(self, fn: Callable, args: tuple, donate: bool = True, options: dict | None = None):
         """Ahead-of-time compile ``fn(*args)``. With ``donate``, ``fn`` maps the state
         (``args[0]``) to ``(state, metrics)`` and the new state keeps the old one's shardings
-        (so its buffers are reused in place); every other output is replicated."""
+        (so its buffers are reused in place); every other output is replicated. ``options``:
+        XLA compiler options for this executable."""
         out = (self.state_sharding(args[0]), self.replicated) if donate else self.replicated
         jitted = jax.jit(fn, donate_argnums=0 if donate else (), out_shardings=out)
-        return jitted.lower(*args).compile()
+        return jitted.lower(*args).compile(compiler_options=options)
 
 
 class PmapParallel:
@@ -202,12 +203,12 @@ class PmapParallel:
         return jax.tree.map(lambda a: np.asarray(a.addressable_data(0))[0] if getattr(a, "ndim", 0)
                             else np.asarray(a), tree)
 
-    def compile(self, fn: Callable, args: tuple, donate: bool = True):
+    def compile(self, fn: Callable, args: tuple, donate: bool = True, options: dict | None = None):
         """pmap ``fn``; leading arguments are per-device, trailing Python/NumPy scalars broadcast."""
         in_axes = tuple(None if isinstance(a, (int, np.integer)) else 0 for a in args)
         pmapped = jax.pmap(fn, axis_name=self.axis_name, in_axes=in_axes,
                            donate_argnums=0 if donate else ())
-        return pmapped.lower(*args).compile()
+        return pmapped.lower(*args).compile(compiler_options=options)
 
 
 def make_parallel(mode: str, fsdp: bool = False) -> MeshParallel | PmapParallel:

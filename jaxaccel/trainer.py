@@ -51,6 +51,19 @@ _DATA_STREAM = 1  # with (seed, epoch), seeds the data order; init and step keys
 _UNROLLED_WITH_XLA_CONV = ("cnn", "small_cnn")
 
 
+# XLA:CPU (jaxlib 0.10.2) runs dots and reductions as YNNPACK fusions, whose thread-pool hand-off
+# costs more than small ops take: LeNet-300-100's 128x300x100 and 128x100x10 forward dots took
+# 0.15 and 0.12 ms a step (Eigen: 0.07 ms for the same size). Without YNN fusions the MLP's device
+# loop ran 12% faster (bare epoch 0.528-0.537 vs 0.602-0.611 s); the CNN was unchanged within
+# noise, so only the MLP's training steps opt out (benchmarks/README.md).
+_CPU_COMPILER_OPTIONS = {"mlp": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+
+
+def compiler_options(model_name: str, backend: str) -> dict | None:
+    """Measured XLA compiler options for a model's training steps on a backend (None: defaults)."""
+    return _CPU_COMPILER_OPTIONS.get(model_name) if backend == "cpu" else None
+
+
 def default_loop(model_name: str, backend: str, conv: str = "xla") -> tuple[str, int | None]:
     """The measured default (loop, steps_per_call) for a model and conv lowering on a backend."""
     if backend == "cpu" and model_name in _UNROLLED_WITH_XLA_CONV and conv == "xla":
@@ -259,9 +272,10 @@ class _Run:
                   step_key=self.step_key, axis_name=axis)
         args = (state, images, labels, self.epoch_perm(0), np.int32(0), np.int32(1))
         unrolls = [None] if self.plan.loop == "scan" else sorted({1, self.plan.steps_per_call})
+        options = compiler_options(self.cfg.model.name, jax.default_backend())
 
         def compile_groups(fn):
-            return {unroll: par.compile(step_lib.make_train_steps(fn, unroll=unroll, **kw), args)
+            return {unroll: par.compile(step_lib.make_train_steps(fn, unroll=unroll, **kw), args, options=options)
                     for unroll in unrolls}
 
         if self.rollback:
