@@ -53,15 +53,18 @@ _UNROLLED_WITH_XLA_CONV = ("cnn", "small_cnn")
 
 # XLA:CPU (jaxlib 0.10.2) runs dots and reductions as YNNPACK fusions, whose thread-pool hand-off
 # costs more than small ops take: LeNet-300-100's 128x300x100 and 128x100x10 forward dots took
-# 0.15 and 0.12 ms a step (Eigen: 0.07 ms for the same size). Without YNN fusions the MLP's device
-# loop ran 12% faster (bare epoch 0.528-0.537 vs 0.602-0.611 s); the CNN was unchanged within
-# noise, so only the MLP's training steps opt out (benchmarks/README.md).
-_CPU_COMPILER_OPTIONS = {"mlp": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+# 0.15 and 0.12 ms a step (Eigen: 0.07 ms for the same size). Without YNN fusions the dense fp32
+# MLP's device loop ran 12% faster (bare epoch 0.528-0.537 vs 0.602-0.611 s); the CNN was unchanged.
+# Only what was measured opts out: the dense fp32 MLP. bf16 (Eigen has no fast bf16 dot), sparse and
+# QAT variants were not shown faster, so they keep the defaults (benchmarks/README.md).
+_NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-def compiler_options(model_name: str, backend: str) -> dict | None:
-    """Measured XLA compiler options for a model's training steps on a backend (None: defaults)."""
-    return _CPU_COMPILER_OPTIONS.get(model_name) if backend == "cpu" else None
+def compiler_options(cfg: Config, backend: str) -> dict | None:
+    """Measured XLA compiler options for the training steps of ``cfg`` on a backend (None: defaults)."""
+    dense_fp32 = (cfg.precision.params == cfg.precision.compute == "float32" and cfg.quant.mode == "none"
+                  and cfg.sparsity.method == "none" and cfg.sparsity.threshold == 0.0)
+    return _NO_YNN if backend == "cpu" and cfg.model.name == "mlp" and dense_fp32 else None
 
 
 def default_loop(model_name: str, backend: str, conv: str = "xla") -> tuple[str, int | None]:
@@ -272,7 +275,7 @@ class _Run:
                   step_key=self.step_key, axis_name=axis)
         args = (state, images, labels, self.epoch_perm(0), np.int32(0), np.int32(1))
         unrolls = [None] if self.plan.loop == "scan" else sorted({1, self.plan.steps_per_call})
-        options = compiler_options(self.cfg.model.name, jax.default_backend())
+        options = compiler_options(self.cfg, jax.default_backend())
 
         def compile_groups(fn):
             return {unroll: par.compile(step_lib.make_train_steps(fn, unroll=unroll, **kw), args, options=options)

@@ -107,3 +107,15 @@ def test_small_cnn_pooling_equals_flax_pooling(kind):
     np.testing.assert_allclose(_pool2(x, kind), want_fn(x), rtol=1e-6)
     grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) ** 2))(x)
     np.testing.assert_allclose(grad(lambda x: _pool2(x, kind)), grad(want_fn), rtol=1e-6)
+
+
+def test_only_the_dense_fp32_mlp_is_compiled_without_ynn_on_cpu():
+    """The measured choice (benchmarks/README.md): faster for the dense fp32 MLP, no different for
+    the CNN; variants not measured faster (bf16, sparse, QAT) and other backends keep the defaults."""
+    import jaxaccel
+    from jaxaccel.trainer import compiler_options
+    cfg = lambda exp, *o: jaxaccel.experiments.override(jaxaccel.experiments.get(exp), list(o))
+    assert compiler_options(cfg("mnist_mlp"), "cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert compiler_options(cfg("mnist_mlp"), "gpu") is None
+    for exp in ("mnist_bf16", "mnist_rigl", "mnist_nm", "mnist_qat", "mnist_l1", "mnist_cnn"):
+        assert compiler_options(cfg(exp), "cpu") is None, exp
