@@ -49,10 +49,15 @@ class SparsityState(NamedTuple):
     inner_state: Any   # the wrapped optimizer's state
 
 
+def _first_state(opt_state: Any) -> SparsityState | None:
+    nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SparsityState))
+    return next((n for n in nodes if isinstance(n, SparsityState)), None)
+
+
 def find_masks(opt_state: Any) -> Any:
     """The mask tree of the first :class:`SparsityState` inside ``opt_state`` (None if none)."""
-    nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SparsityState))
-    return next((n.masks for n in nodes if isinstance(n, SparsityState)), None)
+    state = _first_state(opt_state)
+    return None if state is None else state.masks
 
 
 def changes_masks(cfg: Any) -> bool:
@@ -78,8 +83,8 @@ def mask_update_due(cfg: Any, total_steps: int, count: Any) -> jax.Array:
 
 def sparsity_count(opt_state: Any) -> jax.Array | None:
     """The update count of the first :class:`SparsityState` inside ``opt_state`` (None if none)."""
-    nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SparsityState))
-    return next((n.count for n in nodes if isinstance(n, SparsityState)), None)
+    state = _first_state(opt_state)
+    return None if state is None else state.count
 
 
 def map_param_trees(inner: optax.GradientTransformation, fn, state: Any, params: Any, *rest: Any) -> Any:
