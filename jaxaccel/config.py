@@ -52,6 +52,9 @@ class ModelConfig(_Section):
     features: list[StrictInt] = Field([300, 100], description="Hidden dense widths of the MLP and of small_cnn.")
     channels: list[StrictInt] = Field([16, 32], min_length=1, description="Conv widths of small_cnn.")
     pool: Literal["avg", "max"] = Field("avg", description="2x2 pooling after each conv of small_cnn.")
+    crop: Optional[StrictInt] = Field(
+        None, ge=1, description="small_cnn: the central crop x crop pixels of each image are its input (part of "
+                                "the model, so it still takes full images; MNIST digits lie in the central ~20x20).")
     conv: Literal["im2col", "xla"] = Field(
         "im2col", description="How convolutions of cnn/small_cnn are lowered: im2col (patches as shifted slices + "
                               "one dot; the measured fastest on CPU, also inside a device loop) or xla (lax.conv).")

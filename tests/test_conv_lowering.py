@@ -109,6 +109,36 @@ def test_small_cnn_pooling_equals_flax_pooling(kind):
     np.testing.assert_allclose(grad(lambda x: _pool2(x, kind)), grad(want_fn), rtol=1e-6)
 
 
+def test_max_pool_of_relu_has_autodiffs_gradient():
+    """d pool(relu(z)) / dz is autodiff's, though the custom gradient skips the tie count: the
+    ReLU's zeros tie four ways in most windows here, and relu's gradient is 0 there."""
+    from jaxaccel.models import _pool2
+    z = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8, 6, 4)).astype(np.float32) - 0.5)
+    g = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4, 3, 4)).astype(np.float32))
+    autodiff = lambda x: x.reshape(3, 4, 2, 3, 2, 4).max(axis=(2, 4))
+    grad = lambda pool: jax.grad(lambda z: jnp.sum(pool(jax.nn.relu(z)) * g))(z)
+    got, want = grad(lambda x: _pool2(x, "max")), grad(autodiff)
+    assert int(jnp.sum(autodiff(jax.nn.relu(z)) == 0)) > 10  # all-zero windows are really there
+    np.testing.assert_array_equal(got, want)
+    # The documented difference: an exact positive tie gives each tied input the whole gradient.
+    tie = jnp.zeros((1, 2, 2, 1)).at[0, 0, :, 0].set(1.0)
+    np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(_pool2(x, "max")))(tie)[0, :, :, 0], [[1, 1], [0, 0]])
+
+
+def test_small_cnn_crop_is_the_central_window():
+    """model.crop feeds the central crop x crop pixels to the same layers; too large a crop is a
+    clear error naming the fix."""
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, size=(2, 28, 28, 1), dtype=np.uint8))
+    cfg = ModelConfig(name="small_cnn", channels=[4, 8], features=[], pool="max")
+    cropped, plain = build_model(cfg.model_copy(update={"crop": 20}), 10), build_model(cfg, 10)
+    params = cropped.init(jax.random.key(0), images)["params"]
+    assert params["Dense_0"]["kernel"].shape == (5 * 5 * 8, 10)  # 20 -> 10 -> 5 pixels
+    np.testing.assert_array_equal(cropped.apply({"params": params}, images),
+                                  plain.apply({"params": params}, images[:, 4:24, 4:24]))
+    with pytest.raises(ValueError, match="model.crop=30 is larger than the 28x28 images"):
+        build_model(cfg.model_copy(update={"crop": 30}), 10).init(jax.random.key(0), images)
+
+
 def test_only_the_dense_fp32_mlp_is_compiled_without_ynn_on_cpu():
     """The measured choice (benchmarks/README.md): faster for the dense fp32 MLP, no different for
     the CNN; variants not measured faster (bf16, sparse, QAT) and other backends keep the defaults."""
