@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import collections
 import gzip
+import os
+import shutil
 import struct
 
 import numpy as np
@@ -60,6 +62,28 @@ def test_cache_is_keyed_by_cache_dir(tmp_path, monkeypatch):
     assert calls == ["train", "test"]
     assert sorted(p.name for p in next((tmp_path / "data").iterdir()).iterdir()) == [
         "meta.json", "test_images.npy", "test_labels.npy", "train_images.npy", "train_labels.npy"]
+
+
+def test_a_copy_with_new_mtimes_reads_the_same_cache(mnist, tmp_path, monkeypatch):
+    """The cache is keyed by what the prepared files hold, not where they are or when they were
+    copied: a re-provisioned copy does not decode 70k PNGs again. Other contents are another cache."""
+    source = SHARED / "tfds" / "mnist" / "3.0.1"
+    copy = tmp_path / "tfds" / "mnist" / "3.0.1"
+    shutil.copytree(source, copy)
+    for f in copy.iterdir():
+        os.utime(f, (1e9, 1e9))  # 2001: not the source's mtimes
+    def no_decoding(*args):
+        raise AssertionError("decoded again instead of reading the cache")
+    monkeypatch.setattr(data, "_decode_split", no_decoding)
+    again = data.load("mnist", data_dir=str(tmp_path / "tfds"))
+    np.testing.assert_array_equal(again.train_images, mnist.train_images)
+
+    root = data._cache_root(None)
+    info = copy / "dataset_info.json"
+    text = info.read_text()
+    info.chmod(0o644)
+    info.write_text(text.replace('"', "'", 1))  # same size, other contents
+    assert data._fingerprint(copy, root) != data._fingerprint(source, root)
 
 
 def test_absent_dataset_names_dataset_dir_and_fix(tmp_path):
