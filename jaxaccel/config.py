@@ -64,6 +64,26 @@ class ModelConfig(_Section):
     vocab_size: StrictInt = Field(32768, ge=16, description="text: hashed word vocabulary of the tokenizer "
                                                             "(the embedding's rows).")
 
+    @pydantic.model_validator(mode="after")
+    def _fields_of_this_model(self) -> "ModelConfig":
+        """A field the chosen architecture does not read may not differ from its default: it would
+        silently do nothing."""
+        unused = [f for f in type(self).model_fields if f != "name" and f not in _MODEL_FIELDS[self.name]
+                  and getattr(self, f) != type(self).model_fields[f].default]
+        if unused:
+            raise ValueError(f"{', '.join(f'model.{f}' for f in unused)} {'does' if len(unused) == 1 else 'do'} "
+                             f"nothing for model.name={self.name} "
+                             f"(it reads {', '.join(sorted(_MODEL_FIELDS[self.name]))}): remove it or choose "
+                             f"another model")
+        return self
+
+
+# The ModelConfig fields each architecture reads (models.build_model).
+_MODEL_FIELDS = {
+    "mlp": {"features"}, "cnn": {"conv"}, "small_cnn": {"channels", "features", "pool", "crop", "conv"},
+    "resnet": {"width", "depth"}, "text_cnn": {"width", "depth", "vocab_size"}, "kws_cnn": {"width", "depth"},
+}
+
 
 class TrainConfig(_Section):
     epochs: StrictInt = Field(10, ge=1, description="Training length in epochs (ignored when steps is set).")

@@ -56,6 +56,19 @@ def test_wrong_values_name_key_value_and_type(override, needle):
     assert needle in str(info.value)
 
 
+@pytest.mark.parametrize("overrides, needle", [
+    (["model.pool=max"], "model.pool does nothing for model.name=mlp (it reads features)"),
+    (["model.name=cnn", "model.channels=[8]", "model.width=4"], "model.channels, model.width do nothing for model.name=cnn"),
+    (["model.name=resnet", "model.crop=20"], "model.crop does nothing for model.name=resnet (it reads depth, width)"),
+])
+def test_model_fields_the_architecture_ignores_are_refused(overrides, needle):
+    with pytest.raises(ConfigError) as info:
+        jaxaccel.experiments.override(Config(), overrides)
+    assert needle in str(info.value)
+    # The same fields are accepted by a model that reads them.
+    jaxaccel.experiments.override(Config(), ["model.name=small_cnn", "model.pool=max", "model.crop=20", "model.channels=[8]"])
+
+
 def test_every_key_is_reachable_by_override():
     cfg = Config()
     for key in valid_keys():
