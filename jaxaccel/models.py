@@ -65,13 +65,12 @@ def im2col_conv(dot_general: Callable = lax.dot_general) -> Callable:
                       (x.shape[0], *(o + (n - 1) * s + 1 for o, n, s in zip(offset, out, window_strides)), x.shape[-1]),
                       (1, *window_strides, 1))
                      for offset in itertools.product(*(range(k) for k in window))]
-        slices = [lax.slice(x, *where) for where in slices_of]
         w2d = w.reshape(-1, w.shape[-1])
         if (dot_general is lax.dot_general and preferred_element_type is None
                 and w2d.shape[0] <= SMALL_CONTRACTION):
             y = _small_contraction_conv(x, w2d, tuple(slices_of))
         else:
-            patches = jnp.concatenate(slices, axis=-1)  # [N, out..., prod(window) * C], window-major
+            patches = _patches(x, slices_of)  # [N, out..., prod(window) * C], window-major
             # A 2-D matrix product (XLA:CPU runs bf16 x bf16 -> f32 only as a plain 2-D dot).
             y = dot_general(patches.reshape(-1, patches.shape[-1]), w2d,
                             (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=preferred_element_type)

@@ -137,6 +137,10 @@ def _check_inputs(cfg: Config, dataset: data_lib.Dataset) -> None:
     problem = input_problem(cfg.model.name, dataset.input_dtype.name, dataset.image_shape)
     if problem:
         raise ConfigError(f"{problem} ({cfg.data.name}): choose a model for this data")
+    if cfg.model.crop and cfg.model.crop > min(dataset.image_shape[:2]):
+        raise ConfigError(f"model.crop={cfg.model.crop} is larger than {cfg.data.name}'s "
+                          f"{dataset.image_shape[0]}x{dataset.image_shape[1]} images: use model.crop <= "
+                          f"{min(dataset.image_shape[:2])} or leave it unset")
     if cfg.augment.enabled and (dataset.input_dtype != np.uint8 or len(dataset.image_shape) != 3):
         raise ConfigError(f"augment.* transforms images; {cfg.data.name} holds {dataset.input_dtype.name} "
                           f"{list(dataset.image_shape)} inputs: leave the augment section off")

@@ -93,6 +93,8 @@ def test_parse_overrides_splits_on_first_equals():
     (["train.epochs=1"], 2, "give exactly one exp=NAME"),
     (["exp=mnist_sparse", "sparsity.method=rigl", "sparsity.structure=nm"], 2,
      "sparsity: method=rigl trains unstructured per-layer masks"),
+    (["exp=mnist_mlp", "model.pool=max"], 2, "model.pool does nothing for model.name=mlp"),
+    (["exp=mnist_fast", "model.crop=30"], 2, "model.crop=30 is larger than mnist's 28x28 images"),
 ])
 def test_cli_bad_input_exits_2_without_traceback(args, code, needle, tmp_path):
     start = time.monotonic()
