@@ -89,7 +89,7 @@ def torch_epoch(name: str, ds, batch: int, steps: int) -> float:
     model = torch_model(name)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    images = torch.from_numpy(ds.train_images).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW, preloaded
+    images = torch.from_numpy(ds.train_inputs).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW, preloaded
     labels = torch.from_numpy(ds.train_labels.astype(np.int64))
     loss_fn = torch.nn.CrossEntropyLoss()
     order = torch.randperm(len(labels))

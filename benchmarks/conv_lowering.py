@@ -5,9 +5,9 @@ MNIST arrays on device, Adam, batch 128) built from ``jaxaccel.models``; only ``
 loop (a device loop of K steps or K unrolled steps) and the precision policy change. Variants
 alternate round by round (drift on a shared machine hits all of them); medians of the rounds.
 
-    python benchmarks/conv_lowering.py [--model cnn] [--rounds 5] [--steps 20] [--variants im2col:scan xla:unroll ...]
+    python benchmarks/conv_lowering.py [--model cnn] [--rounds 5] [--steps 20] [--variants im2col:device_loop xla:unroll ...]
 
-A variant is ``conv:loop[:bf16]`` with conv in {xla, im2col} and loop in {scan, unroll}.
+A variant is ``conv:loop[:bf16]`` with conv in {xla, im2col} and loop in {device_loop, unroll}.
 Needs TFDS_DATA_DIR pointing at prepared MNIST (e.g. ../shared/tfds).
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ from jaxaccel.config import ModelConfig, OptimConfig, PrecisionConfig
 from jaxaccel.models import build_model
 from jaxaccel.optim import make_optimizer
 
-# xla:scan (13-14x slower than xla:unroll, benchmarks/README.md) only when asked: it takes minutes.
-DEFAULT = ["xla:unroll", "im2col:scan", "im2col:unroll", "im2col:scan:bf16"]
+# xla:device_loop (13-14x slower than xla:unroll, benchmarks/README.md) only when asked: it takes minutes.
+DEFAULT = ["xla:unroll", "im2col:device_loop", "im2col:unroll", "im2col:device_loop:bf16"]
 
 
 def build(variant: str, model_cfg: ModelConfig, ds, batch: int, steps: int):
@@ -38,12 +38,12 @@ def build(variant: str, model_cfg: ModelConfig, ds, batch: int, steps: int):
     precision = PrecisionConfig(params="bfloat16", compute="bfloat16") if dtype == ["bf16"] else None
     model = build_model(model_cfg.model_copy(update={"conv": conv}), ds.num_classes, precision)
     tx = make_optimizer(OptimConfig(name="adam"), 1000)
-    params = model.init(jax.random.key(0), jnp.zeros((1, *ds.image_shape), jnp.uint8))["params"]
-    state = step_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-    step_fn = functools.partial(step_lib.train_step, precision=precision)
+    params = model.init(jax.random.key(0), jnp.zeros((1, *ds.input_shape), jnp.uint8))["params"]
+    state = step_lib.TrainState.create(params, tx)
+    step_fn = functools.partial(step_lib.train_step, apply_fn=model.apply, tx=tx, precision=precision)
     run = step_lib.make_train_steps(step_fn, batch_size=batch, batch_sharding=None, step_key=jax.random.key(1),
                                     unroll=steps if loop == "unroll" else None)
-    images, labels = jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels)
+    images, labels = jnp.asarray(ds.train_inputs), jnp.asarray(ds.train_labels)
     perm = jax.random.permutation(jax.random.key(2), len(ds.train_labels))
     args = (state, images, labels, perm, np.int32(0), np.int32(steps))
     t = time.perf_counter()

@@ -7,7 +7,7 @@ so drift on a shared machine hits both; we report medians and the ratio.
 
     python benchmarks/epoch_speed.py [--models mlp cnn] [--repeats 3] [--variants] [--steps N]
 
---variants also times the engine's loop choices (scan / unroll K) for each model.
+--variants also times the engine's loop choices (device_loop / unroll K) for each model.
 Needs TFDS_DATA_DIR pointing at prepared MNIST (e.g. ../shared/tfds).
 """
 from __future__ import annotations
@@ -39,15 +39,15 @@ def plain_epoch(cfg, ds, steps: int | None = None) -> float:
     model = build_model(cfg.model.model_copy(update={"conv": "xla"}), ds.num_classes)  # flax's nn.Conv as is
     steps = steps or len(ds.train_labels) // cfg.train.batch_size
     tx = make_optimizer(cfg.optim, steps)
-    params = model.init(jax.random.key(0), jnp.zeros((1, *ds.image_shape), jnp.uint8))["params"]
-    state = step_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-    step = jax.jit(functools.partial(step_lib.train_step, rng=jax.random.key(0)))
+    params = model.init(jax.random.key(0), jnp.zeros((1, *ds.input_shape), jnp.uint8))["params"]
+    state = step_lib.TrainState.create(params, tx)
+    step = jax.jit(functools.partial(step_lib.train_step, rng=jax.random.key(0), apply_fn=model.apply, tx=tx))
     b = cfg.train.batch_size
     order = np.random.default_rng(0).permutation(len(ds.train_labels))
 
     def batch(i):
         idx = order[i * b:(i + 1) * b]
-        return {"image": ds.train_images[idx], "label": ds.train_labels[idx]}
+        return {"inputs": ds.train_inputs[idx], "labels": ds.train_labels[idx]}
 
     jax.block_until_ready(step(state, batch(0)))  # compile
     t = time.perf_counter()
@@ -94,7 +94,7 @@ def main() -> None:
         ds = data_lib.load(cfg.data.name, cfg.data.dir, cfg.data.cache_dir)
         runs = {"plain": lambda: plain_epoch(cfg, ds, args.steps), "jaxaccel": lambda: engine_epoch(cfg, (), args.steps)}
         if args.variants:
-            for loop, k in (("scan", None), ("unroll", 10), ("unroll", 20), ("unroll", 40)):
+            for loop, k in (("device_loop", None), ("unroll", 10), ("unroll", 20), ("unroll", 40)):
                 extra = [f"train.loop={loop}"] + ([f"train.steps_per_call={k}"] if k else [])
                 runs[f"{loop}{k or ''}"] = functools.partial(engine_epoch, cfg, extra, args.steps)
         times = {k: [] for k in runs}

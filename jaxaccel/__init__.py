@@ -13,13 +13,13 @@ from typing import Any
 __version__ = "0.1.0"
 __all__ = ["train", "experiments", "export", "config", "data", "models", "sparsity", "precision"]
 
-_SUBMODULES = {"experiments", "export", "config", "data", "models", "trainer", "checkpoint", "optim",
+_SUBMODULES = {"experiments", "export", "config", "data", "models", "trainer", "pipeline", "checkpoint", "optim",
                "sparsity", "precision", "parallel", "compression", "step", "metrics"}
 
 
 def __getattr__(name: str) -> Any:
     if name == "train":
-        from jaxaccel.trainer import train
+        from jaxaccel.pipeline import train
         return train
     if name in _SUBMODULES:
         return importlib.import_module(f"jaxaccel.{name}")

@@ -93,8 +93,8 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy targets.")
     steps_per_call: Optional[StrictInt] = Field(
         None, ge=1, description="Training steps per compiled call; null = the measured default for model and backend.")
-    loop: Literal["auto", "scan", "unroll"] = Field(
-        "auto", description="How steps_per_call steps are compiled: a device loop (scan) or unrolled; auto = measured default.")
+    loop: Literal["auto", "device_loop", "unroll"] = Field(
+        "auto", description="How steps_per_call steps are compiled: a device loop (lax.fori_loop) or unrolled; auto = the measured default for model and backend.")
     log_every_steps: StrictInt = Field(100, ge=1, description="Period of training lines in metrics.jsonl.")
     tensorboard: Optional[bool] = Field(
         None, description="TensorBoard event files beside metrics.jsonl: null = when tensorboardX is installed, true = required, false = never.")

@@ -39,24 +39,23 @@ class DataError(RuntimeError):
 
 @dataclass(frozen=True)
 class Dataset:
-    """A labelled dataset held as host arrays and int32 labels. The input fields keep their
-    historical ``images`` names for every kind: uint8 images [N, H, W, C], int32 tokens [N, L] or
-    int16 audio [N, T]."""
+    """A labelled dataset held as host arrays and int32 labels. Inputs are uint8 images
+    [N, H, W, C], int32 tokens [N, L] or int16 audio [N, T]."""
     name: str
-    train_images: np.ndarray
+    train_inputs: np.ndarray
     train_labels: np.ndarray
-    test_images: np.ndarray
+    test_inputs: np.ndarray
     test_labels: np.ndarray
     num_classes: int
 
     @property
-    def image_shape(self) -> tuple[int, ...]:
+    def input_shape(self) -> tuple[int, ...]:
         """The shape of one input (without the batch axis)."""
-        return tuple(self.train_images.shape[1:])
+        return tuple(self.train_inputs.shape[1:])
 
     @property
     def input_dtype(self) -> np.dtype:
-        return self.train_images.dtype
+        return self.train_inputs.dtype
 
 
 @dataclass(frozen=True)
@@ -245,6 +244,7 @@ def load(name: str, data_dir: str | None = None, cache_dir: str | None = None,
             _atomic_save(cache / f"{split}_labels.npy", labels)
         meta = {"name": name, "num_classes": num_classes, "source": str(version_dir), "kind": kind}
         meta_path.write_text(json.dumps(meta))
-    arrays = {f"{s}_{k}": np.load(cache / f"{s}_{k}{suffix if k == 'images' else ''}.npy")
-              for s in ("train", "test") for k in ("images", "labels")}
+    # The cache's file names predate text and audio: "images" holds any kind of input.
+    arrays = {f"{s}_{k}": np.load(cache / f"{s}_{file}{suffix if k == 'inputs' else ''}.npy")
+              for s in ("train", "test") for k, file in (("inputs", "images"), ("labels", "labels"))}
     return Dataset(name=name, num_classes=meta["num_classes"], **arrays)

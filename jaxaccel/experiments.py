@@ -77,8 +77,10 @@ def _not_measured(accuracy: str) -> str | None:
 
 
 def get(name: str) -> Config:
-    """The validated config of experiment ``name``."""
+    """The validated config of experiment ``name`` (refused if the experiment is unavailable)."""
     module = _module(name)
+    if getattr(module, "unavailable", None):
+        raise ConfigError(f"experiment {name}: {module.unavailable}")
     tree = apply_overrides(getattr(module, "config", {}), [])
     tree["experiment"] = name
     try:

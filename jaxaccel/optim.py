@@ -1,4 +1,5 @@
-"""Optimizers and learning-rate schedules from the config, all plain optax."""
+"""Optimizers and learning-rate schedules from the config, all plain optax, and the one place
+where a run's whole optimizer chain is assembled (:func:`build_optimizer`)."""
 from __future__ import annotations
 
 import re
@@ -6,9 +7,11 @@ import re
 import jax
 import optax
 
-from jaxaccel.config import ConfigError, OptimConfig
+from jaxaccel import precision as prec
+from jaxaccel import sparsity
+from jaxaccel.config import Config, ConfigError, OptimConfig
 
-__all__ = ["make_schedule", "make_optimizer", "freeze"]
+__all__ = ["make_schedule", "make_optimizer", "freeze", "build_optimizer"]
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -68,3 +71,21 @@ def freeze(tx: optax.GradientTransformation, patterns: list[str] | tuple[str, ..
         return jax.tree.map(lambda f: "frozen" if f else "train", frozen)
 
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def build_optimizer(cfg: Config, total_steps: int, *, assume_finite: bool = False,
+                    refresh: bool = True) -> optax.GradientTransformation:
+    """The run's optimizer, wrapped in this order, innermost first:
+
+    1. the optimizer ``cfg.optim`` names (schedule, weight decay, clipping);
+    2. sparsity masking (nothing may rescale updates after the masks are applied);
+    3. freezing (a frozen weight is not even pruned);
+    4. loss scaling and the non-finite guard (they skip whole steps, so they see everything).
+
+    ``assume_finite`` builds the guard without its per-step test (the rollback guard's fast half);
+    ``refresh=False`` builds the sparsity transform without its mask-update branch (for step groups
+    in which no mask update is due). Both keep the same state structure as the default.
+    """
+    inner = make_optimizer(cfg.optim, total_steps)
+    masked = sparsity.make_sparsity(cfg.sparsity, inner, total_steps, seed=cfg.seed, refresh=refresh)
+    return prec.with_precision(freeze(masked, cfg.init.freeze), cfg.precision, assume_finite=assume_finite)

@@ -62,7 +62,10 @@ def _train(cfg, overrides: list[str]) -> int:
     from jaxaccel.checkpoint import CheckpointMismatch, CheckpointUnreadable
     from jaxaccel.config import ConfigError
     from jaxaccel.data import DataError
-    from jaxaccel.trainer import DistributedError, NonFiniteError, Preempted, ReplicaMismatch, train
+    from jaxaccel.parallel import ReplicaMismatch
+    from jaxaccel.pipeline import train
+    from jaxaccel.precision import NonFiniteError
+    from jaxaccel.runtime import DistributedError, Preempted
 
     try:
         summary = train(cfg, overrides)

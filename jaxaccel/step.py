@@ -1,12 +1,12 @@
-"""The pure training and evaluation steps, and the compiled groups of steps the loop calls.
+"""The pure training and evaluation steps, and the groups of steps one compiled call runs.
 
-``train_step(state, batch, rng) -> (state, metrics)`` is one optimizer step and knows nothing about
+``train_step(state, batch, rng) -> (state, measurements)`` is one optimizer step and knows nothing about
 devices. :func:`make_train_steps` wraps it into one compiled call that runs several steps with the
 whole dataset already on the device: each batch is gathered on device from the epoch's permutation,
 so there is no host round trip per step, and the train state is donated so XLA updates it in place.
 
 How the steps of one call are compiled is a measured choice (see benchmarks/README.md): a device
-loop (``scan``; one compile serves any number of steps) or an unrolled block (``unroll``; XLA:CPU
+loop (``device_loop``, a ``lax.fori_loop``; one compile serves any number of steps) or an unrolled block (``unroll``; XLA:CPU
 runs convolutions much faster outside loop bodies).
 """
 from __future__ import annotations
@@ -14,18 +14,37 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import optax
-from flax.training import train_state
 
 from jaxaccel import augment as augment_lib
 from jaxaccel import precision as prec
 
 __all__ = ["TrainState", "cross_entropy", "train_step", "eval_step", "make_train_steps", "make_eval"]
 
-TrainState = train_state.TrainState
-Metrics = dict[str, jax.Array]
+Measurements = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes, as a plain pytree: the step count, the parameters, the optimizer
+    state and the model's other variables (e.g. batch statistics; empty for most models). The
+    model's apply function and the optimizer are not in it: the step is bound to them."""
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    model_state: Any = flax.struct.field(default_factory=dict)
+
+    @classmethod
+    def create(cls, params: Any, tx: optax.GradientTransformation, model_state: Any = None) -> "TrainState":
+        return cls(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
+                   model_state=dict(model_state or {}))
+
+    def variables(self, params: Any = None) -> dict[str, Any]:
+        """The model's variables: ``params`` (default: the state's own) and the model state."""
+        return {"params": self.params if params is None else params, **self.model_state}
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -36,71 +55,80 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, apply_fn: Callable,
+               tx: optax.GradientTransformation, learning_rate: optax.Schedule | None = None,
                label_smoothing: float = 0.0, axis_name: str | None = None,
                penalty: Callable[[Any], jax.Array] | None = None, precision: Any = None,
-               quant_start_step: int | None = None, augment: Any = None,
-               tx: optax.GradientTransformation | None = None) -> tuple[TrainState, Metrics]:
-    """One optimizer step on ``batch`` ({"image": inputs [B, ...], "label": int32 [B]}).
+               quant_start_step: int | None = None, augment: Any = None) -> tuple[TrainState, Measurements]:
+    """One optimizer step on ``batch`` ({"inputs": [B, ...], "labels": int32 [B]}).
 
-    Inputs are uint8 images [B,H,W,C], int32 tokens [B,L] or int16 audio [B,T]; the model turns
-    them into floats, so the dataset stays in its compact integer form on the device.
+    The model (``apply_fn``) and the optimizer (``tx``) are bound by the caller with
+    ``functools.partial``. Inputs are uint8 images [B,H,W,C], int32 tokens [B,L] or int16 audio
+    [B,T]; the model turns them into floats, so the dataset stays compact on the device.
 
-    ``axis_name``: under pmap, the device axis over which gradients and metrics are averaged
-    (under jit with a sharded batch the compiler inserts that reduction itself), so the
-    optimizer's finiteness check sees the reduced gradients and every replica decides alike.
-    ``penalty``: a regularizer of the params added to the loss (e.g. L1 / group lasso for
-    sparsity); the reported ``loss`` is the task loss, ``penalty`` is reported beside it.
-    ``precision``: a PrecisionConfig whose ``include``-d params are cast for the forward pass
-    (the float32 master weights get float32 gradients through the cast).
+    ``axis_name``: with explicit collectives, the device axis over which gradients and
+    measurements are averaged (under jit with a sharded batch the compiler inserts that reduction
+    itself), so the optimizer's finiteness check sees the reduced gradients on every replica.
+    ``penalty``: a regularizer of the params added to the loss (L1 / group lasso for sparsity);
+    the reported ``loss`` is the task loss, ``penalty`` is reported beside it.
+    ``precision``: a PrecisionConfig whose ``include``-d params are cast for the forward pass.
     ``quant_start_step``: QAT models fake-quantize from this step on.
-    ``augment``: an AugmentConfig; images are randomly augmented with keys drawn from ``rng``
-    (under pmap folded with the device index, so the devices' slices get different draws).
-    ``tx``: apply the gradients with this optimizer instead of ``state.tx`` (it must keep the same
-    state; the trainer passes the unguarded half of the rollback guard).
+    ``augment``: an AugmentConfig; images are augmented with keys drawn from ``rng`` (folded with
+    the device index under explicit collectives, so the devices' slices get different draws).
     The loss is multiplied by the loss scale found in the optimizer state (1 without scaling);
-    the optimizer's loss-scaling wrapper unscales the gradients and skips non-finite steps.
+    the optimizer's loss-scaling wrapper unscales the gradients and skips non-finite steps, and a
+    skipped step leaves the model state (batch statistics) unchanged as well.
+
+    Returns the new state and big_vision-style measurements: loss, accuracy, L2 norms of the
+    gradients, updates and parameters, the learning rate, and the step's finiteness flags.
     """
-    chex.assert_rank(batch["label"], 1)
-    chex.assert_type(batch["label"], jnp.int32)
-    if batch["image"].dtype not in (jnp.uint8, jnp.int32, jnp.int16):
-        raise TypeError(f"inputs must be uint8 images, int32 tokens or int16 audio, got {batch['image'].dtype}")
-    images = batch["image"]
+    chex.assert_rank(batch["labels"], 1)
+    chex.assert_type(batch["labels"], jnp.int32)
+    inputs = batch["inputs"]
+    if inputs.dtype not in (jnp.uint8, jnp.int32, jnp.int16):
+        raise TypeError(f"inputs must be uint8 images, int32 tokens or int16 audio, got {inputs.dtype}")
     if augment is not None and augment.enabled:
         key = jax.random.fold_in(rng, jax.lax.axis_index(axis_name)) if axis_name is not None else rng
-        images = augment_lib.augment(augment, key, images)
+        inputs = augment_lib.augment(augment, key, inputs)
     model_kwargs = {} if quant_start_step is None else {"quant_enabled": state.step >= quant_start_step}
+    mutable = list(state.model_state)
 
     def loss_fn(params):
         compute_params = prec.cast_params(params, precision) if precision is not None else params
-        logits = state.apply_fn({"params": compute_params}, images, **model_kwargs)
-        chex.assert_shape(logits, (images.shape[0], None))
-        loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+        out = apply_fn(state.variables(compute_params), inputs, **model_kwargs, **({"mutable": mutable} if mutable else {}))
+        logits, model_state = out if mutable else (out, state.model_state)
+        chex.assert_shape(logits, (inputs.shape[0], None))
+        loss = cross_entropy(logits, batch["labels"], label_smoothing).mean()
         extra = penalty(params) if penalty is not None else jnp.zeros((), jnp.float32)
-        return prec.scale_loss(loss + extra, state.opt_state), (loss, extra, logits)
+        return prec.scale_loss(loss + extra, state.opt_state), (loss, extra, logits, model_state)
 
-    (_, (loss, extra, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    finite = jnp.isfinite(loss)
-    # Non-finite losses are left out of the sums (their steps are skipped by the optimizer).
-    metrics = {"loss": jnp.where(finite, loss, 0.0),
-               "accuracy": jnp.where(finite, jnp.mean(jnp.argmax(logits, -1) == batch["label"]), 0.0),
-               "finite_steps": finite.astype(jnp.float32)}
+    (_, (loss, extra, logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    measurements = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["labels"])}
     if penalty is not None:
-        metrics["penalty"] = jnp.where(finite, extra, 0.0)
+        measurements["penalty"] = extra
     if axis_name is not None:
-        grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
-    new_state = (state.apply_gradients(grads=grads) if tx is None
-                 else state.replace(tx=tx).apply_gradients(grads=grads).replace(tx=state.tx))
+        grads, measurements, model_state = jax.lax.pmean((grads, measurements, model_state), axis_name)
+    finite = jnp.isfinite(measurements["loss"])
+    measurements["grad_norm"] = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
     # The optimizer's own verdict (its consecutive-skip counter is reset by every applied step):
     # a step can be skipped for non-finite gradients even when its loss is finite.
-    metrics["skipped_steps"] = (prec.nonfinite_steps(new_state.opt_state) > 0).astype(jnp.float32)
-    return new_state, metrics
+    skipped = prec.nonfinite_steps(opt_state) > 0
+    model_state = jax.tree.map(lambda new, old: jnp.where(skipped, old, new), model_state, state.model_state)
+    measurements |= {"update_norm": optax.global_norm(updates), "param_norm": optax.global_norm(params)}
+    if learning_rate is not None:
+        measurements["learning_rate"] = jnp.asarray(learning_rate(state.step), jnp.float32)
+    # Non-finite steps are left out of the sums (the loop averages over finite steps).
+    measurements = {k: jnp.where(finite, v, 0.0).astype(jnp.float32) for k, v in measurements.items()}
+    measurements |= {"finite_steps": finite.astype(jnp.float32), "skipped_steps": skipped.astype(jnp.float32)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state), measurements
 
 
-def eval_step(params: Any, apply_fn: Callable, images: jax.Array, labels: jax.Array,
-              weights: jax.Array) -> Metrics:
+def eval_step(variables: Any, apply_fn: Callable, inputs: jax.Array, labels: jax.Array,
+              weights: jax.Array) -> Measurements:
     """Sums of loss and correct predictions over the examples with weight 1 (padding has 0)."""
-    logits = apply_fn({"params": params}, images)
+    logits = apply_fn(variables, inputs)
     loss = cross_entropy(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     return {"loss_sum": jnp.sum(loss * weights), "correct": jnp.sum(correct * weights),
@@ -126,47 +154,47 @@ def _slice_batch(arrays, perm, position, batch_size, batch_sharding, axis_name):
 
 def make_train_steps(step_fn: Callable, *, batch_size: int, batch_sharding: Any, unroll: int | None,
                      step_key: jax.Array, axis_name: str | None = None) -> Callable:
-    """A jittable ``(state, images, labels, perm, position, count) -> (state, metric sums)``.
+    """A jittable ``(state, inputs, labels, perm, position, count) -> (state, measurement sums)``.
 
     Runs ``count`` steps starting at batch ``position`` of the epoch whose order is ``perm``.
     ``unroll=None``: a device loop, ``count`` may vary without recompiling. ``unroll=K``: K steps
     unrolled, ``count`` must equal K. The step's RNG is ``fold_in(step_key, state.step)``, so a
     step's randomness depends only on (seed, step), however the steps are grouped or resumed.
     """
-    def one_step(state, images, labels, perm, position):
-        image, label = _slice_batch((images, labels), perm, position, batch_size, batch_sharding, axis_name)
-        return step_fn(state, {"image": image, "label": label}, jax.random.fold_in(step_key, state.step))
+    def one_step(state, inputs, labels, perm, position):
+        batch = _slice_batch((inputs, labels), perm, position, batch_size, batch_sharding, axis_name)
+        return step_fn(state, dict(zip(("inputs", "labels"), batch)), jax.random.fold_in(step_key, state.step))
 
-    def add(sums, metrics):
-        return jax.tree.map(jnp.add, sums, metrics)
+    def add(sums, measurements):
+        return jax.tree.map(jnp.add, sums, measurements)
 
-    def run(state, images, labels, perm, position, count):
-        zeros = jax.eval_shape(lambda: one_step(state, images, labels, perm, position)[1])
+    def run(state, inputs, labels, perm, position, count):
+        zeros = jax.eval_shape(lambda: one_step(state, inputs, labels, perm, position)[1])
         sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
         if unroll is None:
             def body(i, carry):
                 state, sums = carry
-                state, metrics = one_step(state, images, labels, perm, position + i)
-                return state, add(sums, metrics)
+                state, measurements = one_step(state, inputs, labels, perm, position + i)
+                return state, add(sums, measurements)
             return jax.lax.fori_loop(0, count, body, (state, sums))
         for i in range(unroll):  # a Python loop: XLA sees one straight-line block
-            state, metrics = one_step(state, images, labels, perm, position + i)
-            sums = add(sums, metrics)
+            state, measurements = one_step(state, inputs, labels, perm, position + i)
+            sums = add(sums, measurements)
         return state, sums
 
     return run
 
 
 def make_eval(apply_fn: Callable, batch_size: int, batch_sharding: Any, axis_name: str | None = None) -> Callable:
-    """A ``(params, images, labels, weights, index) -> metric sums`` over batch ``index``.
+    """A ``(variables, inputs, labels, weights, index) -> measurement sums`` over batch ``index``.
 
     The split is padded to a whole number of batches (padding weighted 0). The loop calls it once
     per batch rather than looping on device, which is slow for convolutions on CPU.
     """
-    def one(params, images, labels, weights, index):
-        batch = _slice_batch((images, labels, weights), jnp.arange(images.shape[0]), index, batch_size,
+    def one(variables, inputs, labels, weights, index):
+        batch = _slice_batch((inputs, labels, weights), jnp.arange(inputs.shape[0]), index, batch_size,
                              batch_sharding, axis_name)
-        sums = eval_step(params, apply_fn, *batch)
+        sums = eval_step(variables, apply_fn, *batch)
         return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
     return one

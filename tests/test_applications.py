@@ -83,13 +83,13 @@ def test_loader_tokenizes_text_and_fixes_audio_length_from_mock_records(tmp_path
         source = tfds.data_source("ag_news_subset", split="test", data_dir=str(tmp_path), download=False)
         records = [source[i] for i in range(N)]
         clips = data.load("speech_commands", data_dir=str(tmp_path))
-    assert ds.num_classes == 4 and ds.test_images.dtype == np.int32 and ds.test_images.shape == (N, 24)
+    assert ds.num_classes == 4 and ds.test_inputs.dtype == np.int32 and ds.test_inputs.shape == (N, 24)
     # Feature keys in sorted order: description, then title.
     want = text.tokenize([f"{r['description']} {r['title']}" for r in records], 1000, 24)
-    np.testing.assert_array_equal(ds.test_images, want)
+    np.testing.assert_array_equal(ds.test_inputs, want)
     np.testing.assert_array_equal(ds.test_labels, [r["label"] for r in records])
-    assert clips.num_classes == 12 and clips.train_images.dtype == np.int16
-    assert clips.train_images.shape == (N, 16000)
+    assert clips.num_classes == 12 and clips.train_inputs.dtype == np.int16
+    assert clips.train_inputs.shape == (N, 16000)
 
 
 def test_speech_kws_runs_under_pmap_on_two_devices(tmp_path):

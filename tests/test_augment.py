@@ -76,10 +76,11 @@ def test_train_step_augments_images_with_its_rng_and_keeps_labels():
     images = jnp.asarray(IMAGES[:, :8, :8])
     labels = jnp.arange(6, dtype=jnp.int32)
     params = model.init(jax.random.key(0), images)["params"]
-    state = step.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1))
+    tx = optax.sgd(0.1)
+    state = step.TrainState.create(params, tx)
     rng = jax.random.key(7)
-    batch = {"image": images, "label": labels}
-    _, metrics = jax.jit(functools.partial(step.train_step, augment=cfg))(state, batch, rng)
+    batch = {"inputs": images, "labels": labels}
+    _, metrics = jax.jit(functools.partial(step.train_step, apply_fn=model.apply, tx=tx, augment=cfg))(state, batch, rng)
     loss = lambda x: step.cross_entropy(model.apply({"params": params}, x), labels).mean()
     np.testing.assert_allclose(metrics["loss"], loss(augment.augment(cfg, rng, images)), rtol=1e-6)
     assert abs(float(metrics["loss"]) - float(loss(images))) > 1e-4

@@ -11,7 +11,7 @@ from jax import lax
 
 from jaxaccel.config import ModelConfig, PrecisionConfig, QuantConfig
 from jaxaccel.models import build_model, im2col_conv
-from jaxaccel.trainer import default_loop
+from jaxaccel.plan import default_loop
 
 
 @pytest.mark.parametrize("layout", [("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NCHW")])
@@ -72,7 +72,7 @@ def test_im2col_model_matches_xla_conv_model(mnist, name, policy):
     precision = PrecisionConfig(params="bfloat16", compute="bfloat16") if policy == "bf16" else None
     quant = QuantConfig(mode="qat") if policy == "qat" else None
     models = {conv: build_model(ModelConfig(name=name, conv=conv), 10, precision, quant) for conv in ("xla", "im2col")}
-    images, labels = mnist.train_images[:16], mnist.train_labels[:16].astype(np.int32)
+    images, labels = mnist.train_inputs[:16], mnist.train_labels[:16].astype(np.int32)
     params = models["xla"].init(jax.random.key(0), images[:1])["params"]
     shapes = lambda p: jax.tree.map(lambda a: (a.shape, a.dtype), p)
     assert shapes(models["im2col"].init(jax.random.key(0), images[:1])["params"]) == shapes(params)
@@ -92,10 +92,10 @@ def test_im2col_model_matches_xla_conv_model(mnist, name, policy):
 
 def test_default_loop_follows_the_conv_lowering():
     assert default_loop("cnn", "cpu", "xla") == ("unroll", 10)  # XLA:CPU convs are slow in loop bodies
-    assert default_loop("cnn", "cpu", "im2col") == ("scan", None)
-    assert default_loop("small_cnn", "cpu", "im2col") == ("scan", None)
-    assert default_loop("mlp", "cpu") == ("scan", None)
-    assert default_loop("cnn", "gpu", "xla") == ("scan", None)
+    assert default_loop("cnn", "cpu", "im2col") == ("device_loop", None)
+    assert default_loop("small_cnn", "cpu", "im2col") == ("device_loop", None)
+    assert default_loop("mlp", "cpu") == ("device_loop", None)
+    assert default_loop("cnn", "gpu", "xla") == ("device_loop", None)
 
 
 @pytest.mark.parametrize("kind", ["avg", "max"])
@@ -143,7 +143,7 @@ def test_only_the_dense_fp32_mlp_is_compiled_without_ynn_on_cpu():
     """The measured choice (benchmarks/README.md): faster for the dense fp32 MLP, no different for
     the CNN; variants not measured faster (bf16, sparse, QAT) and other backends keep the defaults."""
     import jaxaccel
-    from jaxaccel.trainer import compiler_options
+    from jaxaccel.plan import compiler_options
     cfg = lambda exp, *o: jaxaccel.experiments.override(jaxaccel.experiments.get(exp), list(o))
     assert compiler_options(cfg("mnist_mlp"), "cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
     assert compiler_options(cfg("mnist_mlp"), "gpu") is None

@@ -43,7 +43,7 @@ def test_fashion_mnist_loads_by_name():
     ds = data.load("fashion_mnist")
     labels = read_idx(SHARED / "data" / "fashion_mnist" / "t10k-labels-idx1-ubyte.gz")
     np.testing.assert_array_equal(np.bincount(ds.test_labels), np.bincount(labels))
-    assert ds.train_images.shape == (60000, 28, 28, 1)
+    assert ds.train_inputs.shape == (60000, 28, 28, 1)
 
 
 def test_second_load_reads_the_cache_without_decoding(mnist, monkeypatch):
@@ -51,7 +51,7 @@ def test_second_load_reads_the_cache_without_decoding(mnist, monkeypatch):
         raise AssertionError("decoded again instead of reading the cache")
     monkeypatch.setattr(data, "_decode_split", no_decoding)
     again = data.load("mnist")
-    np.testing.assert_array_equal(again.test_images, mnist.test_images)
+    np.testing.assert_array_equal(again.test_inputs, mnist.test_inputs)
 
 
 def test_cache_is_keyed_by_cache_dir(tmp_path, monkeypatch):
@@ -76,7 +76,7 @@ def test_a_copy_with_new_mtimes_reads_the_same_cache(mnist, tmp_path, monkeypatc
         raise AssertionError("decoded again instead of reading the cache")
     monkeypatch.setattr(data, "_decode_split", no_decoding)
     again = data.load("mnist", data_dir=str(tmp_path / "tfds"))
-    np.testing.assert_array_equal(again.train_images, mnist.train_images)
+    np.testing.assert_array_equal(again.train_inputs, mnist.train_inputs)
 
     root = data._cache_root(None)
     info = copy / "dataset_info.json"
@@ -114,7 +114,7 @@ def test_text_caches_are_named_by_their_tokenizer_settings(tmp_path, monkeypatch
     again = data.load("mnist", cache_dir=str(tmp_path), decoding=data.Decoding(100, 8))
     other = data.load("mnist", cache_dir=str(tmp_path), decoding=data.Decoding(200, 16))
     assert calls == [("train", 100, 8), ("test", 100, 8), ("train", 200, 16), ("test", 200, 16)]
-    assert first.train_images.shape == again.train_images.shape == (4, 8) and again.train_images.max() == 99
-    assert other.train_images.shape == (4, 16) and other.train_images.max() == 199
+    assert first.train_inputs.shape == again.train_inputs.shape == (4, 8) and again.train_inputs.max() == 99
+    assert other.train_inputs.shape == (4, 16) and other.train_inputs.max() == 199
     names = sorted(p.name for p in next((tmp_path / "data").iterdir()).iterdir())
     assert "train_images-words100x8.npy" in names and "test_images-words200x16.npy" in names

@@ -44,7 +44,7 @@ def test_int8_export_predicts_like_the_fake_quant_model(sparse_qat_run, mnist):
     with np.load(workdir / "export" / "params.npz") as npz:
         float_params = traverse_util.unflatten_dict({k: npz[k] for k in npz.files}, sep="/")
     qat_model = build_model(cfg.model, 10, None, cfg.quant)  # fake quantization, as trained
-    images = mnist.test_images[:2000]
+    images = mnist.test_inputs[:2000]
     fake = np.asarray(jax.jit(qat_model.apply)({"params": float_params}, images))
     real = export.load(workdir)(images)
     # int8 x int8 -> int32 accumulation equals fake quant up to float rounding of the rescale.
@@ -61,7 +61,7 @@ def test_sparse_export_round_trips_bitwise_and_the_sparse_path_agrees(tmp_path, 
         dense = {k: npz[k] for k in npz.files}
     for key, value in export.flatten_params(model.params).items():
         np.testing.assert_array_equal(value, dense[key])  # compressed -> dense is exact
-    images = mnist.test_images[:500]
+    images = mnist.test_inputs[:500]
     np.testing.assert_allclose(model.sparse_mlp()(images), model(images), rtol=1e-4, atol=1e-4)
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     last_eval = [l for l in lines if l.get("split") == "test"][-1]

@@ -149,11 +149,11 @@ def test_tensorboard_shows_each_step_once_after_a_resume(source, tmp_path):
 
 
 def test_pretrain_must_name_a_registered_experiment(tmp_path):
-    from jaxaccel import finetune
+    from jaxaccel import pipeline
     cfg = jaxaccel.experiments.override(jaxaccel.experiments.get("fashion_mnist_finetune"),
                                         ["init.pretrain=mnist_mpl train.epochs=1"])
     with pytest.raises(ConfigError, match=r"init.pretrain='mnist_mpl train.epochs=1': unknown experiment 'mnist_mpl'\. Did you mean mnist_mlp"):
-        finetune.pretrain(cfg, tmp_path, print)
+        pipeline.with_pretraining(cfg, tmp_path, print)
     assert not (tmp_path / "pretrained").exists()
 
 

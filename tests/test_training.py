@@ -1,6 +1,7 @@
 """Real training: it learns, it is deterministic, it checkpoints, resumes and exports faithfully."""
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -56,7 +57,7 @@ def test_export_predicts_what_the_trained_model_predicts(mlp_run, mnist):
     restored = checkpointer.manager.restore(600, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     checkpointer.close()
     raw = restored["state"]["params"]
-    images = mnist.test_images[:512]
+    images = mnist.test_inputs[:512]
     reference = np.asarray(jax.jit(MLP(features=(300, 100), num_classes=10).apply)({"params": raw}, images))
     got = model(images)
     # Same params, same XLA program shape: equal up to the last bits of fusion-order rounding.
@@ -64,7 +65,7 @@ def test_export_predicts_what_the_trained_model_predicts(mlp_run, mnist):
     np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(reference, -1))
     for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(raw)):
         np.testing.assert_array_equal(a, np.asarray(b))
-    accuracy = np.mean(np.argmax(model(mnist.test_images), -1) == mnist.test_labels)
+    accuracy = np.mean(np.argmax(model(mnist.test_inputs), -1) == mnist.test_labels)
     assert abs(accuracy - summary["test_accuracy"]) < 1e-6
 
 
@@ -78,9 +79,9 @@ def test_train_step_is_deterministic(mnist):
     model = CNN(num_classes=10)
     tx = make_optimizer(jaxaccel.config.OptimConfig(name="adam"), 10)
     params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1), jnp.uint8))["params"]
-    state = step_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-    batch = {"image": jnp.asarray(mnist.train_images[:32]), "label": jnp.asarray(mnist.train_labels[:32])}
-    step = jax.jit(step_lib.train_step)
+    state = step_lib.TrainState.create(params, tx)
+    batch = {"inputs": jnp.asarray(mnist.train_inputs[:32]), "labels": jnp.asarray(mnist.train_labels[:32])}
+    step = jax.jit(functools.partial(step_lib.train_step, apply_fn=model.apply, tx=tx))
     a = step(state, batch, jax.random.key(1))
     b = step(state, batch, jax.random.key(1))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -96,8 +97,8 @@ def test_resumed_run_ends_bitwise_equal_to_uninterrupted(mlp_run, tmp_path):
     common = ["checkpoint.every_steps=250", "train.log_every_steps=50"]
     # Same total steps (schedule length), killed at 250: emulate by training 250 of a 600-step run.
     first = _cfg(interrupted, "train.steps=600", *common)
-    import jaxaccel.trainer as trainer
-    original = trainer._Plan.next_boundary
+    from jaxaccel.plan import Plan
+    original = Plan.next_boundary
     stop_at = {"step": 250}
 
     class Stop(Exception):
@@ -108,12 +109,12 @@ def test_resumed_run_ends_bitwise_equal_to_uninterrupted(mlp_run, tmp_path):
             raise Stop()
         return original(self, step)
 
-    trainer._Plan.next_boundary = boundary
+    Plan.next_boundary = boundary
     try:
         with pytest.raises(Stop):
             jaxaccel.train(first)
     finally:
-        trainer._Plan.next_boundary = original
+        Plan.next_boundary = original
     assert Checkpointer(interrupted / "checkpoints", 2).latest_step() == 250
     jaxaccel.train(first)
     for a, b in zip(jax.tree.leaves(_final_params(workdir)), jax.tree.leaves(_final_params(interrupted))):
@@ -127,9 +128,9 @@ def test_resumed_run_ends_bitwise_equal_to_uninterrupted(mlp_run, tmp_path):
 def test_unrolled_steps_match_the_device_loop(tmp_path):
     """The two lowerings of a step group compute the same training (to float rounding)."""
     common = ["train.steps=40", "train.log_every_steps=20", "model.features=[32]"]
-    scan = jaxaccel.train(_cfg(tmp_path / "scan", "train.loop=scan", *common))
+    scan = jaxaccel.train(_cfg(tmp_path / "device_loop", "train.loop=device_loop", *common))
     unroll = jaxaccel.train(_cfg(tmp_path / "unroll", "train.loop=unroll", "train.steps_per_call=8", *common))
-    for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "scan")), jax.tree.leaves(_final_params(tmp_path / "unroll"))):
+    for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "device_loop")), jax.tree.leaves(_final_params(tmp_path / "unroll"))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert abs(scan["test_accuracy"] - unroll["test_accuracy"]) < 0.01
     # Model FLOPs per step, from each lowering's compiled cost analysis (loop body / one-step group),
@@ -179,7 +180,7 @@ _PRUNING = ("sparsity.method=magnitude", "sparsity.target=0.5", "sparsity.start_
             "sparsity.update_every=5")
 
 
-@pytest.mark.parametrize("loop,sparse", [("scan", False), ("unroll", False), ("scan", True)])
+@pytest.mark.parametrize("loop,sparse", [("device_loop", False), ("unroll", False), ("device_loop", True)])
 def test_rollback_guard_gives_the_per_step_guards_results(tmp_path, monkeypatch, loop, sparse):
     """precision.guard=rollback runs groups untested (and, with pruning, groups without a mask update
     due without the mask-update conditional) and reruns one that met a non-finite step: params,

@@ -1,0 +1,76 @@
+"""The step arithmetic of a run, and the measured per-backend defaults it is built from.
+
+Everything here is a pure function of the config, the dataset size and the backend's name, so the
+same plan is made for a real run and for an ahead-of-time compile of it. The measurements behind
+each default are in benchmarks/README.md ("Step groups and loops", "Epoch speed").
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from jaxaccel.config import Config, ConfigError
+
+__all__ = ["Plan", "make_plan", "default_loop", "compiler_options"]
+
+# XLA:CPU's convolutions lose their fast kernels inside a device loop, so the MNIST CNNs with
+# model.conv=xla run as unrolled blocks of 10 steps (as fast as 20, half the compile time).
+_CPU_XLA_CONV_LOOP = ("unroll", 10)
+_UNROLLED_WITH_XLA_CONV = ("cnn", "small_cnn")
+# XLA:CPU's YNNPACK fusions cost more than the dense fp32 MLP's small dots take; measured for
+# that model only, so only it opts out.
+_NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def default_loop(model_name: str, backend: str, conv: str = "xla") -> tuple[str, int | None]:
+    """The measured default ``(loop, steps_per_call)`` for a model and conv lowering on a backend."""
+    if backend == "cpu" and model_name in _UNROLLED_WITH_XLA_CONV and conv == "xla":
+        return _CPU_XLA_CONV_LOOP
+    return ("device_loop", None)
+
+
+def compiler_options(cfg: Config, backend: str) -> dict | None:
+    """Measured XLA compiler options for the training steps of ``cfg`` on a backend (None: XLA's)."""
+    dense_fp32 = (cfg.precision.params == cfg.precision.compute == "float32" and cfg.quant.mode == "none"
+                  and cfg.sparsity.method == "none" and cfg.sparsity.threshold == 0.0)
+    return _NO_YNN if backend == "cpu" and cfg.model.name == "mlp" and dense_fp32 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How a run's steps are grouped into compiled calls, all derived from the config."""
+    steps_per_epoch: int
+    total_steps: int
+    loop: str                   # "device_loop" (one compiled loop, any step count) or "unroll"
+    steps_per_call: int | None  # steps of one unrolled block, or the cap of a device-loop call
+    log_every: int
+    checkpoint_every: int
+
+    def next_boundary(self, step: int) -> int:
+        """Where the step group starting at ``step`` ends: the next log point of the epoch, epoch
+        end, checkpoint multiple or the last step. A pure function of ``step``, so a resumed run
+        groups its steps exactly as an uninterrupted one."""
+        epoch_start = step - step % self.steps_per_epoch
+        pos = step - epoch_start
+        candidates = [epoch_start + (pos // self.log_every + 1) * self.log_every,
+                      epoch_start + self.steps_per_epoch,
+                      (step // self.checkpoint_every + 1) * self.checkpoint_every,
+                      self.total_steps]
+        if self.loop == "device_loop" and self.steps_per_call:
+            candidates.append(step + self.steps_per_call)
+        return min(candidates)
+
+
+def make_plan(cfg: Config, num_train: int, backend: str) -> Plan:
+    """The plan of ``cfg`` over a training split of ``num_train`` examples on ``backend``."""
+    batch = cfg.train.batch_size
+    if batch > num_train:
+        raise ConfigError(f"train.batch_size={batch} is larger than the training split ({num_train} examples)")
+    steps_per_epoch = num_train // batch  # the last partial batch is dropped; each epoch reshuffles
+    loop, per_call = default_loop(cfg.model.name, backend, cfg.model.conv)
+    if cfg.train.loop != "auto":
+        loop = cfg.train.loop
+        per_call = cfg.train.steps_per_call or (None if loop == "device_loop" else 10)
+    elif cfg.train.steps_per_call:
+        per_call = cfg.train.steps_per_call
+    return Plan(steps_per_epoch, cfg.train.steps or cfg.train.epochs * steps_per_epoch, loop, per_call,
+                cfg.train.log_every_steps, cfg.checkpoint.every_steps)

@@ -1,0 +1,131 @@
+"""Everything a run is built from, before its first step: :func:`build` returns a :class:`Setup`.
+
+Distributed runtime and compilation cache, data, devices, the plan, the models and keys; and
+:func:`initial_state` (fresh, resumed from the run's own checkpoint, or started from ``init.from``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccel import data as data_lib
+from jaxaccel import finetune
+from jaxaccel import step as step_lib
+from jaxaccel.checkpoint import Checkpointer
+from jaxaccel.config import Config, ConfigError
+from jaxaccel.models import build_model, input_problem
+from jaxaccel.optim import build_optimizer
+from jaxaccel.parallel import make_parallel
+from jaxaccel.plan import Plan, make_plan
+from jaxaccel.runtime import init_distributed
+
+__all__ = ["Setup", "build", "initial_state", "DATA_STREAM"]
+
+DATA_STREAM = 1  # with (seed, epoch), seeds the data order; init and step keys are streams 0 and 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What one run is built from; every field is set by :func:`build`."""
+    cfg: Config
+    overrides: list[str]
+    started: float             # time.perf_counter() when the run was called
+    workdir: Path
+    is_writer: bool            # process 0 writes metrics, config, summary and export
+    dataset: data_lib.Dataset
+    parallel: Any              # jaxaccel.parallel's strategy: devices, shardings, compile
+    plan: Plan
+    model: Any                 # the flax module trained (its configured conv lowering)
+    eval_model: Any            # the same parameters with XLA's own convolution (faster outside loops)
+    serialize_calls: bool      # CPU with several devices: one multi-device call in flight at a time
+    init_key: jax.Array
+    step_key: jax.Array
+
+
+def _enable_compilation_cache() -> None:
+    """Persistent XLA cache: a repeated run loads its executables instead of compiling them."""
+    if jax.config.jax_compilation_cache_dir is None:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "jaxaccel" / "xla"
+        jax.config.update("jax_compilation_cache_dir", str(cache))
+    # Every executable, also the small ones (init, eval, compression report): with the 0.2 s
+    # default threshold a warm command spent half its start-up recompiling them.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def check_inputs(cfg: Config, dataset: data_lib.Dataset) -> None:
+    """Refuse (exit 2) a model or augmentation that does not fit the dataset's kind of input."""
+    problem = input_problem(cfg.model.name, dataset.input_dtype.name, dataset.input_shape)
+    if problem:
+        raise ConfigError(f"{problem} ({cfg.data.name}): choose a model for this data")
+    if cfg.model.crop and cfg.model.crop > min(dataset.input_shape[:2]):
+        raise ConfigError(f"model.crop={cfg.model.crop} is larger than {cfg.data.name}'s "
+                          f"{dataset.input_shape[0]}x{dataset.input_shape[1]} images: use model.crop <= "
+                          f"{min(dataset.input_shape[:2])} or leave it unset")
+    if cfg.augment.enabled and (dataset.input_dtype != np.uint8 or len(dataset.input_shape) != 3):
+        raise ConfigError(f"augment.* transforms images; {cfg.data.name} holds {dataset.input_dtype.name} "
+                          f"{list(dataset.input_shape)} inputs: leave the augment section off")
+
+
+def build(cfg: Config, overrides: list[str] | None = None) -> Setup:
+    """Start the runtime, load the data and derive everything the loop needs from ``cfg``."""
+    started = time.perf_counter()
+    init_distributed(cfg)
+    _enable_compilation_cache()
+    dataset = data_lib.load(cfg.data.name, cfg.data.dir, cfg.data.cache_dir,
+                            data_lib.Decoding(cfg.model.vocab_size, cfg.data.max_length))
+    parallel = make_parallel(cfg.parallel.mode, cfg.parallel.fsdp)
+    for key in ("batch_size", "eval_batch_size"):
+        if getattr(cfg.train, key) % parallel.size:
+            raise ConfigError(f"train.{key}={getattr(cfg.train, key)} must be a multiple of the "
+                              f"{parallel.size} devices it is split over")
+    check_inputs(cfg, dataset)
+    root = jax.random.key(cfg.seed)
+    return Setup(
+        cfg=cfg, overrides=list(overrides or []), started=started,
+        workdir=Path(cfg.workdir or f"runs/{cfg.experiment or 'run'}"),
+        is_writer=jax.process_index() == 0, dataset=dataset, parallel=parallel,
+        plan=make_plan(cfg, len(dataset.train_labels), jax.default_backend()),
+        model=build_model(cfg.model, dataset.num_classes, cfg.precision, cfg.quant),
+        eval_model=build_model(cfg.model.model_copy(update={"conv": "xla"}), dataset.num_classes,
+                               cfg.precision, cfg.quant),
+        # XLA:CPU runs each device's part of a call on a shared thread pool; with several calls in
+        # flight, threads waiting in one call's all-reduce can starve the devices that have yet
+        # to reach it (seen: a deadlock with 8 emulated devices).
+        serialize_calls=jax.default_backend() == "cpu" and jax.local_device_count() > 1,
+        init_key=jax.random.fold_in(root, 0), step_key=jax.random.fold_in(root, 2))
+
+
+def _create_state(model, tx, input_shape, input_dtype, key) -> step_lib.TrainState:
+    variables = dict(model.init(key, jnp.zeros((1, *input_shape), input_dtype)))
+    params = variables.pop("params")
+    return step_lib.TrainState.create(params, tx, model_state=variables)
+
+
+def initial_state(setup: Setup, checkpointer: Checkpointer,
+                  message: Callable[[str], None]) -> tuple[step_lib.TrainState, int]:
+    """The state the run starts from and its step: the latest checkpoint in the workdir if there
+    is one, else a fresh state (with ``init.from``'s parameters when set)."""
+    cfg, ds = setup.cfg, setup.dataset
+    tx = build_optimizer(cfg, setup.plan.total_steps)
+    create = functools.partial(_create_state, setup.model, tx, ds.input_shape, ds.input_dtype)
+    # The restore target carries the shardings a checkpoint is read into.
+    state = setup.parallel.create_state(create, setup.init_key)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, latest, notes = checkpointer.restore_latest(state, cfg.checkpoint.fallback)
+        for note in notes:
+            message(f"warning: {note}")
+        message(f"resuming from checkpoint step {latest} in {setup.workdir / 'checkpoints'}")
+    elif cfg.init.from_:
+        params = finetune.load_init_params(cfg.init.from_, cfg.init.include, state.params, message)
+        # Under jit, so every leaf is a fresh buffer (the train step donates them all).
+        state = jax.jit(lambda s, p: s.replace(params=p, opt_state=tx.init(p)))(state, params)
+    return setup.parallel.put_state(state), latest or 0
