@@ -109,14 +109,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     if axis_name is not None:
         grads, measurements, model_state = jax.lax.pmean((grads, measurements, model_state), axis_name)
     finite = jnp.isfinite(measurements["loss"])
-    measurements["grad_norm"] = optax.global_norm(grads)
+    measurements["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # The optimizer's own verdict (its consecutive-skip counter is reset by every applied step):
     # a step can be skipped for non-finite gradients even when its loss is finite.
     skipped = prec.nonfinite_steps(opt_state) > 0
     model_state = jax.tree.map(lambda new, old: jnp.where(skipped, old, new), model_state, state.model_state)
-    measurements |= {"update_norm": optax.global_norm(updates), "param_norm": optax.global_norm(params)}
+    measurements |= {"update_norm": optax.tree.norm(updates), "param_norm": optax.tree.norm(params)}
     if learning_rate is not None:
         measurements["learning_rate"] = jnp.asarray(learning_rate(state.step), jnp.float32)
     # Non-finite steps are left out of the sums (the loop averages over finite steps).

@@ -37,3 +37,23 @@ def mlp_run(tmp_path_factory):
         f"workdir={workdir}", "train.steps=600", "checkpoint.every_steps=250", "train.log_every_steps=50"])
     summary = jaxaccel.train(cfg)
     return workdir, cfg, summary
+
+
+# A tiny MLP (one hidden layer of 32) for runs whose outputs, not accuracy, are under test.
+TINY = ["model.features=[32]", "train.batch_size=128", "train.log_every_steps=10"]
+
+
+def train_tiny(workdir: Path, *overrides: str) -> dict:
+    """Train the tiny MLP on MNIST into ``workdir`` with ``overrides``; returns the summary."""
+    import jaxaccel
+    cfg = jaxaccel.experiments.override(jaxaccel.experiments.get("mnist_mlp"),
+                                        [f"workdir={workdir}", *TINY, *overrides])
+    return jaxaccel.train(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A 50-step tiny run with checkpoints at 30 and 50 (the model to fine-tune from, the events to read)."""
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    train_tiny(workdir, "train.steps=50", "checkpoint.every_steps=30")
+    return workdir

@@ -1,17 +1,19 @@
-"""Exports of sparse and quantized runs: the compressed form is what loads, its size is what the
-summary reports, and its predictions equal the trained model's."""
+"""Exports: the compressed form of sparse and quantized runs is what loads, its size is what the
+summary reports, and its predictions equal the trained model's; wrong inputs are refused."""
 from __future__ import annotations
 
 import json
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
 import jaxaccel
 from jaxaccel import export
-from jaxaccel.models import build_model
+from jaxaccel.checkpoint import Checkpointer
+from jaxaccel.models import MLP, build_model
 
 SHORT = ["train.steps=400", "sparsity.start_step=50", "sparsity.end_step=300", "sparsity.update_every=50",
          "model.features=[128,64]"]
@@ -76,3 +78,29 @@ def test_sparse_export_round_trips_bitwise_and_the_sparse_path_agrees(tmp_path, 
 def test_dense_export_is_not_bigger_than_dense(mlp_run):
     workdir, cfg, summary = mlp_run
     assert export.load(workdir).form == "dense" and summary["compressed_bytes"] == summary["model_bytes"]
+
+
+def test_export_predicts_what_the_trained_model_predicts(mlp_run, mnist):
+    workdir, cfg, summary = mlp_run
+    model = export.load(workdir)
+    # The reference: the last checkpoint's params, restored by orbax, through the flax module.
+    checkpointer = Checkpointer(workdir / "checkpoints", 2)
+    restored = checkpointer.manager.restore(600, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    checkpointer.close()
+    raw = restored["state"]["params"]
+    images = mnist.test_inputs[:512]
+    reference = np.asarray(jax.jit(MLP(features=(300, 100), num_classes=10).apply)({"params": raw}, images))
+    got = model(images)
+    # Same params, same XLA program shape: equal up to the last bits of fusion-order rounding.
+    np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(reference, -1))
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(raw)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    accuracy = np.mean(np.argmax(model(mnist.test_inputs), -1) == mnist.test_labels)
+    assert abs(accuracy - summary["test_accuracy"]) < 1e-6
+
+
+def test_export_rejects_wrong_inputs(mlp_run):
+    model = export.load(mlp_run[0])
+    with pytest.raises(ValueError, match="uint8 images"):
+        model(np.zeros((2, 28, 28, 1), np.float32))

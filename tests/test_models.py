@@ -1,5 +1,5 @@
-"""model.conv=im2col computes what nn.Conv's XLA convolution computes: forward, gradients, with the
-precision policy and QAT, and with the same parameter tree; the default loop follows the lowering."""
+"""The models' own layers: model.conv=im2col computes what nn.Conv's XLA convolution computes
+(forward, gradients, with the precision policy and QAT, the same parameter tree); pooling and crop."""
 from __future__ import annotations
 
 import jax
@@ -11,7 +11,6 @@ from jax import lax
 
 from jaxaccel.config import ModelConfig, PrecisionConfig, QuantConfig
 from jaxaccel.models import build_model, im2col_conv
-from jaxaccel.plan import default_loop
 
 
 @pytest.mark.parametrize("layout", [("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NCHW")])
@@ -90,14 +89,6 @@ def test_im2col_model_matches_xla_conv_model(mnist, name, policy):
     assert abs(float(l_i) - float(l_x)) <= tol * abs(float(l_x))
 
 
-def test_default_loop_follows_the_conv_lowering():
-    assert default_loop("cnn", "cpu", "xla") == ("unroll", 10)  # XLA:CPU convs are slow in loop bodies
-    assert default_loop("cnn", "cpu", "im2col") == ("device_loop", None)
-    assert default_loop("small_cnn", "cpu", "im2col") == ("device_loop", None)
-    assert default_loop("mlp", "cpu") == ("device_loop", None)
-    assert default_loop("cnn", "gpu", "xla") == ("device_loop", None)
-
-
 @pytest.mark.parametrize("kind", ["avg", "max"])
 def test_small_cnn_pooling_equals_flax_pooling(kind):
     """The reshape max pool (fast gradient on XLA:CPU) is nn.max_pool, odd sizes included."""
@@ -139,13 +130,3 @@ def test_small_cnn_crop_is_the_central_window():
         build_model(cfg.model_copy(update={"crop": 30}), 10).init(jax.random.key(0), images)
 
 
-def test_only_the_dense_fp32_mlp_is_compiled_without_ynn_on_cpu():
-    """The measured choice (benchmarks/README.md): faster for the dense fp32 MLP, no different for
-    the CNN; variants not measured faster (bf16, sparse, QAT) and other backends keep the defaults."""
-    import jaxaccel
-    from jaxaccel.plan import compiler_options
-    cfg = lambda exp, *o: jaxaccel.experiments.override(jaxaccel.experiments.get(exp), list(o))
-    assert compiler_options(cfg("mnist_mlp"), "cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
-    assert compiler_options(cfg("mnist_mlp"), "gpu") is None
-    for exp in ("mnist_bf16", "mnist_rigl", "mnist_nm", "mnist_qat", "mnist_l1", "mnist_cnn"):
-        assert compiler_options(cfg(exp), "cpu") is None, exp

@@ -1,0 +1,53 @@
+"""The step arithmetic: where step groups end, how long a run is, what the plan refuses."""
+from __future__ import annotations
+
+import pytest
+
+import jaxaccel
+from jaxaccel.config import ConfigError
+from jaxaccel.plan import Plan, make_plan
+
+
+def _groups(plan: Plan, start: int = 0) -> list[int]:
+    ends, step = [], start
+    while step < plan.total_steps:
+        step = plan.next_boundary(step)
+        ends.append(step)
+    return ends
+
+
+def test_groups_end_at_log_points_epoch_ends_checkpoints_and_the_last_step():
+    plan = Plan(steps_per_epoch=10, total_steps=25, loop="device_loop", steps_per_call=None, log_every=4,
+                checkpoint_every=7)
+    # Log points restart each epoch (4, 8 | 14, 18 | 24), epochs end at 10 and 20, checkpoints at 7, 14, 21.
+    assert _groups(plan) == [4, 7, 8, 10, 14, 18, 20, 21, 24, 25]
+
+
+def test_a_resumed_run_groups_its_steps_as_an_uninterrupted_one():
+    plan = Plan(steps_per_epoch=468, total_steps=2000, loop="unroll", steps_per_call=10, log_every=100,
+                checkpoint_every=250)
+    full = _groups(plan)
+    for resume_at in (250, 500, 1000):
+        assert _groups(plan, resume_at) == [e for e in full if e > resume_at]
+
+
+def test_device_loop_calls_are_capped_by_steps_per_call():
+    plan = Plan(steps_per_epoch=100, total_steps=100, loop="device_loop", steps_per_call=30, log_every=100,
+                checkpoint_every=1000)
+    assert _groups(plan) == [30, 60, 90, 100]
+
+
+def _cfg(*overrides):
+    return jaxaccel.experiments.override(jaxaccel.experiments.get("mnist_mlp"), list(overrides))
+
+
+def test_length_in_epochs_or_steps_and_the_dropped_partial_batch():
+    plan = make_plan(_cfg("train.epochs=3", "train.batch_size=128"), 60000, "cpu")
+    assert (plan.steps_per_epoch, plan.total_steps) == (468, 1404)  # 60000 // 128, the rest dropped
+    assert make_plan(_cfg("train.steps=50"), 60000, "cpu").total_steps == 50
+    assert make_plan(_cfg("train.loop=unroll"), 60000, "cpu").steps_per_call == 10
+
+
+def test_a_batch_larger_than_the_split_is_refused():
+    with pytest.raises(ConfigError, match="train.batch_size=512 is larger than the training split"):
+        make_plan(_cfg("train.batch_size=512"), 100, "cpu")
