@@ -22,9 +22,18 @@ import optax
 from jaxaccel import augment as augment_lib
 from jaxaccel import precision as prec
 
-__all__ = ["TrainState", "cross_entropy", "train_step", "eval_step", "make_train_steps", "make_eval"]
+__all__ = ["TrainState", "cross_entropy", "train_step", "eval_step", "make_train_steps", "make_eval",
+           "combine_measurements"]
 
 Measurements = dict[str, jax.Array]
+# Measurements a step group reduces by maximum rather than by sum.
+_MAX_OVER_GROUP = ("nonfinite_run",)
+
+
+def combine_measurements(a: Measurements, b: Measurements) -> Measurements:
+    """The measurements of two runs of steps as one: sums, and maxima for the longest run of
+    consecutive non-finite steps (so it does not depend on where a group ends)."""
+    return {k: jnp.maximum(a[k], b[k]) if k in _MAX_OVER_GROUP else a[k] + b[k] for k in a}
 
 
 @flax.struct.dataclass
@@ -80,7 +89,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     skipped step leaves the model state (batch statistics) unchanged as well.
 
     Returns the new state and big_vision-style measurements: loss, accuracy, L2 norms of the
-    gradients, updates and parameters, the learning rate, and the step's finiteness flags.
+    gradients, updates and parameters, the learning rate, the step's finiteness flags and the
+    optimizer's count of consecutive non-finite steps after it.
     """
     chex.assert_rank(batch["labels"], 1)
     chex.assert_type(batch["labels"], jnp.int32)
@@ -121,7 +131,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
         measurements["learning_rate"] = jnp.asarray(learning_rate(state.step), jnp.float32)
     # Non-finite steps are left out of the sums (the loop averages over finite steps).
     measurements = {k: jnp.where(finite, v, 0.0).astype(jnp.float32) for k, v in measurements.items()}
-    measurements |= {"finite_steps": finite.astype(jnp.float32), "skipped_steps": skipped.astype(jnp.float32)}
+    measurements |= {"finite_steps": finite.astype(jnp.float32), "skipped_steps": skipped.astype(jnp.float32),
+                     "nonfinite_run": prec.nonfinite_steps(opt_state).astype(jnp.float32)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state), measurements
 
 
@@ -165,9 +176,6 @@ def make_train_steps(step_fn: Callable, *, batch_size: int, batch_sharding: Any,
         batch = _slice_batch((inputs, labels), perm, position, batch_size, batch_sharding, axis_name)
         return step_fn(state, dict(zip(("inputs", "labels"), batch)), jax.random.fold_in(step_key, state.step))
 
-    def add(sums, measurements):
-        return jax.tree.map(jnp.add, sums, measurements)
-
     def run(state, inputs, labels, perm, position, count):
         zeros = jax.eval_shape(lambda: one_step(state, inputs, labels, perm, position)[1])
         sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
@@ -175,11 +183,11 @@ def make_train_steps(step_fn: Callable, *, batch_size: int, batch_sharding: Any,
             def body(i, carry):
                 state, sums = carry
                 state, measurements = one_step(state, inputs, labels, perm, position + i)
-                return state, add(sums, measurements)
+                return state, combine_measurements(sums, measurements)
             return jax.lax.fori_loop(0, count, body, (state, sums))
         for i in range(unroll):  # a Python loop: XLA sees one straight-line block
             state, measurements = one_step(state, inputs, labels, perm, position + i)
-            sums = add(sums, measurements)
+            sums = combine_measurements(sums, measurements)
         return state, sums
 
     return run

@@ -127,13 +127,12 @@ class StepGroups:
                 if self.serialize_calls:
                     jax.block_until_ready(state)
                 position += unroll
-                sums_all = sums if sums_all is None else jax.tree.map(jnp.add, sums_all, sums)
+                sums_all = sums if sums_all is None else step_lib.combine_measurements(sums_all, sums)
         return state, self._with_guard_state(state, sums_all)
 
     @staticmethod
     def _with_guard_state(state, sums):
-        """Add the loss scale and the consecutive non-finite count at the group's end (device
-        values read one group later with the sums, so the host does not wait for them)."""
-        # Copies: the state's own buffers are donated to the next call.
-        return {**sums, "loss_scale": jnp.copy(prec.current_scale(state.opt_state)),
-                "nonfinite_run": jnp.copy(prec.nonfinite_steps(state.opt_state))}
+        """Add the loss scale at the group's end (a device value read one group later with the
+        sums, so the host does not wait for it)."""
+        # A copy: the state's own buffers are donated to the next call.
+        return {**sums, "loss_scale": jnp.copy(prec.current_scale(state.opt_state))}

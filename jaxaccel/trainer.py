@@ -83,6 +83,18 @@ def train(cfg, overrides: list[str] | None = None) -> dict[str, Any]:
     return outputs.finish(setup, state, timings, last_eval, flops)
 
 
+def _nonfinite_advice(cfg) -> str:
+    """What to change after a run of non-finite steps, for the precision mode that ran."""
+    mode = prec.resolve_mode(cfg.precision)
+    if mode == "static":
+        return (f"The static loss scale (precision.loss_scale_init={cfg.precision.loss_scale_init:g}) overflows "
+                "the gradients: lower it, or use precision.loss_scale=dynamic.")
+    if mode == "dynamic":
+        return ("The dynamic loss scale did not recover: lower precision.loss_scale_init, "
+                "lower optim.learning_rate, or set optim.grad_clip_norm.")
+    return "Lower optim.learning_rate, set optim.grad_clip_norm, or use float32/bfloat16."
+
+
 def _lost_peer(error: Exception, checkpointer: Checkpointer) -> DistributedError:
     """With several processes a runtime error is almost always a lost peer (its collectives fail
     with "connection reset" at once): say so instead of a C++ trace."""
@@ -144,7 +156,7 @@ def _loop(setup: setup_lib.Setup, state, step: int, checkpointer: Checkpointer, 
         end, count, sums = pending
         raw = par.host(sums)
         finite, skipped = float(raw.pop("finite_steps")), int(raw.pop("skipped_steps"))
-        scale, run_length = float(raw.pop("loss_scale")), int(raw.pop("nonfinite_run"))
+        scale, run_length = float(raw.pop("loss_scale")), int(raw.pop("nonfinite_run"))  # the group's longest run
         record = {"step": end, **{k: float(v) / max(finite, 1.0) for k, v in raw.items()}}
         if prec.resolve_mode(cfg.precision) != "none":
             record["loss_scale"] = scale
@@ -155,10 +167,9 @@ def _loop(setup: setup_lib.Setup, state, step: int, checkpointer: Checkpointer, 
             writer.write(record)
         if run_length >= cfg.precision.max_nonfinite_steps:
             raise NonFiniteError(
-                f"{run_length} consecutive non-finite steps (loss or gradients), the last at step {end} "
+                f"{run_length} consecutive non-finite steps (loss or gradients) by step {end} "
                 f"(precision.max_nonfinite_steps={cfg.precision.max_nonfinite_steps}); stopped. Nothing "
-                "non-finite was checkpointed or exported. Lower optim.learning_rate, set "
-                "optim.grad_clip_norm, or use float32/bfloat16.")
+                f"non-finite was checkpointed or exported. {_nonfinite_advice(cfg)}")
         progress.update(end, record["loss"] if finite else float("nan"))
 
     # ----------------------------------------------------------------------------------------

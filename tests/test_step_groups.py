@@ -115,3 +115,18 @@ def test_a_step_group_copies_nothing_between_host_and_device(tmp_path, loop):
         state, sums = call(state, inputs, labels, perm, position, count)
         state, sums = call(state, inputs, labels, perm, position, count)
     assert int(state.step) == 2 * steps and float(sums["finite_steps"]) == steps
+
+
+@pytest.mark.parametrize("log_every", [10, 100])
+def test_the_nonfinite_stop_does_not_depend_on_the_log_period(tmp_path, log_every):
+    """A dynamic loss scale started far too high skips ~16 steps in a row before it recovers: with
+    precision.max_nonfinite_steps=10 that stops the run whether a step group ends inside the run
+    of skips (log every 10) or after it has recovered (log every 100)."""
+    from conftest import run_cli
+    out = run_cli("exp=mnist_fp16", f"workdir={tmp_path}", "model.features=[32]", "train.steps=60",
+                  f"train.log_every_steps={log_every}", "precision.loss_scale_init=1e12",
+                  "precision.loss_scale_max=1e12", "precision.max_nonfinite_steps=10")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "consecutive non-finite steps" in out.stderr and "dynamic loss scale" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "summary.json").exists()
