@@ -1,7 +1,8 @@
 """Checkpoints through orbax's CheckpointManager: atomic, kept to ``max_to_keep``, written async.
 
-A checkpoint holds the whole train state (params, optimizer state, step) plus a small JSON record
-(the step and the config it came from). Data order and per-step RNG are pure functions of
+A checkpoint holds the whole train state (params, optimizer state, step, model state) plus a small
+JSON record (the step and the shape of every leaf, to name what differs when a checkpoint does not
+fit the model). Data order and per-step RNG are pure functions of
 (seed, step), so the step is all a resumed run needs to continue exactly where it stopped.
 """
 from __future__ import annotations
@@ -119,6 +120,10 @@ class Checkpointer:
     def meta_for(state: Any, **extra: Any) -> dict[str, Any]:
         """The JSON record saved beside ``state``: its leaf shapes (to detect mismatches) and extras."""
         return {"shapes": {k: list(v) for k, v in _shapes(state).items()}, **extra}
+
+    def wait(self) -> None:
+        """Block until every checkpoint started so far is committed (surfacing write errors)."""
+        self.manager.wait_until_finished()
 
     def close(self) -> None:
         """Wait for async writes (surfacing their errors) and release the manager."""

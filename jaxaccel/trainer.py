@@ -61,25 +61,26 @@ def train(cfg, overrides: list[str] | None = None) -> dict[str, Any]:
     progress = Progress(setup.plan.total_steps, 0, cfg.train.batch_size)
     checkpointer = Checkpointer(setup.workdir / "checkpoints", cfg.checkpoint.max_to_keep)
     writer = None
-    try:
-        # ------------------------------------------------------------------------------------
-        # Initial state: the latest checkpoint, init.from, or fresh.
-        state, step = setup_lib.initial_state(setup, checkpointer, progress.message)
-        if setup.is_writer:
-            writer = MetricsWriter(setup.workdir / "metrics.jsonl", resume_step=step, tensorboard=tensorboard)
-            outputs.write_config(setup, state)
-        with PreemptionNotice() as notice:
+    # The notice spans the checkpoints' commit too: a second SIGTERM cannot cut the final save short.
+    with PreemptionNotice() as notice:
+        try:
+            # --------------------------------------------------------------------------------
+            # Initial state: the latest checkpoint, init.from, or fresh.
+            state, step = setup_lib.initial_state(setup, checkpointer, progress.message)
+            if setup.is_writer:
+                writer = MetricsWriter(setup.workdir / "metrics.jsonl", resume_step=step, tensorboard=tensorboard)
+                outputs.write_config(setup, state)
             state, timings, last_eval, flops = _loop(setup, state, step, checkpointer, writer, progress, notice)
-    except jax.errors.JaxRuntimeError as e:
-        if jax.process_count() == 1:
-            raise
-        raise _lost_peer(e, checkpointer) from None
-    finally:
-        # Also on errors: commit the checkpoints already started, so nothing saved is lost.
-        checkpointer.close()
-        progress.close()
-        if writer:
-            writer.close()
+        except jax.errors.JaxRuntimeError as e:
+            if jax.process_count() == 1:
+                raise
+            raise _lost_peer(e, checkpointer) from None
+        finally:
+            # Also on errors: commit the checkpoints already started, so nothing saved is lost.
+            checkpointer.close()
+            progress.close()
+            if writer:
+                writer.close()
     return outputs.finish(setup, state, timings, last_eval, flops)
 
 
@@ -208,6 +209,8 @@ def _loop(setup: setup_lib.Setup, state, step: int, checkpointer: Checkpointer, 
                 fault_point("save", step)  # the async write is still in flight here
             t_start = time.perf_counter()
         if preempted:
+            # Said only once it is true; a second SIGTERM meanwhile only sets the notice again.
+            checkpointer.wait()
             progress.message(f"SIGTERM: checkpointed step {step}; run the same command again to resume")
             raise Preempted(step)
     if last_eval is None:  # resumed at the end: nothing left to train

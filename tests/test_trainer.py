@@ -118,3 +118,28 @@ def test_init_from_export_copies_matching_params(mlp_run, tmp_path):
     assert summary["test_accuracy"] > 0.9
 
 
+
+
+def test_sigterm_is_announced_once_committed_and_a_second_sigterm_does_not_lose_it(tmp_path):
+    """SIGTERM, then another as soon as the run says it checkpointed: the announced checkpoint is
+    committed (no half-written one left) whatever the second signal does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "jaxaccel.run", "exp=mnist_mlp", f"workdir={tmp_path}",
+                             "train.steps=3000", "checkpoint.every_steps=50", "train.log_every_steps=50"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    announced = None
+    for line in proc.stdout:
+        if line.startswith("step 100/"):  # training is under way: preempt it
+            proc.send_signal(signal.SIGTERM)
+        if line.startswith("SIGTERM: checkpointed step "):
+            proc.send_signal(signal.SIGTERM)
+            announced = int(line.split("step ")[1].split(";")[0])
+            break
+    proc.communicate(timeout=300)
+    assert announced is not None and proc.returncode in (0, -signal.SIGTERM), proc.returncode
+    checkpoints = tmp_path / "checkpoints"
+    assert not list(checkpoints.glob("*tmp*"))
+    assert Checkpointer(checkpoints, 2).latest_step() == announced
