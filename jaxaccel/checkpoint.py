@@ -121,6 +121,10 @@ class Checkpointer:
         """The JSON record saved beside ``state``: its leaf shapes (to detect mismatches) and extras."""
         return {"shapes": {k: list(v) for k, v in _shapes(state).items()}, **extra}
 
+    def meta(self, step: int) -> dict[str, Any]:
+        """The JSON record saved with checkpoint ``step``."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def wait(self) -> None:
         """Block until every checkpoint started so far is committed (surfacing write errors)."""
         self.manager.wait_until_finished()

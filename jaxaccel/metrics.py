@@ -57,6 +57,8 @@ class MetricsWriter:
         lines = self.path.read_text().splitlines() if self.path.exists() and resume_step is not None else []
         kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= resume_step]
         self.path.write_text("".join(l + "\n" for l in kept))
+        # A run resumed at a step it already logged (its last one) must not log that step twice.
+        self._logged = {(r.get("step"), r.get("split", "train")) for r in map(json.loads, kept)}
         self._file: TextIO = self.path.open("a")
         self._events = None
         if tensorboard:
@@ -66,6 +68,9 @@ class MetricsWriter:
                                          purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (and its TensorBoard scalars), unless a kept line has its step and split."""
+        if (record.get("step"), record.get("split", "train")) in self._logged:
+            return
         self._file.write(json.dumps(record, allow_nan=True) + "\n")
         self._file.flush()
         if self._events is not None:

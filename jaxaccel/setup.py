@@ -110,9 +110,10 @@ def _create_state(model, tx, input_shape, input_dtype, key) -> step_lib.TrainSta
 
 
 def initial_state(setup: Setup, checkpointer: Checkpointer,
-                  message: Callable[[str], None]) -> tuple[step_lib.TrainState, int]:
-    """The state the run starts from and its step: the latest checkpoint in the workdir if there
-    is one, else a fresh state (with ``init.from``'s parameters when set)."""
+                  message: Callable[[str], None]) -> tuple[step_lib.TrainState, int, dict[str, Any]]:
+    """The state the run starts from, its step and the record saved with it: the latest checkpoint
+    in the workdir if there is one, else a fresh state (with ``init.from``'s parameters when set)
+    and an empty record."""
     cfg, ds = setup.cfg, setup.dataset
     tx = build_optimizer(cfg, setup.plan.total_steps)
     create = functools.partial(_create_state, setup.model, tx, ds.input_shape, ds.input_dtype)
@@ -128,4 +129,5 @@ def initial_state(setup: Setup, checkpointer: Checkpointer,
         params = finetune.load_init_params(cfg.init.from_, cfg.init.include, state.params, message)
         # Under jit, so every leaf is a fresh buffer (the train step donates them all).
         state = jax.jit(lambda s, p: s.replace(params=p, opt_state=tx.init(p)))(state, params)
-    return setup.parallel.put_state(state), latest or 0
+    meta = checkpointer.meta(latest) if latest is not None else {}
+    return setup.parallel.put_state(state), latest or 0, meta

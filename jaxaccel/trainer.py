@@ -7,6 +7,7 @@ Pretraining another run first (``init.pretrain``) is :mod:`jaxaccel.pipeline`'s 
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -61,16 +62,24 @@ def train(cfg, overrides: list[str] | None = None) -> dict[str, Any]:
     progress = Progress(setup.plan.total_steps, 0, cfg.train.batch_size)
     checkpointer = Checkpointer(setup.workdir / "checkpoints", cfg.checkpoint.max_to_keep)
     writer = None
+    finished = _finished_summary(setup, checkpointer)
+    if finished is not None:
+        progress.message(f"already done: {setup.workdir} holds this run, finished at step {finished['steps']} "
+                         "(every file left as it was); use another workdir to train it again")
+        progress.close()
+        checkpointer.close()
+        return finished
     # The notice spans the checkpoints' commit too: a second SIGTERM cannot cut the final save short.
     with PreemptionNotice() as notice:
         try:
             # --------------------------------------------------------------------------------
             # Initial state: the latest checkpoint, init.from, or fresh.
-            state, step = setup_lib.initial_state(setup, checkpointer, progress.message)
+            state, step, resumed = setup_lib.initial_state(setup, checkpointer, progress.message)
             if setup.is_writer:
                 writer = MetricsWriter(setup.workdir / "metrics.jsonl", resume_step=step, tensorboard=tensorboard)
                 outputs.write_config(setup, state)
-            state, timings, last_eval, flops = _loop(setup, state, step, checkpointer, writer, progress, notice)
+            state, timings, last_eval, flops = _loop(setup, state, step, resumed, checkpointer, writer,
+                                                        progress, notice)
         except jax.errors.JaxRuntimeError as e:
             if jax.process_count() == 1:
                 raise
@@ -82,6 +91,17 @@ def train(cfg, overrides: list[str] | None = None) -> dict[str, Any]:
             if writer:
                 writer.close()
     return outputs.finish(setup, state, timings, last_eval, flops)
+
+
+def _finished_summary(setup: setup_lib.Setup, checkpointer: Checkpointer) -> dict[str, Any] | None:
+    """The summary of this very run if the workdir holds it finished (its last checkpoint, its
+    summary.json and the same config), else None."""
+    summary, config = setup.workdir / "summary.json", setup.workdir / "config.json"
+    if checkpointer.latest_step() != setup.plan.total_steps or not (summary.exists() and config.exists()):
+        return None
+    if json.loads(config.read_text()).get("config") != setup.cfg.to_dict():
+        return None
+    return json.loads(summary.read_text())
 
 
 def _nonfinite_advice(cfg) -> str:
@@ -107,9 +127,10 @@ def _lost_peer(error: Exception, checkpointer: Checkpointer) -> DistributedError
         f"If another process died or was killed, restart every process with the same command: {resume}")
 
 
-def _loop(setup: setup_lib.Setup, state, step: int, checkpointer: Checkpointer, writer: MetricsWriter | None,
-          progress: Progress, notice: PreemptionNotice):
-    """Compile, then train step groups to the end with evaluations and checkpoints on the way."""
+def _loop(setup: setup_lib.Setup, state, step: int, resumed: dict[str, Any], checkpointer: Checkpointer,
+          writer: MetricsWriter | None, progress: Progress, notice: PreemptionNotice):
+    """Compile, then train step groups to the end with evaluations and checkpoints on the way.
+    ``resumed`` is the record of the checkpoint the run resumed from: the training time so far."""
     cfg, plan, ds, par = setup.cfg, setup.plan, setup.dataset, setup.parallel
 
     # ----------------------------------------------------------------------------------------
@@ -141,7 +162,7 @@ def _loop(setup: setup_lib.Setup, state, step: int, checkpointer: Checkpointer, 
             leaves = par.check_replicas(state)
             progress.message(f"step {at_step}: replica check: {leaves} state leaves bit-identical on "
                              f"{par.size} devices, {jax.process_count()} process(es)")
-        record = {"step": at_step, "split": "test", **evaluator(state),
+        record = {"step": at_step, "split": "test", **evaluator(state), "train_seconds": train_seconds,
                   **sparsity.report(local_copy(par.single(state).params), cfg.sparsity)}
         if writer:
             writer.write(record)
@@ -176,9 +197,13 @@ def _loop(setup: setup_lib.Setup, state, step: int, checkpointer: Checkpointer, 
     # ----------------------------------------------------------------------------------------
     # The loop: step groups between log points, epoch ends and checkpoints.
     last_eval, pending, epoch, perm = None, None, None, None
-    first_step, train_seconds, t_start = step, 0.0, time.perf_counter()
-    # Training seconds of each epoch run whole in this process (a resumed partial epoch is left out).
-    epoch_seconds, epoch_mark = [], (train_seconds if step % plan.steps_per_epoch == 0 else None)
+    # Training time over the whole run (kept in each checkpoint's record across restarts), and the
+    # steps it covers; the time of each epoch run whole in one process (a resumed partial epoch is
+    # left out).
+    train_seconds, timed_steps = resumed.get("train_seconds", 0.0), resumed.get("timed_steps", 0)
+    epoch_seconds = list(resumed.get("epoch_seconds", []))
+    first_step, t_start = step, time.perf_counter()
+    epoch_mark = train_seconds if step % plan.steps_per_epoch == 0 else None
     while step < plan.total_steps:
         if step // plan.steps_per_epoch != epoch:
             epoch = step // plan.steps_per_epoch
@@ -205,7 +230,9 @@ def _loop(setup: setup_lib.Setup, state, step: int, checkpointer: Checkpointer, 
             # Checkpoint.
             if at_checkpoint or step == plan.total_steps:
                 single = par.single(state)
-                checkpointer.save(step, single, Checkpointer.meta_for(single, step=step))
+                checkpointer.save(step, single, Checkpointer.meta_for(
+                    single, step=step, train_seconds=train_seconds, timed_steps=timed_steps + step - first_step,
+                    epoch_seconds=epoch_seconds))
                 fault_point("save", step)  # the async write is still in flight here
             t_start = time.perf_counter()
         if preempted:
@@ -215,6 +242,6 @@ def _loop(setup: setup_lib.Setup, state, step: int, checkpointer: Checkpointer, 
             raise Preempted(step)
     if last_eval is None:  # resumed at the end: nothing left to train
         last_eval = evaluate(state, step)
-    timings = {"steps_run": step - first_step, "train_seconds": train_seconds, "compile_seconds": compile_seconds,
+    timings = {"steps_run": timed_steps + step - first_step, "train_seconds": train_seconds, "compile_seconds": compile_seconds,
                "startup": startup, "epoch_seconds": epoch_seconds}
     return state, timings, last_eval, groups.flops_per_step()

@@ -143,3 +143,38 @@ def test_sigterm_is_announced_once_committed_and_a_second_sigterm_does_not_lose_
     checkpoints = tmp_path / "checkpoints"
     assert not list(checkpoints.glob("*tmp*"))
     assert Checkpointer(checkpoints, 2).latest_step() == announced
+
+
+def _snapshot(workdir):
+    return {p.relative_to(workdir): (p.read_bytes(), p.stat().st_mtime_ns) for p in workdir.rglob("*") if p.is_file()}
+
+
+def test_a_finished_run_started_again_changes_nothing(tmp_path):
+    """The same command again: exit 0, 'already done', and every file as it was (bytes and mtimes)."""
+    from conftest import run_cli
+    args = ["exp=mnist_mlp", f"workdir={tmp_path}", "model.features=[16]", "train.steps=60", "checkpoint.every_steps=30"]
+    assert run_cli(*args).returncode == 0
+    before = _snapshot(tmp_path)
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "already done" in again.stdout and "Traceback" not in again.stderr
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_restart_after_the_final_checkpoint_finishes_without_duplicate_lines(tmp_path):
+    """Killed after the final checkpoint, before summary.json: the restart writes the export and a
+    summary whose training time and rate are the run's (kept with the checkpoint), and logs no
+    line twice."""
+    from conftest import run_cli
+    args = ["exp=mnist_mlp", f"workdir={tmp_path}", "model.features=[16]", "train.steps=60", "checkpoint.every_steps=30"]
+    assert run_cli(*args).returncode == 0
+    first = json.loads((tmp_path / "summary.json").read_text())
+    lines = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "summary.json").unlink()  # as if killed between the final checkpoint and the summary
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "metrics.jsonl").read_text() == lines
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("test_accuracy", "steps", "train_seconds", "examples_per_second", "epoch_seconds"):
+        assert summary[key] == first[key], key
+    assert summary["train_seconds"] > 0 and summary["examples_per_second"] > 0
