@@ -7,6 +7,7 @@ fit the model). Data order and per-step RNG are pure functions of
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +60,30 @@ def _quiet_cancelled_io() -> None:
     sys.unraisablehook = lambda u: None if cancelled(u.exc_value) else previous_unraisable(u)
 
 
+class _OrbaxFailureEcho(logging.Filter):
+    """Drops orbax's ERROR log lines about a failed background write: the same error is raised in
+    the main thread at the next save or at close, where the run reports it in one line."""
+    ECHOES = ("_SignalingThread.run() raised an exception", "Handler Commit operations",
+              "Save Finalize thread", "background save thread")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname
+                    and any(echo in record.getMessage() for echo in self.ECHOES))
+
+
+def _quiet_background_failures() -> None:
+    """Idempotent: one filter on absl's logger, and the cancelled-I/O reports dropped."""
+    _quiet_cancelled_io()
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxFailureEcho) for f in logger.filters):
+        logger.addFilter(_OrbaxFailureEcho())
+
+
 class Checkpointer:
     """Saves and restores the train state under ``directory``."""
 
     def __init__(self, directory: str | Path, max_to_keep: int):
+        _quiet_background_failures()
         self.manager = ocp.CheckpointManager(
             Path(directory).absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
@@ -120,6 +141,10 @@ class Checkpointer:
     def meta_for(state: Any, **extra: Any) -> dict[str, Any]:
         """The JSON record saved beside ``state``: its leaf shapes (to detect mismatches) and extras."""
         return {"shapes": {k: list(v) for k, v in _shapes(state).items()}, **extra}
+
+    def committed_steps(self) -> list[int]:
+        """Steps whose checkpoints are fully written, oldest first (read from the directory)."""
+        return sorted(int(p.name) for p in Path(self.manager.directory).iterdir() if p.name.isdigit())
 
     def meta(self, step: int) -> dict[str, Any]:
         """The JSON record saved with checkpoint ``step``."""

@@ -13,9 +13,15 @@ Values parse as YAML (true, 3, 1e-3, [2,4], null). Keys and defaults:
 """
 
 
-def _fail(code: int, message: str) -> int:
+def _fail(code: int, message: str, exit_now: bool = False) -> int:
+    """Print the one-line error; ``exit_now`` skips the interpreter's shutdown (whose unfinished
+    background writes would print their own reports)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     _exit_now_if_multiprocess(code)
+    if exit_now:
+        sys.stdout.flush()
+        import os
+        os._exit(code)
     return code
 
 
@@ -66,6 +72,7 @@ def _train(cfg, overrides: list[str]) -> int:
     from jaxaccel.pipeline import train
     from jaxaccel.precision import NonFiniteError
     from jaxaccel.runtime import DistributedError, Preempted
+    from jaxaccel.trainer import DiskFull
 
     try:
         summary = train(cfg, overrides)
@@ -75,6 +82,8 @@ def _train(cfg, overrides: list[str]) -> int:
         return _fail(3, str(e))
     except (NonFiniteError, DistributedError, CheckpointUnreadable, ReplicaMismatch) as e:
         return _fail(1, str(e))
+    except DiskFull as e:
+        return _fail(1, str(e), exit_now=True)
     except Preempted as e:
         print(f"{e}; run the same command again to resume")
         return 0

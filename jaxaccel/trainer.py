@@ -7,8 +7,10 @@ Pretraining another run first (``init.pretrain``) is :mod:`jaxaccel.pipeline`'s 
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from jaxaccel.precision import NonFiniteError
 from jaxaccel.runtime import DistributedError, PreemptionNotice, Preempted, fault_point
 from jaxaccel.step_groups import StepGroups
 
-__all__ = ["train", "epoch_order"]
+__all__ = ["train", "epoch_order", "DiskFull"]
 
 
 def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
@@ -84,13 +86,49 @@ def train(cfg, overrides: list[str] | None = None) -> dict[str, Any]:
             if jax.process_count() == 1:
                 raise
             raise _lost_peer(e, checkpointer) from None
+        except Exception as e:
+            if _out_of_space(e):
+                raise DiskFull(_disk_full_message(e, setup.workdir, checkpointer)) from None
+            raise
         finally:
-            # Also on errors: commit the checkpoints already started, so nothing saved is lost.
-            checkpointer.close()
+            # Also on errors: commit the checkpoints already started, so nothing saved is lost
+            # (a second report of a write error that is already propagating is not raised again).
+            failing = sys.exc_info()[0] is not None
+            try:
+                checkpointer.close()
+            except Exception as e:
+                if not failing:
+                    if _out_of_space(e):
+                        raise DiskFull(_disk_full_message(e, setup.workdir, checkpointer)) from None
+                    raise
             progress.close()
             if writer:
                 writer.close()
     return outputs.finish(setup, state, timings, last_eval, flops)
+
+
+class DiskFull(OSError):
+    """A write failed for lack of space; what was committed before is kept (the CLI exits 1)."""
+
+
+def _out_of_space(error: BaseException | None) -> bool:
+    """Whether ``error`` (or one it was raised from) is a write that ran out of space."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _disk_full_message(error: BaseException, workdir: Path, checkpointer: Checkpointer) -> str:
+    where = getattr(error, "filename", None) or workdir
+    committed = checkpointer.committed_steps()
+    kept = (f"checkpoints already committed are kept (latest: step {committed[-1]})" if committed
+            else "no checkpoint had been committed yet")
+    return (f"no space left on the device writing under {where}; {kept}. Free space (or choose another "
+            "workdir=) and run the same command again to resume.")
 
 
 def _finished_summary(setup: setup_lib.Setup, checkpointer: Checkpointer) -> dict[str, Any] | None:

@@ -178,3 +178,26 @@ def test_a_restart_after_the_final_checkpoint_finishes_without_duplicate_lines(t
     for key in ("test_accuracy", "steps", "train_seconds", "examples_per_second", "epoch_seconds"):
         assert summary[key] == first[key], key
     assert summary["train_seconds"] > 0 and summary["examples_per_second"] > 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 5 MB tmpfs (room for one checkpoint of LeNet-300-100 with Adam, not two); skipped where
+    this process may not mount one."""
+    import subprocess
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_committed_checkpoint(small_disk):
+    from conftest import run_cli
+    workdir = small_disk / "run"
+    out = run_cli("exp=mnist_mlp", f"workdir={workdir}", "train.steps=150", "checkpoint.every_steps=50")
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: no space left on the device"), out.stderr[-3000:]
+    assert "latest: step 50" in out.stderr
+    assert Checkpointer(workdir / "checkpoints", 2).latest_step() == 50
