@@ -55,9 +55,10 @@ class ModelConfig(_Section):
     crop: Optional[StrictInt] = Field(
         None, ge=1, description="small_cnn: the central crop x crop pixels of each image are its input (part of "
                                 "the model, so it still takes full images; MNIST digits lie in the central ~20x20).")
-    conv: Literal["im2col", "xla"] = Field(
-        "im2col", description="How convolutions of cnn/small_cnn are lowered: im2col (patches as shifted slices + "
-                              "one dot; the measured fastest on CPU, also inside a device loop) or xla (lax.conv).")
+    conv: Literal["auto", "im2col", "xla"] = Field(
+        "auto", description="How convolutions of cnn/small_cnn are lowered: im2col (patches as shifted slices + "
+                            "one dot; measured fastest on XLA:CPU, also inside a device loop), xla (lax.conv: "
+                            "cuDNN/MXU convolutions on accelerators) or auto (im2col on CPU, xla elsewhere).")
     width: StrictInt = Field(16, ge=1, description="resnet/text_cnn/kws_cnn: channels of the first stage.")
     depth: StrictInt = Field(3, ge=1, description="resnet: residual blocks per stage (3: ResNet-20); "
                                                   "text_cnn/kws_cnn: conv layers.")
@@ -239,8 +240,8 @@ class PrecisionConfig(_Section):
         "auto", description="How non-finite steps are skipped. step: every step tests its gradients and a "
         "non-finite one leaves the state untouched. rollback: the same steps skipped, faster: a step group runs "
         "untested from a copy of its start state and is rerun with the per-step test only if it met a "
-        "non-finite loss or state (one extra copy of the state in memory). auto: rollback without loss "
-        "scaling, step with it.")
+        "non-finite loss or state (one extra copy of the state in memory, one host read per group). auto: "
+        "rollback on CPU without loss scaling (where the per-step selects cost copies), step otherwise.")
 
 
 class QuantConfig(_Section):

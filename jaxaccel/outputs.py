@@ -16,6 +16,7 @@ from jaxaccel import export as export_lib
 from jaxaccel import sparsity
 from jaxaccel.models import build_model
 from jaxaccel.parallel import local_copy
+from jaxaccel.plan import with_conv
 from jaxaccel.setup import Setup
 
 __all__ = ["write_config", "finish"]
@@ -61,10 +62,11 @@ def finish(setup: Setup, state: Any, timings: dict[str, Any], last_eval: dict[st
     if setup.is_writer:
         precision = cfg.precision.model_dump() if cfg.precision != type(cfg.precision)() else None
         summary["compressed_bytes"], summary["export_form"] = export_lib.save(
-            setup.workdir / "export", params, model=cfg.model.model_dump(), num_classes=ds.num_classes,
+            setup.workdir / "export", params, model=with_conv(cfg.model, setup.plan.conv).model_dump(),
+            num_classes=ds.num_classes,
             image_shape=ds.input_shape, input_dtype=ds.input_dtype.name, precision=precision,
             quant=cfg.quant.model_dump())
-        plain = build_model(cfg.model.model_copy(update={"conv": "xla"}), ds.num_classes)
+        plain = build_model(with_conv(cfg.model, "xla"), ds.num_classes)
         summary["compression"] = compression.report(params, plain, ds.test_inputs, ds.test_labels, cfg.quant)
         (setup.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -7,18 +7,47 @@ each default are in benchmarks/README.md ("Step groups and loops", "Epoch speed"
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+from jaxaccel import precision as prec
 from jaxaccel.config import Config, ConfigError
 
-__all__ = ["Plan", "make_plan", "default_loop", "compiler_options"]
+__all__ = ["Plan", "make_plan", "default_loop", "default_conv", "default_guard", "with_conv", "compiler_options"]
 
 # XLA:CPU's convolutions lose their fast kernels inside a device loop, so the MNIST CNNs with
 # model.conv=xla run as unrolled blocks of 10 steps (as fast as 20, half the compile time).
 _CPU_XLA_CONV_LOOP = ("unroll", 10)
-_UNROLLED_WITH_XLA_CONV = ("cnn", "small_cnn")
+_UNROLLED_WITH_XLA_CONV = _CONV_MODELS = ("cnn", "small_cnn")
 # XLA:CPU's YNNPACK fusions cost more than the dense fp32 MLP's small dots take; measured for
 # that model only, so only it opts out.
 _NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def default_conv(conv: str, backend: str) -> str:
+    """``model.conv=auto``: im2col where it was measured faster (XLA:CPU, also inside device loops);
+    XLA's own convolution elsewhere (cuDNN on GPU, the MXU on TPU, where im2col's 9x patch tensors
+    would only cost memory and bandwidth)."""
+    if conv != "auto":
+        return conv
+    return "im2col" if backend == "cpu" else "xla"
+
+
+def with_conv(model_cfg: Any, conv: str) -> Any:
+    """``model_cfg`` with its convolution lowering set to ``conv`` (unchanged for models without one)."""
+    if model_cfg.name not in _CONV_MODELS:
+        return model_cfg
+    return model_cfg.model_copy(update={"conv": conv})
+
+
+def default_guard(cfg: Config, backend: str) -> str:
+    """``precision.guard=auto``: the rollback guard on CPU without loss scaling (the per-step
+    selects made XLA:CPU copy the optimizer state every step); the per-step guard with loss scaling
+    (fp16's dynamic scale overflows by design) and off CPU (no copies to save there, and rollback
+    costs a copy of the state in device memory and a host read per group)."""
+    if cfg.precision.guard != "auto":
+        return cfg.precision.guard
+    from_loss_scaling = prec.resolve_mode(cfg.precision) != "none"
+    return "rollback" if backend == "cpu" and not from_loss_scaling else "step"
 
 
 def default_loop(model_name: str, backend: str, conv: str = "xla") -> tuple[str, int | None]:
@@ -40,10 +69,24 @@ class Plan:
     """How a run's steps are grouped into compiled calls, all derived from the config."""
     steps_per_epoch: int
     total_steps: int
-    loop: str                   # "device_loop" (one compiled loop, any step count) or "unroll"
+    loop: str                   # "device_loop" (one compiled loop) or "unroll"
     steps_per_call: int | None  # steps of one unrolled block, or the cap of a device-loop call
     log_every: int
     checkpoint_every: int
+    conv: str = "im2col"        # how convolutions are lowered (model.conv resolved for the backend)
+    guard: str = "rollback"     # "rollback" or "step" (precision.guard resolved for the backend)
+    # Device loops with the trip count compiled in (one executable per group length): off CPU a
+    # loop whose count is a runtime value reads its predicate back to the host every iteration.
+    static_trip_count: bool = False
+
+    def group_lengths(self, start: int = 0) -> list[int]:
+        """The distinct step-group lengths from ``start`` to the end (what a static loop compiles)."""
+        lengths, step = set(), start
+        while step < self.total_steps:
+            end = self.next_boundary(step)
+            lengths.add(end - step)
+            step = end
+        return sorted(lengths)
 
     def next_boundary(self, step: int) -> int:
         """Where the step group starting at ``step`` ends: the next log point of the epoch, epoch
@@ -66,11 +109,13 @@ def make_plan(cfg: Config, num_train: int, backend: str) -> Plan:
     if batch > num_train:
         raise ConfigError(f"train.batch_size={batch} is larger than the training split ({num_train} examples)")
     steps_per_epoch = num_train // batch  # the last partial batch is dropped; each epoch reshuffles
-    loop, per_call = default_loop(cfg.model.name, backend, cfg.model.conv)
+    conv = default_conv(cfg.model.conv, backend)
+    loop, per_call = default_loop(cfg.model.name, backend, conv)
     if cfg.train.loop != "auto":
         loop = cfg.train.loop
         per_call = cfg.train.steps_per_call or (None if loop == "device_loop" else 10)
     elif cfg.train.steps_per_call:
         per_call = cfg.train.steps_per_call
     return Plan(steps_per_epoch, cfg.train.steps or cfg.train.epochs * steps_per_epoch, loop, per_call,
-                cfg.train.log_every_steps, cfg.checkpoint.every_steps)
+                cfg.train.log_every_steps, cfg.checkpoint.every_steps, conv=conv, guard=default_guard(cfg, backend),
+                static_trip_count=loop == "device_loop" and backend != "cpu")

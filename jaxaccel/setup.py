@@ -24,7 +24,7 @@ from jaxaccel.config import Config, ConfigError
 from jaxaccel.models import build_model, input_problem
 from jaxaccel.optim import build_optimizer
 from jaxaccel.parallel import make_parallel
-from jaxaccel.plan import Plan, make_plan
+from jaxaccel.plan import Plan, make_plan, with_conv
 from jaxaccel.runtime import init_distributed
 
 __all__ = ["Setup", "build", "initial_state", "DATA_STREAM"]
@@ -43,7 +43,7 @@ class Setup:
     dataset: data_lib.Dataset
     parallel: Any              # jaxaccel.parallel's strategy: devices, shardings, compile
     plan: Plan
-    model: Any                 # the flax module trained (its configured conv lowering)
+    model: Any                 # the flax module trained (with the plan's conv lowering)
     eval_model: Any            # the same parameters with XLA's own convolution (faster outside loops)
     serialize_calls: bool      # CPU with several devices: one multi-device call in flight at a time
     init_key: jax.Array
@@ -88,14 +88,13 @@ def build(cfg: Config, overrides: list[str] | None = None) -> Setup:
                               f"{parallel.size} devices it is split over")
     check_inputs(cfg, dataset)
     root = jax.random.key(cfg.seed)
+    plan = make_plan(cfg, len(dataset.train_labels), jax.default_backend())
     return Setup(
         cfg=cfg, overrides=list(overrides or []), started=started,
         workdir=Path(cfg.workdir or f"runs/{cfg.experiment or 'run'}"),
-        is_writer=jax.process_index() == 0, dataset=dataset, parallel=parallel,
-        plan=make_plan(cfg, len(dataset.train_labels), jax.default_backend()),
-        model=build_model(cfg.model, dataset.num_classes, cfg.precision, cfg.quant),
-        eval_model=build_model(cfg.model.model_copy(update={"conv": "xla"}), dataset.num_classes,
-                               cfg.precision, cfg.quant),
+        is_writer=jax.process_index() == 0, dataset=dataset, parallel=parallel, plan=plan,
+        model=build_model(with_conv(cfg.model, plan.conv), dataset.num_classes, cfg.precision, cfg.quant),
+        eval_model=build_model(with_conv(cfg.model, "xla"), dataset.num_classes, cfg.precision, cfg.quant),
         # XLA:CPU runs each device's part of a call on a shared thread pool; with several calls in
         # flight, threads waiting in one call's all-reduce can starve the devices that have yet
         # to reach it (seen: a deadlock with 8 emulated devices).

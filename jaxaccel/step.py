@@ -164,13 +164,14 @@ def _slice_batch(arrays, perm, position, batch_size, batch_sharding, axis_name):
 
 
 def make_train_steps(step_fn: Callable, *, batch_size: int, batch_sharding: Any, unroll: int | None,
-                     step_key: jax.Array, axis_name: str | None = None) -> Callable:
+                     step_key: jax.Array, axis_name: str | None = None, trip_count: int | None = None) -> Callable:
     """A jittable ``(state, inputs, labels, perm, position, count) -> (state, measurement sums)``.
 
     Runs ``count`` steps starting at batch ``position`` of the epoch whose order is ``perm``.
-    ``unroll=None``: a device loop, ``count`` may vary without recompiling. ``unroll=K``: K steps
-    unrolled, ``count`` must equal K. The step's RNG is ``fold_in(step_key, state.step)``, so a
-    step's randomness depends only on (seed, step), however the steps are grouped or resumed.
+    ``unroll=None``: a device loop, ``count`` may vary without recompiling, unless ``trip_count``
+    compiles the loop's length in (``count`` must then equal it). ``unroll=K``: K steps unrolled,
+    ``count`` must equal K. The step's RNG is ``fold_in(step_key, state.step)``, so a step's
+    randomness depends only on (seed, step), however the steps are grouped or resumed.
     """
     def one_step(state, inputs, labels, perm, position):
         batch = _slice_batch((inputs, labels), perm, position, batch_size, batch_sharding, axis_name)
@@ -184,7 +185,7 @@ def make_train_steps(step_fn: Callable, *, batch_size: int, batch_sharding: Any,
                 state, sums = carry
                 state, measurements = one_step(state, inputs, labels, perm, position + i)
                 return state, combine_measurements(sums, measurements)
-            return jax.lax.fori_loop(0, count, body, (state, sums))
+            return jax.lax.fori_loop(0, count if trip_count is None else trip_count, body, (state, sums))
         for i in range(unroll):  # a Python loop: XLA sees one straight-line block
             state, measurements = one_step(state, inputs, labels, perm, position + i)
             sums = combine_measurements(sums, measurements)

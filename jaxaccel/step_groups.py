@@ -51,19 +51,28 @@ class StepGroups:
                  serialize_calls: bool):
         self.cfg, self.plan, self.parallel = cfg, plan, parallel
         self.apply_fn, self.step_key, self.serialize_calls = apply_fn, step_key, serialize_calls
-        self.rollback = prec.resolve_guard(cfg.precision) == "rollback"
+        self.rollback = plan.guard == "rollback"
         self.tx = build_optimizer(cfg, plan.total_steps)  # with the per-step guard: builds and restores states
+
+    def _variants(self) -> list[tuple[int | None, dict[str, Any]]]:
+        """``(key, make_train_steps options)`` of each compiled group: the device loop (one, or one
+        per group length with a static trip count), or unrolled blocks of K and of 1 step."""
+        plan = self.plan
+        if plan.loop == "unroll":
+            return [(k, {"unroll": k}) for k in sorted({1, plan.steps_per_call})]
+        if plan.static_trip_count:
+            return [(n, {"unroll": None, "trip_count": n}) for n in plan.group_lengths()]
+        return [(None, {"unroll": None})]
 
     def _compile_groups(self, tx, args: tuple) -> dict[int | None, Any]:
         step_fn = make_step_fn(self.cfg, self.apply_fn, tx, self.plan.total_steps, self.parallel.axis_name)
-        unrolls = [None] if self.plan.loop == "device_loop" else sorted({1, self.plan.steps_per_call})
         options = compiler_options(self.cfg, jax.default_backend())
-        return {unroll: self.parallel.compile(
-                    step_lib.make_train_steps(step_fn, unroll=unroll, batch_size=self.cfg.train.batch_size,
+        return {key: self.parallel.compile(
+                    step_lib.make_train_steps(step_fn, batch_size=self.cfg.train.batch_size,
                                               batch_sharding=self.parallel.batch_sharding,
-                                              step_key=self.step_key, axis_name=self.parallel.axis_name),
+                                              step_key=self.step_key, axis_name=self.parallel.axis_name, **variant),
                     args, options=options)
-                for unroll in unrolls}
+                for key, variant in self._variants()}
 
     def compile(self, state, inputs, labels, perm) -> None:
         """Ahead-of-time compile the groups the run starts with (the guarded rerun lazily)."""
@@ -83,7 +92,7 @@ class StepGroups:
     def flops_per_step(self) -> float | None:
         """Model FLOPs of one training step from XLA's cost analysis of a compiled group (the
         one-step group when unrolled; a device loop's body is counted once). None if unavailable."""
-        compiled = self.groups[1] if 1 in self.groups else self.groups[None]
+        compiled = self.groups[1] if 1 in self.groups else next(iter(self.groups.values()))
         try:
             cost = compiled.cost_analysis()
             cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per program
@@ -117,7 +126,8 @@ class StepGroups:
 
     def _run_steps(self, groups, state, inputs, labels, perm, position: int, count: int):
         if self.plan.loop == "device_loop":
-            state, sums = groups[None](state, inputs, labels, perm, np.int32(position), np.int32(count))
+            call = groups[count if self.plan.static_trip_count else None]
+            state, sums = call(state, inputs, labels, perm, np.int32(position), np.int32(count))
             return state, self._with_guard_state(state, sums)
         sums_all = None
         k = self.plan.steps_per_call

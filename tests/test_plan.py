@@ -51,3 +51,25 @@ def test_length_in_epochs_or_steps_and_the_dropped_partial_batch():
 def test_a_batch_larger_than_the_split_is_refused():
     with pytest.raises(ConfigError, match="train.batch_size=512 is larger than the training split"):
         make_plan(_cfg("train.batch_size=512"), 100, "cpu")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_backend_defaults_are_decided_in_the_plan(backend):
+    """model.conv=auto, precision.guard=auto and the device loop's trip count, per backend: the
+    XLA:CPU choices (im2col, the rollback guard, a runtime trip count) only where measured."""
+    cpu = backend == "cpu"
+    cnn = make_plan(jaxaccel.experiments.get("mnist_cnn"), 60000, backend)
+    assert (cnn.conv, cnn.guard, cnn.loop) == ("im2col" if cpu else "xla", "rollback" if cpu else "step", "device_loop")
+    assert cnn.static_trip_count is not cpu
+    fp16 = make_plan(jaxaccel.experiments.get("mnist_fp16"), 60000, backend)
+    assert fp16.guard == "step"  # dynamic loss scaling overflows by design: test every step
+    forced = make_plan(_cfg("precision.guard=rollback", "model.name=cnn", "model.conv=xla"), 60000, backend)
+    assert forced.guard == "rollback" and forced.conv == "xla"
+    assert forced.loop == ("unroll" if cpu else "device_loop")  # XLA:CPU's convs are slow in loop bodies
+
+
+def test_group_lengths_are_what_a_static_loop_compiles():
+    plan = Plan(steps_per_epoch=10, total_steps=25, loop="device_loop", steps_per_call=None, log_every=4,
+                checkpoint_every=7)
+    assert plan.group_lengths() == sorted({b - a for a, b in zip([0] + _groups(plan), _groups(plan))})
+    assert plan.group_lengths() == [1, 2, 3, 4]

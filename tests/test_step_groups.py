@@ -102,7 +102,7 @@ def test_a_step_group_copies_nothing_between_host_and_device(tmp_path, loop):
     setup = setup_lib.build(_cfg(tmp_path, "model.features=[16]", f"train.loop={loop}",
                                  f"train.steps_per_call={steps}", "precision.guard=step"))
     checkpointer = Checkpointer(tmp_path / "checkpoints", 1)
-    state, _ = setup_lib.initial_state(setup, checkpointer, print)
+    state, _, _ = setup_lib.initial_state(setup, checkpointer, print)
     checkpointer.close()
     par, ds = setup.parallel, setup.dataset
     inputs, labels = par.replicate(ds.train_inputs), par.replicate(ds.train_labels)
@@ -130,3 +130,36 @@ def test_the_nonfinite_stop_does_not_depend_on_the_log_period(tmp_path, log_ever
     assert "consecutive non-finite steps" in out.stderr and "dynamic loss scale" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_static_trip_count_runs_the_same_steps(tmp_path):
+    """What GPU/TPU plans compile (one loop per group length, its trip count compiled in) gives
+    bit for bit the state of the loop whose count is a runtime value."""
+    import dataclasses
+    from jaxaccel import setup as setup_lib
+    from jaxaccel.checkpoint import Checkpointer
+    from jaxaccel.step_groups import StepGroups
+    from jaxaccel.trainer import epoch_order
+    setup = setup_lib.build(_cfg(tmp_path, "model.features=[16]", "train.steps=20", "train.log_every_steps=7",
+                                 "precision.guard=step"))
+    checkpointer = Checkpointer(tmp_path / "checkpoints", 1)
+    state, _, _ = setup_lib.initial_state(setup, checkpointer, print)
+    checkpointer.close()
+    par, ds = setup.parallel, setup.dataset
+    data = (par.replicate(ds.train_inputs), par.replicate(ds.train_labels),
+            par.replicate(epoch_order(0, 0, len(ds.train_labels))))
+    finals = {}
+    for static in (False, True):
+        plan = dataclasses.replace(setup.plan, static_trip_count=static)
+        groups = StepGroups(setup.cfg, plan, par, setup.model.apply, setup.step_key, setup.serialize_calls)
+        s = jax.tree.map(jnp.copy, state)
+        groups.compile(s, *data)
+        assert len(groups.groups) == (len(plan.group_lengths()) if static else 1)
+        step = 0
+        while step < plan.total_steps:
+            end = plan.next_boundary(step)
+            s, _ = groups.run(s, *data, step, end - step)
+            step = end
+        finals[static] = jax.tree.leaves(s)
+    for a, b in zip(finals[False], finals[True]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -4,7 +4,7 @@ See NOTES.md for the design and the measurements behind it.
 """
 from jaxaccel.precision.loss_scale import (
     LossScaleState, NonFiniteError, all_finite, current_scale, dynamic_loss_scale, loss_scaling,
-    nonfinite_guard, nonfinite_steps, raise_if_diverged, resolve_guard, resolve_mode, scale_loss, static_loss_scale,
+    nonfinite_guard, nonfinite_steps, raise_if_diverged, resolve_mode, scale_loss, static_loss_scale,
     with_precision)
 from jaxaccel.precision.policy import (
     DTYPES, Policy, cast_output, cast_params, check_backend, conv_general_dilated, conv_kwargs, dense_kwargs,
@@ -16,7 +16,7 @@ from jaxaccel.precision.quant import (
 
 __all__ = [
     "LossScaleState", "NonFiniteError", "all_finite", "current_scale", "dynamic_loss_scale", "loss_scaling",
-    "nonfinite_guard", "nonfinite_steps", "raise_if_diverged", "resolve_guard", "resolve_mode", "scale_loss", "static_loss_scale",
+    "nonfinite_guard", "nonfinite_steps", "raise_if_diverged", "resolve_mode", "scale_loss", "static_loss_scale",
     "with_precision",
     "DTYPES", "Policy", "cast_output", "cast_params", "check_backend", "conv_general_dilated", "conv_kwargs",
     "dense_kwargs", "dot_general", "matches", "path_str",

@@ -46,7 +46,7 @@ from jax import lax
 from jaxaccel.config import PrecisionConfig
 
 __all__ = ["LossScaleState", "NonFiniteError", "loss_scaling", "dynamic_loss_scale", "static_loss_scale",
-           "nonfinite_guard", "with_precision", "resolve_mode", "resolve_guard", "current_scale", "nonfinite_steps",
+           "nonfinite_guard", "with_precision", "resolve_mode", "current_scale", "nonfinite_steps",
            "scale_loss", "raise_if_diverged", "all_finite"]
 
 Mode = Literal["none", "static", "dynamic"]
@@ -165,14 +165,6 @@ def resolve_mode(cfg: PrecisionConfig) -> Mode:
     if cfg.loss_scale != "auto":
         return cfg.loss_scale
     return "dynamic" if "float16" in (cfg.params, cfg.compute) else "none"
-
-
-def resolve_guard(cfg: PrecisionConfig) -> Literal["step", "rollback"]:
-    """``auto``: rollback without loss scaling (non-finite steps are rare accidents there), the
-    per-step guard with it (fp16's dynamic scale overflows by design every few thousand steps)."""
-    if cfg.guard != "auto":
-        return cfg.guard
-    return "rollback" if resolve_mode(cfg) == "none" else "step"
 
 
 def with_precision(inner: optax.GradientTransformation, cfg: PrecisionConfig,
