@@ -82,10 +82,11 @@ def build(cfg: Config, overrides: list[str] | None = None) -> Setup:
     dataset = data_lib.load(cfg.data.name, cfg.data.dir, cfg.data.cache_dir,
                             data_lib.Decoding(cfg.model.vocab_size, cfg.data.max_length))
     parallel = make_parallel(cfg.parallel.mode, cfg.parallel.fsdp)
-    for key in ("batch_size", "eval_batch_size"):
-        if getattr(cfg.train, key) % parallel.size:
-            raise ConfigError(f"train.{key}={getattr(cfg.train, key)} must be a multiple of the "
-                              f"{parallel.size} devices it is split over")
+    if cfg.train.batch_size % parallel.size:
+        n, batch = parallel.size, cfg.train.batch_size
+        nearest = sorted({max(n, batch // n * n), (batch // n + 1) * n})
+        raise ConfigError(f"train.batch_size={batch} must be a multiple of the {n} devices it is split over: "
+                          f"use train.batch_size={' or '.join(map(str, nearest))}")
     check_inputs(cfg, dataset)
     root = jax.random.key(cfg.seed)
     plan = make_plan(cfg, len(dataset.train_labels), jax.default_backend())

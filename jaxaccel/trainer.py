@@ -180,8 +180,10 @@ def _loop(setup: setup_lib.Setup, state, step: int, resumed: dict[str, Any], che
     t0 = time.perf_counter()
     groups = StepGroups(cfg, plan, par, setup.model.apply, setup.step_key, setup.serialize_calls)
     groups.compile(state, inputs, labels, order(0))
-    evaluator = Evaluator(setup.eval_model.apply, cfg.train.eval_batch_size, par,
-                          (ds.test_inputs, ds.test_labels), setup.serialize_calls)
+    # Evaluation batches split over the devices: rounded up to a multiple of them (padding weighs 0).
+    eval_batch = -(-cfg.train.eval_batch_size // par.size) * par.size
+    evaluator = Evaluator(setup.eval_model.apply, eval_batch, par, (ds.test_inputs, ds.test_labels),
+                          setup.serialize_calls)
     evaluator.compile(state)
     compile_seconds = time.perf_counter() - t0
     progress.message(f"compiled in {compile_seconds:.1f}s; {plan.total_steps - step} steps to run "

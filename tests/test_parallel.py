@@ -188,7 +188,8 @@ def _leaves(tree):
 def test_batch_must_split_evenly_over_devices(tmp_path):
     result = run_cli(*COMMON, "train.batch_size=126", f"workdir={tmp_path}",
                      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
-    assert result.returncode == 2 and "train.batch_size=126 must be a multiple of the 4 devices" in result.stderr
+    assert result.returncode == 2
+    assert "train.batch_size=126 must be a multiple of the 4 devices it is split over: use train.batch_size=124 or 128" in result.stderr
 
 
 def test_wrong_coordinator_address_fails_clearly(tmp_path):
