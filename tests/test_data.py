@@ -28,7 +28,7 @@ def test_mnist_matches_the_original_idx_files(mnist, split, prefix):
     raw = SHARED / "data" / "mnist"
     images = read_idx(raw / f"{prefix}-images-idx3-ubyte.gz")
     labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte.gz")
-    got_images, got_labels = getattr(mnist, f"{split}_images"), getattr(mnist, f"{split}_labels")
+    got_images, got_labels = getattr(mnist, f"{split}_inputs"), getattr(mnist, f"{split}_labels")
     assert got_images.dtype == np.uint8 and got_images.shape == (*images.shape, 1)
     assert got_labels.dtype == np.int32
     # TFDS shuffles examples when it prepares a dataset, so compare the multisets of
