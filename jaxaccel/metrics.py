@@ -17,6 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
+from jaxaccel.config import ConfigError
+
 __all__ = ["MetricsWriter", "Progress", "tensorboard_enabled"]
 
 
@@ -27,7 +31,6 @@ def tensorboard_enabled(setting: bool | None) -> bool:
         return False
     available = importlib.util.find_spec("tensorboardX") is not None
     if setting and not available:
-        from jaxaccel.config import ConfigError
         raise ConfigError("train.tensorboard=true needs tensorboardX: pip install 'jaxaccel[tensorboard]' "
                           "(or set train.tensorboard=null to write events only when it is installed)")
     return available
@@ -95,7 +98,6 @@ class Progress:
         self.interactive = stream.isatty()
         self.bar = None
         if self.interactive:
-            from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True, file=stream)
         self._last_step, self._last_time = initial_step, time.perf_counter()
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxaccel import audio
 from jaxaccel import precision as prec
 from jaxaccel.config import ModelConfig, PrecisionConfig, QuantConfig
 
@@ -340,7 +341,6 @@ class KWSCNN(_Application):
 
     @nn.compact
     def __call__(self, clips: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
-        from jaxaccel import audio
         feats = audio.log_mel(clips)
         mean, std = feats.mean(axis=(1, 2), keepdims=True), feats.std(axis=(1, 2), keepdims=True)
         x = ((feats - mean) / (std + 1e-5))[..., None]

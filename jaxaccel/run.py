@@ -4,6 +4,7 @@ Exit status: 0 done; 2 bad command line or config; 3 data not available; 1 anyth
 """
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = """usage: python -m jaxaccel.run exp=NAME [dotted.key=value ...]
@@ -20,7 +21,6 @@ def _fail(code: int, message: str, exit_now: bool = False) -> int:
     _exit_now_if_multiprocess(code)
     if exit_now:
         sys.stdout.flush()
-        import os
         os._exit(code)
     return code
 
@@ -35,7 +35,6 @@ def _exit_now_if_multiprocess(code: int) -> None:
         if jax.distributed.is_initialized() and jax.process_count() > 1:
             sys.stdout.flush()
             sys.stderr.flush()
-            import os
             os._exit(code)
 
 

@@ -30,6 +30,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from jaxaccel import experiments
 from jaxaccel.config import Config, ConfigError, parse_overrides
 
 __all__ = ["points", "main"]
@@ -100,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("args", nargs="+", metavar="exp=NAME | key=value")
     parser.add_argument("--out", help="directory of the runs (default: runs/sweep_<exp>)")
     parsed = parser.parse_args(argv)
-    from jaxaccel import experiments
     exp = [a for a in parsed.args if a.startswith("exp=")]
     if len(exp) != 1:
         print("error: give exactly one exp=NAME (python -m jaxaccel.run --list shows them)", file=sys.stderr)
