@@ -1,12 +1,17 @@
 """Data parallelism: where arrays live and how step functions are compiled across devices.
 
+The devices form a 2-D mesh ``("data", "fsdp")`` that follows the hardware (:func:`device_grid`):
+``fsdp`` spans the devices joined by the fast network (a TPU slice's ICI, one GPU host's NVLink),
+``data`` goes across slices or hosts (the slower data-centre network). With one slice or host,
+``data`` is 1 and ``fsdp`` spans every device. ``parallel.fsdp_size`` picks another split.
+
 Two strategies over the same pure step functions:
 
-- :class:`MeshParallel` (``parallel.mode=jit``, the default; what pjit became): one global
-  ``Mesh`` with a ``data`` axis over every device of every process; the batch is sharded over it,
-  the state replicated, and XLA inserts the gradient reductions. With ``parallel.fsdp=true`` the
-  parameters and optimizer state are sharded over the same axis too (fully sharded data
-  parallelism: XLA all-gathers each weight where it is used and reduce-scatters its gradient).
+- :class:`MeshParallel` (``parallel.mode=jit``, the default; what pjit became): the batch is
+  sharded over both mesh axes, the state replicated, and XLA inserts the gradient reductions.
+  With ``parallel.fsdp=true`` the parameters and optimizer state are sharded over ``fsdp`` (fully
+  sharded data parallelism: XLA all-gathers each weight where it is used, within a slice or host,
+  and reduce-scatters its gradient; across ``data`` the gradient shards are all-reduced).
 - :class:`PmapParallel` (``parallel.mode=pmap``): state replicated with a leading device axis,
   each device gathers its slice of the global batch, gradients and metrics are ``lax.pmean``-ed.
 
@@ -15,13 +20,20 @@ The loop calls only ``create_state``, ``replicate``, ``put_state``, ``single``, 
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["MeshParallel", "PmapParallel", "make_parallel", "local_copy", "ReplicaMismatch"]
+from jaxaccel.config import ConfigError
+
+__all__ = ["MeshParallel", "PmapParallel", "make_parallel", "local_copy", "ReplicaMismatch",
+           "device_groups", "device_grid", "build_mesh", "collectives", "replica_groups", "AXES"]
+
+AXES = ("data", "fsdp")  # the mesh's axes: across slices/hosts, within one
 
 
 class ReplicaMismatch(RuntimeError):
@@ -76,6 +88,135 @@ def _check_copies(tree: Any, copies_of: Callable[[jax.Array], list[list[Any]]],
     return len(flat)
 
 
+# ----------------------------------------------------------------------------------------------
+# Meshes that follow the hardware.
+
+def _host_of_process() -> dict[int, int]:
+    """Process index -> host number, from each process's host name (one tiny all-gather, so
+    every process must call this at the same point). Several processes on one host (one per
+    GPU, as SLURM often starts them) share its fast interconnect."""
+    import hashlib
+    import socket
+    from jax.experimental import multihost_utils
+    digest = hashlib.sha256(socket.gethostname().encode()).digest()
+    mine = np.frombuffer(digest[:8], np.uint32).copy()
+    table = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), 2)
+    hosts: dict[tuple, int] = {}
+    return {p: hosts.setdefault(tuple(row.tolist()), len(hosts)) for p, row in enumerate(table)}
+
+
+def device_groups(devices: list) -> tuple[str, list[list]]:
+    """The devices split into groups joined by the fast network, and what a group is:
+    ``("slice", ...)`` for TPU devices of several slices (``slice_index``); ``("host", ...)`` for
+    other platforms' devices spread over several hosts (processes grouped by host name; on a TPU
+    the ICI spans the hosts of a slice, so hosts are not groups there); else ``("all", [devices])``."""
+    def grouped(key):
+        groups: dict[Any, list] = {}
+        for d in devices:
+            groups.setdefault(key(d), []).append(d)
+        return [groups[k] for k in sorted(groups)]
+
+    if devices[0].platform == "tpu" and len({getattr(d, "slice_index", 0) for d in devices}) > 1:
+        return "slice", grouped(lambda d: d.slice_index)
+    if len({d.process_index for d in devices}) > 1:
+        host = _host_of_process()
+        if len(set(host.values())) > 1:
+            return "host", grouped(lambda d: host[d.process_index])
+    return "all", [list(devices)]
+
+
+def _physical_mesh(shape: tuple[int, ...], devices: list) -> np.ndarray:
+    """``devices`` (one group) as an array of ``shape`` in the platform's topology-aware order
+    (TPU: rings of the torus; GPU: by id; CPU: as given)."""
+    try:
+        return mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        # e.g. v5e, whose meshes may need a physical axis split (jax.make_mesh allows it there)
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+
+
+def device_grid(devices: list, fsdp_size: int | None = None,
+                groups: tuple[str, list[list]] | None = None) -> np.ndarray:
+    """The devices as a ``(data, fsdp)`` array. ``fsdp`` defaults to the size of one group of
+    :func:`device_groups` (a slice or a host), so ``data`` runs across groups; ``fsdp_size`` may be
+    a divisor of the group size (``data`` then also runs within groups) or a multiple of it (then
+    ``fsdp`` spans several groups, over the slower network). Within a group the order is the
+    platform's topology-aware one (what ``jax.make_mesh`` picks); groups are stacked as
+    ``mesh_utils.create_hybrid_device_mesh`` stacks slices."""
+    kind, parts = groups or device_groups(list(devices))
+    total, per = sum(map(len, parts)), len(parts[0])
+    if any(len(p) != per for p in parts):  # uneven groups: no hybrid layout, one flat group
+        kind, parts, per = "all", [[d for p in parts for d in p]], total
+    fsdp = per if fsdp_size is None else int(fsdp_size)
+    where = {"slice": f"{len(parts)} slices of {per} devices", "host": f"{len(parts)} hosts of {per} devices",
+             "all": f"{total} devices"}[kind]
+    if fsdp < 1 or total % fsdp or (per % fsdp and fsdp % per):
+        sizes = sorted({d for d in range(1, total + 1) if total % d == 0 and (per % d == 0 or d % per == 0)})
+        raise ConfigError(f"parallel.fsdp_size={fsdp_size} does not split {where}: use one of {sizes}")
+    if fsdp <= per:
+        inner, outer = (per // fsdp, fsdp), (len(parts), 1)  # fsdp within a group, data across (and within)
+    else:
+        inner, outer = (1, per), (len(parts) * per // fsdp, fsdp // per)  # fsdp spans several groups
+    meshes = [_physical_mesh(inner, p) for p in parts]
+    order = np.arange(len(parts)).reshape(outer)
+    return np.block([[meshes[order[i, j]] for j in range(outer[1])] for i in range(outer[0])])
+
+
+def build_mesh(devices: list | None = None, fsdp_size: int | None = None) -> tuple[Mesh, str, int]:
+    """A ``("data", "fsdp")`` Mesh over ``devices`` (default: all), with what its groups are
+    (``slice``, ``host`` or ``all``) and how many there are. Axes are ``AxisType.Auto`` (shardings
+    are propagated by the compiler, as with ``jax.jit`` before explicit sharding)."""
+    kind, parts = device_groups(list(devices or jax.devices()))
+    grid = device_grid([d for p in parts for d in p], fsdp_size, (kind, parts))
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES)), kind, len(parts)
+
+
+_COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|ragged-all-to-all|collective-broadcast)"
+                         r"(?:-start)?\(")
+
+
+def _iota(dims: str, perm: str | None) -> np.ndarray:
+    """XLA's iota device list: ``arange`` reshaped to ``dims``, transposed by ``perm``, flattened."""
+    shape = [int(x) for x in dims.split(",")]
+    ids = np.arange(int(np.prod(shape))).reshape(shape)
+    return (ids.transpose([int(x) for x in perm.split(",")]) if perm else ids).ravel()
+
+
+def replica_groups(line: str) -> list[list[int]] | None:
+    """The device groups of one HLO collective instruction, as positions in the program's device
+    assignment (for a jit over a Mesh: ``mesh.devices.flat``). Reads the three forms XLA prints:
+    ``{{0,1},{2,3}}``, iota ``[2,2]<=[4]T(1,0)`` and ``mesh['axis_0'=2,...], device_ids=([2,2]T(1,0))
+    {'axis_0'}`` (groups vary along the named axes). None when the line has no replica groups;
+    ``[]`` means one group of every device."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))?\s*\{([^}]*)\}", line)
+    if m:
+        axes = re.findall(r"'([^']+)'=(\d+)", m.group(1))
+        names, shape = [a for a, _ in axes], [int(n) for _, n in axes]
+        ids = (_iota(m.group(2), m.group(3)) if m.group(2) else np.arange(int(np.prod(shape)))).reshape(shape)
+        varying = [names.index(a) for a in re.findall(r"'([^']+)'", m.group(4))]
+        fixed = [i for i in range(len(shape)) if i not in varying]
+        return ids.transpose(fixed + varying).reshape(-1, int(np.prod([shape[i] for i in varying]))).tolist()
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
+    if m:
+        return _iota(m.group(3), m.group(4)).reshape(int(m.group(1)), int(m.group(2))).tolist()
+    m = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", line)
+    if m:
+        return [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
+    return None
+
+
+def collectives(hlo_text: str) -> list[tuple[str, list[list[int]]]]:
+    """``(opcode, groups)`` of every collective in compiled HLO text (see :func:`replica_groups`);
+    lets tests and the AOT report check which devices each all-gather or reduction spans."""
+    found = []
+    for line in hlo_text.splitlines():
+        op = _COLLECTIVE.search(line)
+        groups = replica_groups(line) if op else None
+        if groups is not None:
+            found.append((op.group(1), groups))
+    return found
+
+
 def _device_bytes(tree: Any, device: jax.Device) -> int:
     """Bytes of ``tree``'s shards that live on ``device``."""
     return sum(s.data.nbytes for a in jax.tree.leaves(tree) if isinstance(a, jax.Array)
@@ -83,28 +224,51 @@ def _device_bytes(tree: Any, device: jax.Device) -> int:
 
 
 class MeshParallel:
-    """jit over a Mesh with NamedSharding: batch split on ``data``; the state replicated, or with
-    ``fsdp`` sharded over ``data`` as well."""
+    """jit over a ``("data", "fsdp")`` Mesh with NamedSharding: the batch split over both axes;
+    the state replicated, or with ``fsdp`` sharded over the ``fsdp`` axis."""
 
     axis_name = None  # reductions are inserted by the compiler, not written in the step
 
-    def __init__(self, fsdp: bool = False) -> None:
-        self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    def __init__(self, fsdp: bool = False, fsdp_size: int | None = None, devices: list | None = None) -> None:
+        self.mesh, self.groups, self.group_count = build_mesh(devices, fsdp_size)
         self.size = self.mesh.size
         self.fsdp = fsdp
+        self.fsdp_size = self.mesh.shape["fsdp"]
         self.replicated = NamedSharding(self.mesh, P())
-        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        self.batch_sharding = NamedSharding(self.mesh, P(AXES))
 
     def leaf_sharding(self, leaf: Any) -> NamedSharding:
-        """Where one state leaf lives. FSDP splits its largest axis that the device count divides
-        (masks and optimizer moments have their parameter's shape, so they split alike); leaves
-        with no such axis (scalars, counters, a 10-wide bias on 4 devices) stay replicated."""
+        """Where one state leaf lives. FSDP splits its largest axis that the ``fsdp`` axis size
+        divides (masks and optimizer moments have their parameter's shape, so they split alike);
+        leaves with no such axis (scalars, counters, a 10-wide bias on 4 devices) stay replicated."""
         shape = tuple(getattr(leaf, "shape", ()))
-        axes = [i for i, n in enumerate(shape) if n >= self.size and n % self.size == 0]
-        if not self.fsdp or self.size == 1 or not axes:
+        n = self.fsdp_size
+        axes = [i for i, size in enumerate(shape) if size >= n and size % n == 0]
+        if not self.fsdp or n == 1 or not axes:
             return self.replicated
         axis = max(axes, key=lambda i: shape[i])
-        return NamedSharding(self.mesh, P(*[("data" if i == axis else None) for i in range(len(shape))]))
+        return NamedSharding(self.mesh, P(*[("fsdp" if i == axis else None) for i in range(len(shape))]))
+
+    def unsharded_leaves(self, state: Any) -> list[dict]:
+        """With FSDP, the state leaves it leaves whole on every device (no axis the ``fsdp`` size
+        divides), scalars aside: ``[{"path", "shape", "bytes"}]``. Works on abstract shapes
+        (``jax.eval_shape``) too. Empty without FSDP (then everything is replicated by choice)."""
+        if not self.fsdp or self.fsdp_size == 1:
+            return []
+        return [{"path": jax.tree_util.keystr(path), "shape": list(leaf.shape),
+                 "bytes": int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize}
+                for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+                if getattr(leaf, "ndim", 0) and self.leaf_sharding(leaf) == self.replicated
+                and not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)]
+
+    def describe(self, state: Any = None) -> dict:
+        """The mesh for ``config.json`` (axis names and sizes, what the groups are, which axes the
+        batch and the state are split over) and, given ``state``, the leaves FSDP leaves whole."""
+        out = {"mesh": {"axes": dict(self.mesh.shape), "groups": self.groups, "group_count": self.group_count,
+                        "batch_axes": list(AXES), "state_axis": "fsdp" if self.fsdp and self.fsdp_size > 1 else None}}
+        if state is not None and self.fsdp:
+            out["unsharded_leaves"] = self.unsharded_leaves(state)
+        return out
 
     def state_sharding(self, state: Any) -> Any:
         """A pytree of shardings for ``state`` (a single one when nothing is sharded)."""
@@ -194,6 +358,10 @@ class PmapParallel:
     def state_bytes_per_device(self, state: Any) -> int:
         return _device_bytes(state, jax.local_devices()[0])
 
+    def describe(self, state: Any = None) -> dict:
+        """The device axis for ``config.json`` (as :meth:`MeshParallel.describe`)."""
+        return {"mesh": {"axes": {self.axis_name: self.size}, "batch_axes": [self.axis_name], "state_axis": None}}
+
     def check_replicas(self, state: Any) -> int:
         """As :meth:`MeshParallel.check_replicas`: the per-device entries of every leaf must match."""
         return _check_copies(state, lambda leaf: [list(leaf.addressable_shards)], lambda leaf: True)
@@ -211,6 +379,6 @@ class PmapParallel:
         return pmapped.lower(*args).compile(compiler_options=options)
 
 
-def make_parallel(mode: str, fsdp: bool = False) -> MeshParallel | PmapParallel:
-    """The strategy ``parallel.mode`` (and ``parallel.fsdp``) names."""
-    return PmapParallel() if mode == "pmap" else MeshParallel(fsdp)
+def make_parallel(mode: str, fsdp: bool = False, fsdp_size: int | None = None) -> MeshParallel | PmapParallel:
+    """The strategy ``parallel.mode`` (with ``parallel.fsdp`` and ``parallel.fsdp_size``) names."""
+    return PmapParallel() if mode == "pmap" else MeshParallel(fsdp, fsdp_size)

@@ -204,7 +204,7 @@ class _Run:
         self.tensorboard = tensorboard_enabled(cfg.train.tensorboard)
         self.dataset = data_lib.load(cfg.data.name, cfg.data.dir, cfg.data.cache_dir,
                                      data_lib.Decoding(cfg.model.vocab_size, cfg.data.max_length))
-        self.parallel = make_parallel(cfg.parallel.mode, cfg.parallel.fsdp)
+        self.parallel = make_parallel(cfg.parallel.mode, cfg.parallel.fsdp, getattr(cfg.parallel, "fsdp_size", None))
         n_dev = self.parallel.size
         for key in ("batch_size", "eval_batch_size"):
             if getattr(cfg.train, key) % n_dev:
@@ -374,7 +374,8 @@ class _Run:
                   "device_kind": devices[0].device_kind, "device_count": len(devices),
                   "parallel": {"mode": self.cfg.parallel.mode, "devices": self.parallel.size,
                                "fsdp": self.cfg.parallel.fsdp,
-                               "state_bytes_per_device": self.parallel.state_bytes_per_device(state)},
+                               "state_bytes_per_device": self.parallel.state_bytes_per_device(state),
+                               **self.parallel.describe(state)},
                   "backend": jax.default_backend(), "process_count": jax.process_count(),
                   "plan": dataclasses.asdict(self.plan)}
         (self.workdir / "config.json").write_text(json.dumps(record, indent=2))

@@ -213,3 +213,128 @@ def test_fsdp_sparse_run_resumes_bitwise(tmp_path):
         np.testing.assert_array_equal(a, b)
     # The 20-step run also evaluated at its end (step 20); the training lines must match exactly.
     assert _outputs(straight)[0] == _outputs(resumed)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Meshes that follow the hardware.
+
+class _FakeDevice:
+    """Enough of a jax Device for the mesh layout (CPU-like: kept in the order given)."""
+    platform, device_kind = "cpu", "fake"
+
+    def __init__(self, i, slice_index=0, process_index=0):
+        self.id, self.slice_index, self.process_index = i, slice_index, process_index
+
+    def __repr__(self):
+        return f"d{self.id}"
+
+
+def test_mesh_puts_fsdp_within_a_slice_and_data_across():
+    """2 slices x 4 devices: by default each mesh row (the fsdp axis) is one slice; fsdp_size may
+    split a slice further or span slices; a size that fits neither is refused naming valid ones."""
+    from jaxaccel.config import ConfigError
+    from jaxaccel.parallel import device_grid, device_groups
+    devices = [_FakeDevice(i, slice_index=i // 4) for i in range(8)]
+    devices[0].platform = "tpu"  # slices are read from TPU devices only
+    kind, groups = device_groups(devices)
+    assert kind == "slice" and [[d.id for d in g] for g in groups] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    ids = lambda grid: [[d.id for d in row] for row in grid]  # noqa: E731
+    assert ids(device_grid(devices, None, (kind, groups))) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert ids(device_grid(devices, 2, (kind, groups))) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert ids(device_grid(devices, 8, (kind, groups))) == [[0, 1, 2, 3, 4, 5, 6, 7]]
+    with pytest.raises(ConfigError, match=r"fsdp_size=3 does not split 2 slices of 4 devices: use one of \[1, 2, 4, 8\]"):
+        device_grid(devices, 3, (kind, groups))
+    # One slice (or devices without slices, e.g. GPUs of one host): one group, fsdp over all.
+    flat = [_FakeDevice(i) for i in range(8)]
+    assert device_groups(flat)[0] == "all" and ids(device_grid(flat)) == [list(range(8))]
+
+
+def test_replica_groups_of_the_three_hlo_forms():
+    from jaxaccel.parallel import collectives
+    hlo = "\n".join([
+        "%a = f32[8] all-gather(%x), replica_groups=mesh['axis_0'=4,'axis_1'=1,'axis_2'=2], "
+        "device_ids=([2,4]T(1,0)) {'axis_0'}, dimensions={0}",
+        "%b = (f32[], f32[2]) all-reduce(%y, %z), replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%add",
+        "%c = f32[2] reduce-scatter(%w), replica_groups={{0,1},{2,3}}, dimensions={0}",
+        "%d = f32[2] add(%w, %w)"])
+    assert collectives(hlo) == [("all-gather", [[0, 1, 2, 3], [4, 5, 6, 7]]),
+                                ("all-reduce", [[0, 4], [1, 5], [2, 6], [3, 7]]),
+                                ("reduce-scatter", [[0, 1], [2, 3]])]
+
+
+HYBRID_SCRIPT = """
+import json, jax, jax.numpy as jnp, numpy as np, optax, flax.linen as nn
+from jaxaccel import step as step_lib
+from jaxaccel.parallel import MeshParallel, collectives
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1).astype(jnp.float32) / 255
+        return nn.Dense(10)(nn.relu(nn.Dense(64)(x)))
+
+rng = np.random.default_rng(0)
+images = rng.integers(0, 255, (512, 8, 8, 1), dtype=np.uint8)
+labels = rng.integers(0, 10, 512).astype(np.int32)
+model, tx = MLP(), optax.adam(1e-2)
+
+def create(key):
+    params = model.init(key, jnp.zeros((1, 8, 8, 1), jnp.uint8))["params"]
+    return step_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+def run(par):
+    state = par.create_state(create, jax.random.key(0))
+    fn = step_lib.make_train_steps(step_lib.train_step, batch_size=64, batch_sharding=par.batch_sharding,
+                                   unroll=None, step_key=jax.random.key(2), axis_name=par.axis_name)
+    args = (state, par.replicate(images), par.replicate(labels),
+            par.replicate(rng.permutation(512).astype(np.int32)), np.int32(0), np.int32(8))
+    compiled = par.compile(fn, args)
+    new, sums = compiled(*args)
+    return {"loss": float(par.host(sums)["loss"]), "params": [np.asarray(x).tolist() for x in jax.tree.leaves(new.params)],
+            "bytes": par.state_bytes_per_device(new), "mesh": par.describe(new)["mesh"],
+            "collectives": collectives(compiled.as_text())}
+
+rng_state = rng.bit_generator.state
+out = {}
+for name, par in (("one", MeshParallel(devices=jax.devices()[:1])), ("flat", MeshParallel(fsdp=True)),
+                  ("hybrid", MeshParallel(fsdp=True, fsdp_size=2))):
+    rng.bit_generator.state = rng_state
+    out[name] = run(par)
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_hybrid_mesh_trains_like_one_device_with_gathers_inside_each_row():
+    """A (data=2, fsdp=2) mesh on 4 devices trains 8 steps as 1 device and 1-D FSDP over 4 do;
+    the compiled step's all-gathers stay within a mesh row (a slice or host) and its gradient
+    reduction crosses the rows."""
+    result = subprocess.run([sys.executable, "-c", HYBRID_SCRIPT], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **_devices(4)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    out = json.loads(result.stdout.split("RESULT ", 1)[1])
+    assert out["hybrid"]["mesh"]["axes"] == {"data": 2, "fsdp": 2} and out["flat"]["mesh"]["axes"] == {"data": 1, "fsdp": 4}
+    for name in ("flat", "hybrid"):
+        np.testing.assert_allclose(out[name]["loss"], out["one"]["loss"], rtol=1e-5)
+        for a, b in zip(out[name]["params"], out["one"]["params"]):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # Parameters and Adam moments split in 2 (hybrid) or 4 (flat) parts.
+    assert 0.49 < out["hybrid"]["bytes"] / out["one"]["bytes"] < 0.52
+    assert 0.24 < out["flat"]["bytes"] / out["one"]["bytes"] < 0.27
+    rows = [{0, 1}, {2, 3}]  # mesh positions of each fsdp row
+    gathers = [g for op, g in out["hybrid"]["collectives"] if op == "all-gather"]
+    assert gathers and all(any(set(group) <= row for row in rows) for groups in gathers for group in groups)
+    reductions = [g for op, g in out["hybrid"]["collectives"] if op in ("all-reduce", "reduce-scatter")]
+    assert any(len(group) > 1 and not any(set(group) <= row for row in rows)
+               for groups in reductions for group in groups)
+
+
+def test_config_json_records_the_mesh_and_the_leaves_fsdp_leaves_whole(runs):
+    parallel = runs[(4, "fsdp")][2]["parallel"]
+    assert parallel["mesh"]["axes"] == {"data": 1, "fsdp": 4} and parallel["mesh"]["state_axis"] == "fsdp"
+    # The 10-wide output bias and its two Adam moments: the only non-scalar leaves 4 does not divide.
+    assert sorted(leaf["path"] for leaf in parallel["unsharded_leaves"]) == [
+        ".opt_state.inner_state[0].mu['Dense_1']['bias']", ".opt_state.inner_state[0].nu['Dense_1']['bias']",
+        ".params['Dense_1']['bias']"]
+    assert all(leaf["shape"] == [10] and leaf["bytes"] == 40 for leaf in parallel["unsharded_leaves"])
+    assert runs[(4, "jit")][2]["parallel"]["mesh"]["axes"] == {"data": 1, "fsdp": 4}
+    assert "unsharded_leaves" not in runs[(4, "jit")][2]["parallel"]
