@@ -12,8 +12,9 @@ Two strategies over the same pure step functions:
   With ``parallel.fsdp=true`` the parameters and optimizer state are sharded over ``fsdp`` (fully
   sharded data parallelism: XLA all-gathers each weight where it is used, within a slice or host,
   and reduce-scatters its gradient; across ``data`` the gradient shards are all-reduced).
-- :class:`PmapParallel` (``parallel.mode=pmap``): state replicated with a leading device axis,
-  each device gathers its slice of the global batch, gradients and metrics are ``lax.pmean``-ed.
+- :class:`PmapParallel` (``parallel.mode=pmap``; the name users type, it runs on ``jax.shard_map``):
+  explicit collectives. The state replicated, each device gathers its slice of the global batch
+  and the step ``lax.pmean``s gradients and metrics over ``axis_name``.
 
 The loop calls only ``create_state``, ``replicate``, ``put_state``, ``single``, ``host``,
 ``compile``, ``check_replicas`` and ``state_bytes_per_device``.
@@ -321,62 +322,42 @@ class MeshParallel:
         return jitted.lower(*args).compile(compiler_options=options)
 
 
-class PmapParallel:
-    """pmap over every device of every process: replicated state, per-device batch slices, pmean."""
+class PmapParallel(MeshParallel):
+    """``parallel.mode=pmap``: explicit collectives, run with ``jax.jit`` + ``jax.shard_map``
+    (``jax.pmap`` is in maintenance mode; since jax 0.8 it is itself built on them). A 1-D mesh
+    ``data`` over every device of every process, in the hardware's order; the state is one
+    replicated global array per leaf, each device holding and updating its own copy (no leading
+    device axis, nothing through the host); each device gathers its slice of the global batch
+    (``lax.axis_index``) and the step ``lax.pmean``s gradients and metrics over ``axis_name``.
+
+    ``check_vma=False``: as under pmap, the gradient of the replicated parameters stays per device
+    until the step's own ``pmean`` (with JAX's varying-axis checks on, differentiating through the
+    replicated input would already sum it over devices), and outputs declared replicated are each
+    device's own result, so diverging replicas stay visible to :meth:`check_replicas`."""
 
     axis_name = "data"
 
-    def __init__(self) -> None:
-        self.devices = jax.devices()
-        self.size = len(self.devices)
+    def __init__(self, devices: list | None = None) -> None:
+        kind, parts = device_groups(list(devices or jax.devices()))
+        grid = device_grid([d for p in parts for d in p], None, (kind, parts))
+        self.mesh = Mesh(grid.reshape(-1), (self.axis_name,), axis_types=(AxisType.Auto,))
+        self.groups, self.group_count = kind, len(parts)
+        self.size, self.fsdp, self.fsdp_size = self.mesh.size, False, 1
+        self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = None  # each device gathers its own slice; nothing to constrain
-        mesh = Mesh(np.asarray(self.devices), ("devices",))
-        # A leading axis of one entry per device, laid out one entry on each device (what pmap
-        # consumes without moving data; jax.device_put_replicated is gone since jax 0.8). Global
-        # arrays, so the same code serves several processes (each holds its devices' entries).
-        self._stacked = NamedSharding(mesh, P("devices"))
-        self._replicated = NamedSharding(mesh, P())  # the one-copy form checkpoints hold
-
-    def replicate(self, host: np.ndarray) -> jax.Array:
-        host = np.asarray(host)
-        return jax.make_array_from_callback((self.size, *host.shape), self._stacked, lambda index: host[None])
-
-    def create_state(self, create: Callable, key: jax.Array) -> Any:
-        """``create(key)`` as one replicated global copy (what checkpoints hold)."""
-        return jax.jit(create, out_shardings=self._replicated)(key)
-
-    def put_state(self, state: Any) -> Any:
-        return jax.tree.map(self.replicate, local_copy(state))
-
-    def single(self, state: Any) -> Any:
-        """One replicated global copy, assembled from each local device's own entry (no transfer)."""
-        def one(x):
-            parts = [s.data[0] for s in x.addressable_shards]
-            return jax.make_array_from_single_device_arrays(x.shape[1:], self._replicated, parts)
-        return jax.tree.map(one, state)
-
-    def state_bytes_per_device(self, state: Any) -> int:
-        return _device_bytes(state, jax.local_devices()[0])
 
     def describe(self, state: Any = None) -> dict:
         """The device axis for ``config.json`` (as :meth:`MeshParallel.describe`)."""
-        return {"mesh": {"axes": {self.axis_name: self.size}, "batch_axes": [self.axis_name], "state_axis": None}}
-
-    def check_replicas(self, state: Any) -> int:
-        """As :meth:`MeshParallel.check_replicas`: the per-device entries of every leaf must match."""
-        return _check_copies(state, lambda leaf: [list(leaf.addressable_shards)], lambda leaf: True)
-
-    def host(self, tree: Any) -> Any:
-        """Per-device results (identical after pmean/psum) to host NumPy, from this process's first device."""
-        return jax.tree.map(lambda a: np.asarray(a.addressable_data(0))[0] if getattr(a, "ndim", 0)
-                            else np.asarray(a), tree)
+        return {"mesh": {"axes": dict(self.mesh.shape), "groups": self.groups, "group_count": self.group_count,
+                         "batch_axes": [self.axis_name], "state_axis": None, "collectives": "shard_map"}}
 
     def compile(self, fn: Callable, args: tuple, donate: bool = True, options: dict | None = None):
-        """pmap ``fn``; leading arguments are per-device, trailing Python/NumPy scalars broadcast."""
-        in_axes = tuple(None if isinstance(a, (int, np.integer)) else 0 for a in args)
-        pmapped = jax.pmap(fn, axis_name=self.axis_name, in_axes=in_axes,
-                           donate_argnums=0 if donate else ())
-        return pmapped.lower(*args).compile(compiler_options=options)
+        """``fn`` run once per device on its own copy of every argument (all replicated; NumPy
+        scalars too), its collectives over ``axis_name``; every output replicated (one copy per
+        device, as each device computed it). With ``donate`` the state (``args[0]``) is updated in place."""
+        mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=P(), out_specs=P(), check_vma=False)
+        jitted = jax.jit(mapped, donate_argnums=0 if donate else ())
+        return jitted.lower(*args).compile(compiler_options=options)
 
 
 def make_parallel(mode: str, fsdp: bool = False, fsdp_size: int | None = None) -> MeshParallel | PmapParallel:

@@ -263,9 +263,9 @@ def test_replica_groups_of_the_three_hlo_forms():
 
 
 HYBRID_SCRIPT = """
-import json, jax, jax.numpy as jnp, numpy as np, optax, flax.linen as nn
+import functools, json, jax, jax.numpy as jnp, numpy as np, optax, flax.linen as nn
 from jaxaccel import step as step_lib
-from jaxaccel.parallel import MeshParallel, collectives
+from jaxaccel.parallel import MeshParallel, PmapParallel, collectives
 
 class MLP(nn.Module):
     @nn.compact
@@ -284,7 +284,8 @@ def create(key):
 
 def run(par):
     state = par.create_state(create, jax.random.key(0))
-    fn = step_lib.make_train_steps(step_lib.train_step, batch_size=64, batch_sharding=par.batch_sharding,
+    step = functools.partial(step_lib.train_step, axis_name=par.axis_name)
+    fn = step_lib.make_train_steps(step, batch_size=64, batch_sharding=par.batch_sharding,
                                    unroll=None, step_key=jax.random.key(2), axis_name=par.axis_name)
     args = (state, par.replicate(images), par.replicate(labels),
             par.replicate(rng.permutation(512).astype(np.int32)), np.int32(0), np.int32(8))
@@ -292,12 +293,13 @@ def run(par):
     new, sums = compiled(*args)
     return {"loss": float(par.host(sums)["loss"]), "params": [np.asarray(x).tolist() for x in jax.tree.leaves(new.params)],
             "bytes": par.state_bytes_per_device(new), "mesh": par.describe(new)["mesh"],
+            "kernel": [list(new.params["Dense_0"]["kernel"].shape), str(new.params["Dense_0"]["kernel"].sharding.spec)],
             "collectives": collectives(compiled.as_text())}
 
 rng_state = rng.bit_generator.state
 out = {}
 for name, par in (("one", MeshParallel(devices=jax.devices()[:1])), ("flat", MeshParallel(fsdp=True)),
-                  ("hybrid", MeshParallel(fsdp=True, fsdp_size=2))):
+                  ("hybrid", MeshParallel(fsdp=True, fsdp_size=2)), ("pmap", PmapParallel())):
     rng.bit_generator.state = rng_state
     out[name] = run(par)
 print("RESULT", json.dumps(out))
@@ -305,21 +307,28 @@ print("RESULT", json.dumps(out))
 
 
 def test_hybrid_mesh_trains_like_one_device_with_gathers_inside_each_row():
-    """A (data=2, fsdp=2) mesh on 4 devices trains 8 steps as 1 device and 1-D FSDP over 4 do;
-    the compiled step's all-gathers stay within a mesh row (a slice or host) and its gradient
-    reduction crosses the rows."""
+    """A (data=2, fsdp=2) mesh on 4 devices trains 8 steps as 1 device, 1-D FSDP over 4 and the
+    explicit-collectives mode (shard_map, ``parallel.mode=pmap``) do; the compiled step's
+    all-gathers stay within a mesh row (a slice or host) and its gradient reduction crosses the rows."""
     result = subprocess.run([sys.executable, "-c", HYBRID_SCRIPT], capture_output=True, text=True, timeout=300,
                             env={**os.environ, **_devices(4)})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     out = json.loads(result.stdout.split("RESULT ", 1)[1])
     assert out["hybrid"]["mesh"]["axes"] == {"data": 2, "fsdp": 2} and out["flat"]["mesh"]["axes"] == {"data": 1, "fsdp": 4}
-    for name in ("flat", "hybrid"):
+    for name in ("flat", "hybrid", "pmap"):
         np.testing.assert_allclose(out[name]["loss"], out["one"]["loss"], rtol=1e-5)
         for a, b in zip(out[name]["params"], out["one"]["params"]):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     # Parameters and Adam moments split in 2 (hybrid) or 4 (flat) parts.
     assert 0.49 < out["hybrid"]["bytes"] / out["one"]["bytes"] < 0.52
     assert 0.24 < out["flat"]["bytes"] / out["one"]["bytes"] < 0.27
+    # shard_map: the state is one replicated global array per leaf (no leading device axis), a
+    # whole copy on each device, and the step's one reduction (the pmean) spans every device.
+    assert out["pmap"]["kernel"] == [[64, 10], "P()"] and out["pmap"]["bytes"] == out["one"]["bytes"]
+    assert out["pmap"]["mesh"] == {"axes": {"data": 4}, "groups": "all", "group_count": 1, "batch_axes": ["data"],
+                                   "state_axis": None, "collectives": "shard_map"}
+    assert {op for op, _ in out["pmap"]["collectives"]} == {"all-reduce"}
+    assert all(groups in ([], [[0, 1, 2, 3]]) for _, groups in out["pmap"]["collectives"])
     rows = [{0, 1}, {2, 3}]  # mesh positions of each fsdp row
     gathers = [g for op, g in out["hybrid"]["collectives"] if op == "all-gather"]
     assert gathers and all(any(set(group) <= row for row in rows) for groups in gathers for group in groups)
