@@ -25,6 +25,7 @@ import re
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -32,7 +33,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxaccel.config import ConfigError
 
 __all__ = ["MeshParallel", "PmapParallel", "make_parallel", "local_copy", "ReplicaMismatch",
-           "device_groups", "device_grid", "build_mesh", "collectives", "replica_groups", "AXES"]
+           "device_groups", "device_grid", "build_mesh", "collectives", "replica_groups", "checksum",
+           "zero_counts", "AXES"]
 
 AXES = ("data", "fsdp")  # the mesh's axes: across slices/hosts, within one
 
@@ -55,38 +57,62 @@ def local_copy(tree: Any) -> Any:
     return jax.tree.map(copy, tree)
 
 
-def _digest(shard_data: jax.Array) -> int:
-    import zlib
-    if jax.dtypes.issubdtype(shard_data.dtype, jax.dtypes.prng_key):
-        shard_data = jax.random.key_data(shard_data)
-    return zlib.crc32(np.ascontiguousarray(np.asarray(shard_data)).view(np.uint8))
+# ----------------------------------------------------------------------------------------------
+# Checks computed on the devices: only a few bytes per leaf reach the host.
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of ``x`` as uint32 words (one per element; two for 8-byte types)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_ or jnp.dtype(x.dtype).itemsize not in (1, 2, 4, 8) or (
+            jnp.issubdtype(x.dtype, jnp.integer) and jnp.iinfo(x.dtype).bits < 8):
+        return x.astype(jnp.uint32)  # bool and sub-byte integers: the value is the bits
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[jnp.dtype(x.dtype).itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
 
-def _check_copies(tree: Any, copies_of: Callable[[jax.Array], list[list[Any]]],
-                  same_on_every_process: Callable[[jax.Array], bool]) -> int:
-    """Compare, leaf by leaf, every group of shards that must hold the same bytes (on this
-    process), then, for leaves every process holds whole, their digests across processes.
-    Returns the number of leaves checked; raises :class:`ReplicaMismatch` naming those that differ."""
-    flat = [(jax.tree_util.keystr(p), a) for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]
-            if isinstance(a, jax.Array)]
-    local_bad, digests = [], []
-    for name, leaf in flat:
-        groups = copies_of(leaf)
-        sums = [[_digest(s.data) for s in group] for group in groups]
-        if any(len(set(g)) > 1 for g in sums):
-            devices = [str(s.device) for g, d in zip(groups, sums) if len(set(d)) > 1 for s in g]
-            local_bad.append(f"{name} (devices {', '.join(devices)})")
-        digests.append(sums[0][0] if same_on_every_process(leaf) else 0)
-    if local_bad:
-        raise ReplicaMismatch(f"replicated state differs between devices of process {jax.process_index()}: "
-                              + "; ".join(local_bad[:5]) + (f" and {len(local_bad) - 5} more" if len(local_bad) > 5 else ""))
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        table = np.asarray(multihost_utils.process_allgather(np.asarray(digests, np.uint32)))
-        differ = [name for (name, _), column in zip(flat, table.T) if len(set(column.tolist())) > 1]
-        if differ:
-            raise ReplicaMismatch(f"replicated state differs between processes: {', '.join(differ[:5])}")
-    return len(flat)
+def _mix(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: every input bit flips about half the output bits."""
+    h = h ^ (h >> 16)
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def checksum(x: jax.Array) -> jax.Array:
+    """uint32[2] of ``x``'s bits and their positions: a position-weighted sum (odd weights, so any
+    single changed element changes it) and a sum of hashes of (bits, position). Integer sums, so
+    the same bits give the same words whatever the reduction order."""
+    words = _words(x).ravel()
+    position = _mix(jnp.arange(words.size, dtype=jnp.uint32) + np.uint32(0x9E3779B9))
+    return jnp.stack([jnp.sum(words * (position | np.uint32(1)), dtype=jnp.uint32),
+                      jnp.sum(_mix(words ^ position), dtype=jnp.uint32)])
+
+
+def zero_counts(params: Any, selected: Any = None) -> list[int]:
+    """Exact zeros (``x == 0``: -0.0 counts, NaN does not) of each leaf of ``params`` that
+    ``selected`` marks (a tree of bools of the same structure, e.g. sparsity's prunable tree;
+    default: every leaf), in leaf order. jax arrays are counted where they live (a sharded leaf
+    on its shards, then one small all-reduce): one int32 per leaf comes to the host, and every
+    process must call this at the same point. NumPy leaves are counted on the host. Counts are
+    int32: a leaf of 2**31 elements or more would overflow."""
+    leaves = jax.tree.leaves(params)
+    flags = jax.tree.leaves(selected) if selected is not None else [True] * len(leaves)
+    chosen = [x for x, keep in zip(leaves, flags) if keep]
+    on_device = [x for x in chosen if isinstance(x, jax.Array)]
+    counts = iter(())
+    if on_device:
+        mesh = getattr(on_device[0].sharding, "mesh", None)
+        out = NamedSharding(mesh, P()) if isinstance(mesh, Mesh) else None
+        if out not in _ZERO_COUNTERS:
+            _ZERO_COUNTERS[out] = jax.jit(lambda xs: jnp.stack([jnp.sum(x == 0, dtype=jnp.int32) for x in xs]),
+                                          out_shardings=out)
+        counts = iter(local_copy(_ZERO_COUNTERS[out](on_device)).tolist())
+    return [next(counts) if isinstance(x, jax.Array) else int(np.size(x) - np.count_nonzero(x)) for x in chosen]
+
+
+_ZERO_COUNTERS: dict[Any, Callable] = {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,6 +263,7 @@ class MeshParallel:
         self.fsdp_size = self.mesh.shape["fsdp"]
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(AXES))
+        self._checksum_fns: dict[tuple, Callable] = {}
 
     def leaf_sharding(self, leaf: Any) -> NamedSharding:
         """Where one state leaf lives. FSDP splits its largest axis that the ``fsdp`` axis size
@@ -299,14 +326,50 @@ class MeshParallel:
 
     def check_replicas(self, state: Any) -> int:
         """Raise :class:`ReplicaMismatch` unless every copy of every state leaf is bit-identical:
-        shards holding the same index of a leaf on this process's devices, and (for replicated
-        leaves, across processes) each process's copy. Returns the number of leaves checked."""
-        def copies_of(leaf):
-            groups: dict[str, list] = {}
-            for shard in leaf.addressable_shards:
-                groups.setdefault(repr(shard.index), []).append(shard)
-            return list(groups.values())
-        return _check_copies(state, copies_of, lambda leaf: leaf.is_fully_replicated)
+        all devices (of every process) that hold the same part of a leaf. Each device reduces its
+        own copy to a :func:`checksum` (uint32[2] per leaf), so only those 8 bytes per leaf and
+        device reach the host (across processes: one small all-gather); every process must call
+        this at the same point. Returns the number of leaves checked."""
+        flat = [(jax.tree_util.keystr(p), a) for p, a in jax.tree_util.tree_flatten_with_path(state)[0]
+                if isinstance(a, jax.Array)]
+        if not flat:
+            return 0
+        shardings = [a.sharding if isinstance(a.sharding, NamedSharding) and a.sharding.mesh == self.mesh
+                     else self.leaf_sharding(a) for _, a in flat]
+        table = self._checksums([a for _, a in flat], tuple(s.spec for s in shardings))
+        position = {d: k for k, d in enumerate(self.mesh.devices.flat)}
+        bad, processes = [], set()
+        for j, ((name, leaf), sharding) in enumerate(zip(flat, shardings)):
+            copies: dict[str, list] = {}
+            for device, index in sharding.devices_indices_map(leaf.shape).items():
+                copies.setdefault(repr(index), []).append(device)
+            for devices in copies.values():
+                sums = [tuple(table[position[d], j].tolist()) for d in devices]
+                if len(set(sums)) > 1:
+                    common = max(sums, key=sums.count)  # ties: the first device's copy
+                    odd = [d for d, c in zip(devices, sums) if c != common]
+                    agree = [d for d, c in zip(devices, sums) if c == common]
+                    processes |= {d.process_index for d in odd + agree[:1]}
+                    bad.append(f"{name} (devices {', '.join(map(str, odd))} differ from {', '.join(map(str, agree))})")
+        if bad:
+            where = "processes" if len(processes) > 1 else f"devices of process {processes.pop()}"
+            raise ReplicaMismatch(f"replicated state differs between {where}: " + "; ".join(bad[:5])
+                                  + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+        return len(flat)
+
+    def _checksums(self, leaves: list, specs: tuple) -> np.ndarray:
+        """uint32 [devices, leaves, 2]: row ``k`` is :func:`checksum` of each leaf's part on
+        ``mesh.devices.flat[k]``, computed there (one compiled call for the whole state)."""
+        if specs not in self._checksum_fns:
+            def local(*parts):
+                return jnp.stack([checksum(x) for x in parts])[None]
+            self._checksum_fns[specs] = jax.jit(jax.shard_map(
+                local, mesh=self.mesh, in_specs=specs, out_specs=P(self.mesh.axis_names), check_vma=False))
+        table = self._checksum_fns[specs](*leaves)
+        if not table.is_fully_addressable:
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(table, tiled=True))
+        return np.asarray(table)
 
     def host(self, tree: Any) -> Any:
         """Replicated results to host NumPy."""
@@ -345,6 +408,7 @@ class PmapParallel(MeshParallel):
         self.size, self.fsdp, self.fsdp_size = self.mesh.size, False, 1
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = None  # each device gathers its own slice; nothing to constrain
+        self._checksum_fns: dict[tuple, Callable] = {}
 
     def describe(self, state: Any = None) -> dict:
         """The device axis for ``config.json`` (as :meth:`MeshParallel.describe`)."""

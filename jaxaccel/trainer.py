@@ -449,7 +449,7 @@ def _loop(run: _Run, state, step: int, writer, progress: Progress, notice: Preem
         sums = run.evaluate(state.params, test)
         record = {"step": at_step, "split": "test", "accuracy": float(sums["correct"] / sums["count"]),
                   "loss": float(sums["loss_sum"] / sums["count"]),
-                  **sparsity.report(local_copy(run.parallel.single(state).params), cfg.sparsity)}
+                  **sparsity.report(run.parallel.single(state).params, cfg.sparsity)}
         if writer:
             writer.write(record)
         progress.message(f"step {at_step}: test accuracy {record['accuracy']:.4f}, loss {record['loss']:.4f}, "

@@ -347,3 +347,123 @@ def test_config_json_records_the_mesh_and_the_leaves_fsdp_leaves_whole(runs):
     assert all(leaf["shape"] == [10] and leaf["bytes"] == 40 for leaf in parallel["unsharded_leaves"])
     assert runs[(4, "jit")][2]["parallel"]["mesh"]["axes"] == {"data": 1, "fsdp": 4}
     assert "unsharded_leaves" not in runs[(4, "jit")][2]["parallel"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks computed on the devices.
+
+ON_DEVICE_SCRIPT = """
+import json, jax, jax.numpy as jnp, numpy as np, optax, flax.linen as nn
+from jax._src import array as array_impl
+from jaxaccel import sparsity, step as step_lib
+from jaxaccel.parallel import MeshParallel, ReplicaMismatch, checksum, local_copy, zero_counts
+
+# Count every jax.Array copied to host NumPy: np.asarray / np.array (what jax.device_get,
+# local_copy and process_allgather end in; on CPU they may read the buffer directly) and the copy
+# behind float(), .tolist() and __array__ (not counted again inside a counted np.asarray).
+moved, inside = [], [0]
+for name in ("asarray", "array"):
+    def counting(x, *args, _original=getattr(np, name), **kwargs):
+        if not isinstance(x, jax.Array):
+            return _original(x, *args, **kwargs)
+        moved.append(x.nbytes)
+        inside[0] += 1
+        try:
+            return _original(x, *args, **kwargs)
+        finally:
+            inside[0] -= 1
+    setattr(np, name, counting)
+_copy = array_impl.ArrayImpl._single_device_array_to_np_array_did_copy
+def counting_copy(self):
+    out = _copy(self)
+    if not inside[0]:
+        moved.append(out[0].nbytes)
+    return out
+array_impl.ArrayImpl._single_device_array_to_np_array_did_copy = counting_copy
+
+def host_bytes(fn, *args):
+    fn(*args)  # compiled on first use
+    moved.clear()
+    result = fn(*args)
+    return result, sum(moved)
+
+class MLP(nn.Module):  # LeNet-300-100
+    @nn.compact
+    def __call__(self, x):
+        for n in (300, 100):
+            x = nn.relu(nn.Dense(n)(x))
+        return nn.Dense(10)(x)
+
+def create(key):
+    params = MLP().init(key, jnp.zeros((1, 784)))["params"]
+    # Planted zeros (and a -0.0 and a NaN) in the first kernel: 1/3 of its entries.
+    kernel = params["Dense_0"]["kernel"]
+    kernel = jnp.where(jnp.arange(kernel.size).reshape(kernel.shape) % 3 == 0, 0.0, kernel)
+    params["Dense_0"]["kernel"] = kernel.at[0, 1].set(-0.0).at[0, 2].set(jnp.nan)
+    return step_lib.TrainState.create(apply_fn=MLP().apply, params=params, tx=optax.adam(1e-3))
+
+out = {}
+par = MeshParallel(fsdp=True)
+state = par.create_state(create, jax.random.key(0))
+out["state_bytes"] = sum(x.nbytes for x in jax.tree.leaves(state))
+out["params_bytes"] = sum(x.nbytes for x in jax.tree.leaves(state.params))
+out["leaves"], out["check_bytes"] = host_bytes(par.check_replicas, state)
+selected = sparsity.prunable_mask_tree(state.params)
+out["zeros"], out["zero_bytes"] = host_bytes(zero_counts, state.params, selected)
+host_params, out["local_copy_bytes"] = host_bytes(local_copy, state.params)
+out["host_zeros"] = [int(np.size(x) - np.count_nonzero(x)) for x in jax.tree.leaves(host_params)
+                     if x.ndim == 2]
+out["report_same"] = sparsity.report(state.params) == sparsity.report(host_params)
+
+# A (data=2, fsdp=2) mesh: each kernel shard has a copy in the other row; flip one bit of one.
+par = MeshParallel(fsdp=True, fsdp_size=2)
+state = par.create_state(create, jax.random.key(0))
+assert par.check_replicas(state) == out["leaves"]
+kernel = state.params["Dense_1"]["kernel"]
+target = par.mesh.devices[1, 0]
+parts = [np.array(s.data) for s in kernel.addressable_shards]
+devices = [s.device for s in kernel.addressable_shards]
+flip = parts[devices.index(target)]
+flip.view(np.uint32).flat[123] ^= 1 << 7
+bad = jax.make_array_from_single_device_arrays(kernel.shape, kernel.sharding,
+                                               [jax.device_put(p, d) for p, d in zip(parts, devices)])
+state.params["Dense_1"]["kernel"] = bad
+try:
+    par.check_replicas(state)
+except ReplicaMismatch as e:
+    out["mismatch"] = str(e)
+out["target"] = str(target)
+
+# Any one changed element changes the checksum, for every dtype the state may hold.
+changed = []
+for dtype in ("float32", "bfloat16", "float16", "int8", "uint8", "int32", "uint32", "bool"):
+    x = np.random.default_rng(0).integers(0, 2, 1000).astype(dtype)
+    y = x.copy()
+    y[517] = 1 - y[517] if dtype != "bool" else not y[517]
+    changed.append(bool(np.any(np.asarray(checksum(jnp.asarray(x))) != np.asarray(checksum(jnp.asarray(y))))))
+keys = [jax.random.key(0), jax.random.key(1)]
+changed.append(bool(np.any(np.asarray(checksum(keys[0])) != np.asarray(checksum(keys[1])))))
+out["changed"] = changed
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_evaluation_checks_move_a_few_bytes_per_leaf_not_the_state():
+    """FSDP on 4 emulated devices, LeNet-300-100 with Adam (3.2 MB of state): the replica check
+    brings 8 bytes per leaf and device to the host, the zero count 4 bytes per kernel; a host copy
+    of the parameters (what each evaluation made before) is measured the same way for scale.
+    The checks still see what they must: the same zero counts as NumPy, and one flipped bit in
+    one copy of a sharded kernel on a (data=2, fsdp=2) mesh."""
+    result = subprocess.run([sys.executable, "-c", ON_DEVICE_SCRIPT], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **_devices(4)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    out = json.loads(result.stdout.split("RESULT ", 1)[1])
+    assert out["state_bytes"] > 3_000_000 and out["leaves"] == 20
+    assert 0 < out["check_bytes"] <= 8 * 4 * out["leaves"]  # 640 bytes
+    assert 0 < out["zero_bytes"] <= 4 * 3  # one int32 per kernel
+    assert out["local_copy_bytes"] >= out["params_bytes"] > 1_000_000  # the instrument sees a params copy
+    assert out["zeros"] == out["host_zeros"] and out["zeros"][0] == 784 * 300 // 3 + 1  # +1: the -0.0
+    assert out["report_same"]
+    assert out["mismatch"].startswith("replicated state differs between devices of process 0: "
+                                      ".params['Dense_1']['kernel'] (devices " + out["target"] + " differ from ")
+    assert all(out["changed"]), out["changed"]
