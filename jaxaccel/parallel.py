@@ -33,7 +33,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxaccel.config import ConfigError
 
 __all__ = ["MeshParallel", "PmapParallel", "make_parallel", "local_copy", "ReplicaMismatch",
-           "device_groups", "device_grid", "build_mesh", "collectives", "replica_groups", "checksum",
+           "device_groups", "device_grid", "build_mesh", "collectives", "cross_slice_collectives", "replica_groups", "checksum",
            "zero_counts", "AXES"]
 
 AXES = ("data", "fsdp")  # the mesh's axes: across slices/hosts, within one
@@ -244,10 +244,30 @@ def collectives(hlo_text: str) -> list[tuple[str, list[list[int]]]]:
     return found
 
 
+def cross_slice_collectives(hlo_text: str) -> list[str]:
+    """The collectives a multi-slice TPU program runs over the data-centre network: XLA:TPU keeps
+    each slice's part as ICI collectives with groups inside the slice (:func:`collectives`) and
+    sends the cross-slice part through the MegaScale runtime (``send`` ops whose rendezvous is
+    named after the collective). One entry per such send: ``all-reduce``, ``all-gather``, ..."""
+    kinds = []
+    for line in hlo_text.splitlines():
+        if " send(" in line and "xla_megascale_runtime" in line:
+            m = re.search(r'_xla_host_transfer_rendezvous="([a-z\-]+?)(?:\.\d+)?_\d+"', line)
+            kinds.append(m.group(1) if m else "unknown")
+    return kinds
+
+
 def _device_bytes(tree: Any, device: jax.Device) -> int:
-    """Bytes of ``tree``'s shards that live on ``device``."""
-    return sum(s.data.nbytes for a in jax.tree.leaves(tree) if isinstance(a, jax.Array)
-               for s in a.addressable_shards if s.device == device)
+    """Bytes of ``tree``'s shards that live on ``device``; for abstract leaves
+    (``jax.ShapeDtypeStruct`` with a sharding, as ahead-of-time compiles take) the bytes their
+    sharding would put there."""
+    total = 0
+    for a in jax.tree.leaves(tree):
+        if isinstance(a, jax.Array):
+            total += sum(s.data.nbytes for s in a.addressable_shards if s.device == device)
+        elif isinstance(a, jax.ShapeDtypeStruct) and a.sharding is not None and device in a.sharding.device_set:
+            total += int(np.prod(a.sharding.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize
+    return total
 
 
 class MeshParallel:
@@ -321,8 +341,10 @@ class MeshParallel:
         return state
 
     def state_bytes_per_device(self, state: Any) -> int:
-        """Bytes of the train state held by this process's first device."""
-        return _device_bytes(state, jax.local_devices()[0])
+        """Bytes of the train state held by this process's first device of the mesh (the mesh's
+        first device when none is local: an ahead-of-time compile's abstract state)."""
+        local = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+        return _device_bytes(state, (local or list(self.mesh.devices.flat))[0])
 
     def check_replicas(self, state: Any) -> int:
         """Raise :class:`ReplicaMismatch` unless every copy of every state leaf is bit-identical:
