@@ -338,6 +338,93 @@ def test_hybrid_mesh_trains_like_one_device_with_gathers_inside_each_row():
                for groups in reductions for group in groups)
 
 
+TWO_HOSTS_SCRIPT = """
+import functools, json, socket, sys
+import jax
+port, rank = sys.argv[1], int(sys.argv[2])
+socket.gethostname = lambda: f"host{rank}"  # two processes on two (pretended) hosts
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=rank, initialization_timeout=60)
+import jax.numpy as jnp, numpy as np, optax, flax.linen as nn
+from jaxaccel import sparsity, step as step_lib
+from jaxaccel.parallel import MeshParallel, PmapParallel, ReplicaMismatch, zero_counts
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1).astype(jnp.float32) / 255
+        return nn.Dense(10)(nn.relu(nn.Dense(64)(x)))
+
+rng = np.random.default_rng(0)
+images = rng.integers(0, 255, (512, 8, 8, 1), dtype=np.uint8)
+labels = rng.integers(0, 10, 512).astype(np.int32)
+perm = rng.permutation(512).astype(np.int32)
+model = MLP()
+
+def create(key):
+    params = model.init(key, jnp.zeros((1, 8, 8, 1), jnp.uint8))["params"]
+    return step_lib.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-2))
+
+def run(par):
+    state = par.create_state(create, jax.random.key(0))
+    fn = step_lib.make_train_steps(functools.partial(step_lib.train_step, axis_name=par.axis_name), batch_size=64,
+                                   batch_sharding=par.batch_sharding, unroll=None, step_key=jax.random.key(2),
+                                   axis_name=par.axis_name)
+    args = (state, par.replicate(images), par.replicate(labels), par.replicate(perm), np.int32(0), np.int32(8))
+    new, sums = par.compile(fn, args)(*args)
+    return new, float(par.host(sums)["loss"])
+
+out = {}
+_, out["one"] = run(MeshParallel(devices=jax.local_devices()[:1]))
+par = MeshParallel(fsdp=True)
+state, out["hybrid"] = run(par)
+out["mesh"] = par.describe()["mesh"]
+out["rows"] = [[d.process_index for d in row] for row in par.mesh.devices]
+out["leaves"] = par.check_replicas(state)
+out["zeros"] = zero_counts(state.params)
+_, out["pmap"] = run(PmapParallel())
+# One flipped bit in process 1's copy of a kernel shard (held by process 0 too): both processes see it.
+kernel = state.params["Dense_1"]["kernel"]
+parts = [np.array(s.data) for s in kernel.addressable_shards]
+if rank == 1:
+    parts[0].view(np.uint32).flat[7] ^= 1
+bad = jax.make_array_from_single_device_arrays(
+    kernel.shape, kernel.sharding, [jax.device_put(p, s.device) for p, s in zip(parts, kernel.addressable_shards)])
+state.params["Dense_1"]["kernel"] = bad
+try:
+    par.check_replicas(state)
+except ReplicaMismatch as e:
+    out["mismatch"] = str(e)
+print("RESULT", json.dumps(out), flush=True)
+"""
+
+
+def test_two_hosts_get_data_parallelism_across_and_fsdp_within():
+    """Two processes on two (pretended) hosts, 2 devices each: the default mesh puts each host on
+    its own fsdp row, trains as one device does (so does the shard_map mode over both hosts), the
+    replica check compares a shard's copies held by different hosts (a bit flipped on one is named
+    by both processes) and zero counts reach every process."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_HOSTS_SCRIPT, str(port), str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, **_devices(2)}) for i in range(2)]
+    results = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=300)
+            assert p.returncode == 0, stdout[-2000:] + stderr[-3000:]
+            results.append(json.loads(stdout.split("RESULT ", 1)[1]))
+    finally:
+        for p in procs:
+            p.kill()
+    for out in results:
+        assert out["mesh"]["axes"] == {"data": 2, "fsdp": 2} and out["mesh"]["groups"] == "host"
+        assert out["rows"] == [[0, 0], [1, 1]]
+        np.testing.assert_allclose(out["hybrid"], out["one"], rtol=1e-5)
+        np.testing.assert_allclose(out["pmap"], out["one"], rtol=1e-5)
+        assert out["leaves"] == 14 and len(out["zeros"]) == 4 and out["zeros"] == results[0]["zeros"]
+        assert out["mismatch"].startswith("replicated state differs between processes: .params['Dense_1']['kernel'] "
+                                          "(devices ")
+
+
 def test_config_json_records_the_mesh_and_the_leaves_fsdp_leaves_whole(runs):
     parallel = runs[(4, "fsdp")][2]["parallel"]
     assert parallel["mesh"]["axes"] == {"data": 1, "fsdp": 4} and parallel["mesh"]["state_axis"] == "fsdp"
