@@ -132,8 +132,13 @@ class CheckpointConfig(_Section):
 
 
 class ParallelConfig(_Section):
-    mode: Literal["jit", "pmap"] = Field("jit", description="jit: Mesh + NamedSharding; pmap: replicated state.")
+    mode: Literal["jit", "pmap"] = Field(
+        "jit", description="jit: Mesh + NamedSharding; pmap: explicit collectives (jax.shard_map), replicated state.")
     fsdp: bool = Field(False, description="jit only: shard parameters and optimizer state over the data axis too (FSDP).")
+    fsdp_size: Optional[StrictInt] = Field(
+        None, ge=1, description="Devices each FSDP-sharded leaf is split over (the mesh's fsdp axis); the rest form "
+                                "the data axis. Default: one TPU slice or one host, so data parallelism runs across "
+                                "slices/hosts; all devices when there is one.")
     check_replicas: bool = Field(
         True, description="At each evaluation, check that replicated state (masks, loss scale, params) is bit-identical on every device and process.")
 

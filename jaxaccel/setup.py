@@ -81,7 +81,7 @@ def build(cfg: Config, overrides: list[str] | None = None) -> Setup:
     _enable_compilation_cache()
     dataset = data_lib.load(cfg.data.name, cfg.data.dir, cfg.data.cache_dir,
                             data_lib.Decoding(cfg.model.vocab_size, cfg.data.max_length))
-    parallel = make_parallel(cfg.parallel.mode, cfg.parallel.fsdp)
+    parallel = make_parallel(cfg.parallel.mode, cfg.parallel.fsdp, cfg.parallel.fsdp_size)
     if cfg.train.batch_size % parallel.size:
         n, batch = parallel.size, cfg.train.batch_size
         nearest = sorted({max(n, batch // n * n), (batch // n + 1) * n})

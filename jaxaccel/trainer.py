@@ -25,7 +25,6 @@ from jaxaccel import sparsity
 from jaxaccel.checkpoint import Checkpointer
 from jaxaccel.evaluation import Evaluator
 from jaxaccel.metrics import MetricsWriter, Progress, tensorboard_enabled
-from jaxaccel.parallel import local_copy
 from jaxaccel.precision import NonFiniteError
 from jaxaccel.runtime import DistributedError, PreemptionNotice, Preempted, fault_point
 from jaxaccel.step_groups import StepGroups
@@ -203,7 +202,7 @@ def _loop(setup: setup_lib.Setup, state, step: int, resumed: dict[str, Any], che
             progress.message(f"step {at_step}: replica check: {leaves} state leaves bit-identical on "
                              f"{par.size} devices, {jax.process_count()} process(es)")
         record = {"step": at_step, "split": "test", **evaluator(state), "train_seconds": train_seconds,
-                  **sparsity.report(local_copy(par.single(state).params), cfg.sparsity)}
+                  **sparsity.report(par.single(state).params, cfg.sparsity)}
         if writer:
             writer.write(record)
         progress.message(f"step {at_step}: test accuracy {record['accuracy']:.4f}, loss {record['loss']:.4f}, "

@@ -4,7 +4,9 @@
                             "sparsity/<path>": zeros / size of that leaf, ...,
                             "prunable_params": size, "zero_params": zeros}
 
-Works on NumPy arrays and on (fully addressable) jax arrays; the values are fetched to the host.
+Works on NumPy arrays and on jax arrays, also sharded over several processes (FSDP): those are
+counted where they live and only one int32 per leaf reaches the host (``parallel.zero_counts``),
+so every process must call it at the same point.
 """
 from __future__ import annotations
 
@@ -28,16 +30,18 @@ def prunable_mask_tree(params: Any, cfg: Any = None) -> Any:
 
 def report(params: Any, cfg: Any = None) -> dict[str, Any]:
     """Overall and per-leaf fraction of exact zeros over the prunable leaves (see module doc)."""
-    flags = jax.tree.leaves(prunable_mask_tree(params, cfg))
+    from jaxaccel.parallel import zero_counts
+    selected = prunable_mask_tree(params, cfg)
+    flags = jax.tree.leaves(selected)
+    counts = iter(zero_counts(params, selected))
     out: dict[str, Any] = {}
     zeros = total = 0
     for path, leaf, keep in zip(masks_lib.leaf_paths(params), jax.tree.leaves(params), flags):
         if not keep:
             continue
-        value = np.asarray(jax.device_get(leaf))
-        z = int(value.size - np.count_nonzero(value))
-        out[f"sparsity/{path}"] = z / value.size if value.size else 0.0
-        zeros, total = zeros + z, total + value.size
+        z, size = next(counts), int(np.size(leaf))
+        out[f"sparsity/{path}"] = z / size if size else 0.0
+        zeros, total = zeros + z, total + size
     out["sparsity"] = zeros / total if total else 0.0
     out["prunable_params"] = total
     out["zero_params"] = zeros
