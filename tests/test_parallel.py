@@ -282,11 +282,11 @@ model, tx = MLP(), optax.adam(1e-2)
 
 def create(key):
     params = model.init(key, jnp.zeros((1, 8, 8, 1), jnp.uint8))["params"]
-    return step_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    return step_lib.TrainState.create(params, tx)
 
 def run(par):
     state = par.create_state(create, jax.random.key(0))
-    step = functools.partial(step_lib.train_step, axis_name=par.axis_name)
+    step = functools.partial(step_lib.train_step, apply_fn=model.apply, tx=tx, axis_name=par.axis_name)
     fn = step_lib.make_train_steps(step, batch_size=64, batch_sharding=par.batch_sharding,
                                    unroll=None, step_key=jax.random.key(2), axis_name=par.axis_name)
     args = (state, par.replicate(images), par.replicate(labels),
@@ -363,11 +363,14 @@ model = MLP()
 
 def create(key):
     params = model.init(key, jnp.zeros((1, 8, 8, 1), jnp.uint8))["params"]
-    return step_lib.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-2))
+    return step_lib.TrainState.create(params, TX)
+
+TX = optax.adam(1e-2)
 
 def run(par):
     state = par.create_state(create, jax.random.key(0))
-    fn = step_lib.make_train_steps(functools.partial(step_lib.train_step, axis_name=par.axis_name), batch_size=64,
+    step = functools.partial(step_lib.train_step, apply_fn=model.apply, tx=TX, axis_name=par.axis_name)
+    fn = step_lib.make_train_steps(step, batch_size=64,
                                    batch_sharding=par.batch_sharding, unroll=None, step_key=jax.random.key(2),
                                    axis_name=par.axis_name)
     args = (state, par.replicate(images), par.replicate(labels), par.replicate(perm), np.int32(0), np.int32(8))
@@ -489,7 +492,7 @@ def create(key):
     kernel = params["Dense_0"]["kernel"]
     kernel = jnp.where(jnp.arange(kernel.size).reshape(kernel.shape) % 3 == 0, 0.0, kernel)
     params["Dense_0"]["kernel"] = kernel.at[0, 1].set(-0.0).at[0, 2].set(jnp.nan)
-    return step_lib.TrainState.create(apply_fn=MLP().apply, params=params, tx=optax.adam(1e-3))
+    return step_lib.TrainState.create(params, optax.adam(1e-3))
 
 out = {}
 par = MeshParallel(fsdp=True)
@@ -576,8 +579,9 @@ class MLP(nn.Module):
 model = MLP()
 def create(key):
     params = model.init(key, jnp.zeros((1, 28, 28, 1), jnp.uint8))["params"]
-    return step_lib.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-3))
+    return step_lib.TrainState.create(params, TX)
 
+TX = optax.adam(1e-3)
 devices = list(topologies.get_topology_desc(topology_name="v5e:4x4", platform="tpu", num_slices=2).devices)
 abstract = jax.eval_shape(create, jax.random.key(0))
 out = {"state_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))}
@@ -585,7 +589,8 @@ for name, fsdp_size in (("default", None), ("across slices", 32)):
     par = MeshParallel(fsdp=True, fsdp_size=fsdp_size, devices=devices)
     state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=par.leaf_sharding(s)), abstract)
     replicated = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=par.replicated)
-    fn = step_lib.make_train_steps(functools.partial(step_lib.train_step, axis_name=par.axis_name), batch_size=256,
+    step = functools.partial(step_lib.train_step, apply_fn=model.apply, tx=TX, axis_name=par.axis_name)
+    fn = step_lib.make_train_steps(step, batch_size=256,
                                    batch_sharding=par.batch_sharding, unroll=1, step_key=jax.random.key(2),
                                    axis_name=par.axis_name)
     args = (state, replicated((60000, 28, 28, 1), jnp.uint8), replicated((60000,), jnp.int32),
