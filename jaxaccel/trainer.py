@@ -35,6 +35,7 @@ from jaxaccel.optim import freeze, make_optimizer
 from jaxaccel.precision import NonFiniteError
 from jaxaccel.runtime import DistributedError, Preempted, PreemptionNotice, fault_point, init_distributed
 from jaxaccel.parallel import ReplicaMismatch, local_copy, make_parallel
+from jaxaccel import workdir as workdir_lib
 
 __all__ = ["train", "NonFiniteError", "Preempted", "DistributedError", "ReplicaMismatch", "default_loop"]
 
@@ -386,6 +387,12 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict[str, Any]:
     ``overrides`` (the command-line ``key=value`` strings, if any) are recorded in config.json.
     A run whose workdir already has checkpoints resumes from the latest one.
     """
+    init_distributed(cfg)  # before the workdir lock, which is taken per process index
+    with workdir_lib.held(cfg.workdir or f"runs/{cfg.experiment or 'run'}", jax.process_index()):
+        return _train(cfg, overrides)
+
+
+def _train(cfg: Config, overrides: list[str] | None) -> dict[str, Any]:
     from jaxaccel import experiments
     if cfg.experiment in experiments.names() and experiments.info(cfg.experiment).unavailable:
         raise ConfigError(f"experiment {cfg.experiment}: {experiments.info(cfg.experiment).unavailable}")
