@@ -111,11 +111,25 @@ def _quiet_cancelled_io() -> None:
     sys.unraisablehook = lambda u: None if cancelled(u.exc_value) else previous_unraisable(u)
 
 
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager without its own calls to JAX's preemption sync point.
+
+    The sync point is one process-wide counter that every caller must advance in step: orbax
+    calls it with checkpoint step numbers (at save start, and again from its background commit
+    thread with older steps), while the training loop calls it with consecutive step-group
+    counts (:class:`jaxaccel.runtime.PreemptionNotice`). Mixed, the agreed stop point was a
+    number the loop never calls with, and a preempted multi-process run trained on to the end.
+    The loop alone decides when to save for a preemption, so orbax does not need to know."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 class Checkpointer:
     """Saves and restores the train state under ``directory``."""
 
     def __init__(self, directory: str | Path, max_to_keep: int):
-        self.manager = ocp.CheckpointManager(
+        self.manager = _Manager(
             Path(directory).absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
