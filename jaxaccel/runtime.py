@@ -155,14 +155,35 @@ def _jax_default(parameter: str) -> int:
     return inspect.signature(jax.distributed.initialize).parameters[parameter].default
 
 
+def _resolve(explicit: tuple, cluster: str | None, timeout: int) -> tuple[str, int, int]:
+    """(coordinator, num_processes, process_id): the ``distributed.*`` values given, the unset
+    ones from ``JAX_COORDINATOR_ADDRESS`` and JAX's cluster detection; ConfigError (exit 2)
+    naming the keys that are still missing."""
+    coordinator, n, pid = explicit
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")  # as initialize() reads it
+    if None in (coordinator, n, pid):
+        coordinator, n, pid = _auto_detect(coordinator, n, pid, timeout)
+    missing = [key for key, value in zip(_KEYS, (coordinator, n, pid)) if value is None]
+    if missing:
+        why = cluster or ("distributed.* is partly set" if explicit != (None, None, None)
+                          else "JAXACCEL_AUTO_DISTRIBUTED is set")
+        alone = "; unset the cluster's variables to train one process alone" if cluster else ""
+        raise ConfigError(
+            f"{why}, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set and JAX could not "
+            f"detect {'it' if len(missing) == 1 else 'them'} from the environment: set "
+            f"{' '.join(k + '=...' for k in missing)} on every process (under SLURM, start them with srun){alone}")
+    check_distributed(coordinator, n, pid)
+    return coordinator, n, pid
+
+
 def init_distributed(cfg: Config) -> None:
     """Start jax.distributed before anything touches devices.
 
     With ``distributed.*`` set, with them (all three, or the ones a detected cluster does not
     give). With none set, in a cluster job (:func:`detected_cluster`, or with
     ``JAXACCEL_AUTO_DISTRIBUTED=1``) through JAX's detection of the cluster; if that cannot find
-    the coordinator, process count and id, ConfigError (exit 2) names what to set. Timeouts left
-    unset (None) are JAX's own.
+    the coordinator, process count and id, ConfigError (exit 2) names what to set: never one of
+    N independent runs in a shared workdir. Timeouts left unset (None) are JAX's own.
     """
     d = cfg.distributed
     if jax.distributed.is_initialized():
@@ -175,26 +196,13 @@ def init_distributed(cfg: Config) -> None:
     init_timeout = getattr(d, "init_timeout_seconds", None) or _jax_default("initialization_timeout")
     heartbeat = getattr(d, "heartbeat_timeout_seconds", None)
     detect = None in explicit
-    coordinator, n, pid = _auto_detect(*explicit, init_timeout) if detect else explicit
-    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    missing = [key for key, value in zip(_KEYS, (coordinator, n, pid)) if value is None]
-    if missing:
-        why = cluster or ("distributed.* is partly set" if explicit != (None, None, None)
-                          else "JAXACCEL_AUTO_DISTRIBUTED is set")
-        raise ConfigError(
-            f"{why}, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set and JAX could not "
-            f"detect {'it' if len(missing) == 1 else 'them'} from the environment. Set {' '.join(k + '=...' for k in missing)} "
-            "on every process (or start it with srun under SLURM); unset the cluster variables to train one "
-            "process alone. N processes never train as independent runs in one workdir.")
-    check_distributed(coordinator, n, pid)
+    coordinator, n, pid = _resolve(explicit, cluster, init_timeout)
     if pid:  # process 0 starts the coordinator; the others must reach it
         _wait_for_coordinator(coordinator, init_timeout)
     print(f"jax.distributed: process {pid} of {n}, coordinator {coordinator}"
           f"{f' (detected: {cluster})' if detect and cluster else ''}; waiting up to {init_timeout}s for all processes",
           flush=True)
-    timeouts = {"initialization_timeout": init_timeout}
-    if heartbeat:
-        timeouts["heartbeat_timeout_seconds"] = heartbeat
+    timeouts = {"initialization_timeout": init_timeout, **({"heartbeat_timeout_seconds": heartbeat} if heartbeat else {})}
     try:
         # All given by hand: no detection (it would also pick this process's GPUs from SLURM's ids).
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=n, process_id=pid,
