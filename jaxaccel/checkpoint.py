@@ -1,9 +1,11 @@
 """Checkpoints through orbax's CheckpointManager: atomic, kept to ``max_to_keep``, written async.
 
-A checkpoint holds the whole train state (params, optimizer state, step, model state) plus a small
-JSON record (the step and the shape of every leaf, to name what differs when a checkpoint does not
-fit the model). Data order and per-step RNG are pure functions of
-(seed, step), so the step is all a resumed run needs to continue exactly where it stopped.
+A checkpoint holds the whole train state (params, optimizer state, step, model state) plus a small JSON record
+(the step, leaf shapes and a checksum of every leaf). Data order and per-step RNG are pure
+functions of (seed, step), so the step is all a resumed run needs to continue exactly where it
+stopped. A restored state is checked against the checksums written with it: orbax reads flipped
+bytes in a data file back without complaint, and a corrupt Adam moment only shows up (if at all)
+as a non-finite loss thousands of steps later.
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "CheckpointMismatch", "CheckpointUnreadable"]
+__all__ = ["Checkpointer", "CheckpointMismatch", "CheckpointUnreadable", "CheckpointCorrupt", "checksums"]
 
 
 class CheckpointMismatch(ValueError):
@@ -23,6 +27,54 @@ class CheckpointMismatch(ValueError):
 
 class CheckpointUnreadable(RuntimeError):
     """The latest checkpoint is corrupt or incomplete (and no fallback was asked for)."""
+
+
+class CheckpointCorrupt(RuntimeError):
+    """A restored leaf does not match the checksum written with it (handled as unreadable)."""
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finalizer: every input bit flips about half the output bits."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(leaf: jax.Array) -> jax.Array:
+    """The leaf's bytes as uint32 words (one per element of up to 4 bytes; two for 8 bytes)."""
+    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)
+    if leaf.dtype == jnp.bool_:
+        leaf = leaf.astype(jnp.uint8)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[leaf.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(leaf, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _leaf_sums(leaves: list[jax.Array]) -> jax.Array:
+    """[leaves, 2] uint32: per leaf, the wrapping sum of a hash of (word, position) and the sum
+    of the words. Integer sums are exact in any order, so the result is the same however the
+    leaf is sharded (FSDP) or reduced; only these few bytes per leaf leave the device."""
+    rows = []
+    for leaf in leaves:
+        words = _words(leaf)
+        position = jnp.arange(words.size, dtype=jnp.uint32).reshape(words.shape)
+        rows.append(jnp.stack([jnp.sum(_fmix32(words ^ _fmix32(position * jnp.uint32(0x9E3779B9) + 1)),
+                                       dtype=jnp.uint32),
+                               jnp.sum(words, dtype=jnp.uint32)]))
+    return jnp.stack(rows) if rows else jnp.zeros((0, 2), jnp.uint32)
+
+
+def checksums(tree: Any) -> dict[str, str]:
+    """A checksum of every array leaf of ``tree`` (global arrays: every process of a multi-process
+    run must call this at the same point), computed on device, keyed by leaf path."""
+    flat = [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if isinstance(leaf, (jax.Array, np.ndarray))]
+    sums = _leaf_sums([leaf for _, leaf in flat])
+    table = np.asarray(sums.addressable_data(0) if isinstance(sums, jax.Array) else sums)
+    return {name: f"{a:08x}{b:08x}" for (name, _), (a, b) in zip(flat, table.tolist())}
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:
@@ -77,6 +129,18 @@ def _quiet_background_failures() -> None:
     logger = logging.getLogger("absl")
     if not any(isinstance(f, _OrbaxFailureEcho) for f in logger.filters):
         logger.addFilter(_OrbaxFailureEcho())
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager without its own calls to JAX's preemption sync point.
+
+    The sync point is one process-wide counter that every caller must advance in step: orbax
+    calls it with checkpoint step numbers (at save start, and again from its background commit
+    thread with older steps), while the training loop calls it with consecutive step-group
+    counts (:class:`jaxaccel.runtime.PreemptionNotice`). Mixed, the agreed stop point was a
+    number the loop never calls with, and a preempted multi-process run trained on to the end.
+    The loop alone decides when to save for a preemption, so orbax does not need to know."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
 
 
 class Checkpointer:
@@ -84,7 +148,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, max_to_keep: int):
         _quiet_background_failures()
-        self.manager = ocp.CheckpointManager(
+        self.manager = _Manager(
             Path(directory).absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
@@ -113,14 +177,16 @@ class Checkpointer:
                 return state, step, notes
             except CheckpointMismatch:
                 raise
+            except CheckpointCorrupt as e:
+                problem = f"checkpoint step {step} in {self.manager.directory} is corrupt ({e})"
             except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for bad files
                 problem = f"checkpoint step {step} in {self.manager.directory} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-                older = steps[i + 1:]
-                if not fallback:
-                    hint = (f"set checkpoint.fallback=true to restore step {older[0]} instead, or " if older else "")
-                    raise CheckpointUnreadable(f"{problem}; {hint}delete {self.manager.directory / str(step)} "
-                                               "to start from the checkpoint before it") from None
-                notes.append(f"{problem}; falling back to an older one")
+            older = steps[i + 1:]
+            if not fallback:
+                hint = (f"set checkpoint.fallback=true to restore step {older[0]} instead, or " if older else "")
+                raise CheckpointUnreadable(f"{problem}; {hint}delete {self.manager.directory / str(step)} "
+                                           "to start from the checkpoint before it") from None
+            notes.append(f"{problem}; falling back to an older one")
         raise CheckpointUnreadable(f"no readable checkpoint in {self.manager.directory}: " + "; ".join(notes))
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
@@ -135,12 +201,20 @@ class Checkpointer:
                 "\nUse a new workdir, or the config that wrote it.")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        if "checksums" in meta:  # checkpoints written before checksums existed are taken as they are
+            found = checksums(restored["state"])
+            bad = [k for k, v in meta["checksums"].items() if found.get(k) != v]
+            if bad:
+                raise CheckpointCorrupt(f"{len(bad)} of {len(found)} leaves differ from the checksums written "
+                                        f"with them ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
         return restored["state"], meta
 
     @staticmethod
     def meta_for(state: Any, **extra: Any) -> dict[str, Any]:
-        """The JSON record saved beside ``state``: its leaf shapes (to detect mismatches) and extras."""
-        return {"shapes": {k: list(v) for k, v in _shapes(state).items()}, **extra}
+        """The JSON record saved beside ``state``: its leaf shapes (to detect mismatches), a checksum
+        of every leaf (to detect corruption; computed on device, so every process must call this
+        at the same step) and extras."""
+        return {"shapes": {k: list(v) for k, v in _shapes(state).items()}, "checksums": checksums(state), **extra}
 
     def committed_steps(self) -> list[int]:
         """Steps whose checkpoints are fully written, oldest first (read from the directory)."""

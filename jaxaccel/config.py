@@ -153,8 +153,10 @@ class DistributedConfig(_Section):
     coordinator: Optional[str] = Field(None, description="host:port of process 0, as jax.distributed.initialize takes it.")
     num_processes: Optional[StrictInt] = Field(None, ge=1)
     process_id: Optional[StrictInt] = Field(None, ge=0)
-    init_timeout_seconds: StrictInt = Field(60, ge=1, description="Give up (with an error) if the peers are not all up by then.")
-    heartbeat_timeout_seconds: StrictInt = Field(30, ge=1, description="A peer silent this long is dead: the others stop with an error.")
+    init_timeout_seconds: Optional[StrictInt] = Field(
+        None, ge=1, description="Give up (with an error) if the peers are not all up by then; default: JAX's (300 s).")
+    heartbeat_timeout_seconds: Optional[StrictInt] = Field(
+        None, ge=1, description="A peer silent this long is dead: the others stop with an error; default: JAX's (100 s).")
 
 
 class InitConfig(_Section):

@@ -2,8 +2,11 @@
 
 Reading goes through ``tfds.data_source`` (array_record random access), which needs no TensorFlow.
 Decoding 60k PNGs takes several seconds, so the decoded arrays are cached as ``.npy`` files keyed
-by the contents of the prepared files they came from; a later start memory-maps them in well under
-a second.
+by the contents of the prepared files they came from; a later start reads them in well under a
+second. The cache's ``meta.json`` records each file's size and CRC-32 (checked at every load,
+~15 ms for MNIST): a truncated or garbled cached file is decoded again, with a note on stdout,
+instead of failing every later run. Damaged prepared files (``array_record`` or the TFDS JSON
+metadata) are a :class:`DataError` naming the file.
 
 The kind of input follows the dataset's features: images (MNIST, CIFAR) stay uint8 NHWC; text
 (``ag_news_subset``, ``imdb_reviews``) is tokenized at cache time into int32 ``[N, max_length]``
@@ -20,10 +23,12 @@ import concurrent.futures
 import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import sys
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,6 +193,26 @@ def _kind(features: Any) -> tuple[str, list[str]]:
     raise DataError(f"no image, audio or text feature among {sorted(types)}: jaxaccel cannot train on it")
 
 
+def _damaged(what: str, version_dir: Path, error: BaseException) -> DataError:
+    detail = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+    name = version_dir.parent.name
+    return DataError(
+        f"{what} cannot be read ({detail}): the prepared dataset is damaged. Copy {version_dir} again from "
+        f"a good source, or delete it and prepare it again with `tfds build {name} --data_dir "
+        f"{version_dir.parent.parent} --file_format array_record`.")
+
+
+def _check_metadata(version_dir: Path) -> None:
+    """Raise a DataError naming a TFDS metadata file that is not JSON (TFDS would raise a
+    protobuf parse error about the builder instead)."""
+    for path in (version_dir / "dataset_info.json", version_dir / "features.json"):
+        if path.exists():
+            try:
+                json.loads(path.read_bytes())
+            except (ValueError, OSError) as e:
+                raise _damaged(str(path), version_dir, e) from None
+
+
 def _decode_split(name: str, split: str, data_dir: Path,
                   decoding: Decoding = Decoding()) -> tuple[np.ndarray, np.ndarray, int, str]:
     """(inputs, int32 labels, number of classes, kind) of one split."""
@@ -195,10 +220,22 @@ def _decode_split(name: str, split: str, data_dir: Path,
 
     from jaxaccel import audio, text
 
+    version_dir = _prepared_version_dir(name, data_dir)
     with _audio_without_tensorflow():
-        source = tfds.data_source(name, split=split, data_dir=str(data_dir), download=False)
-        records = _read_records(source)
-        features = source.dataset_info.features
+        try:
+            source = tfds.data_source(name, split=split, data_dir=str(data_dir), download=False)
+            features = source.dataset_info.features
+        except Exception as e:  # noqa: BLE001 - TFDS raises many types for bad metadata
+            if version_dir is None:
+                raise
+            raise _damaged(f"the TFDS metadata of {name} in {version_dir}", version_dir, e) from None
+        try:
+            records = _read_records(source)
+        except Exception as e:  # noqa: BLE001 - array_record/riegeli raise RuntimeError, PIL others
+            if version_dir is None:
+                raise
+            files = ", ".join(str(p) for p in sorted(version_dir.glob(f"{name}-{split}.array_record*")))
+            raise _damaged(files or f"the {split} split in {version_dir}", version_dir, e) from None
     kind, keys = _kind(features)
     if kind == "image":
         inputs = np.stack([r[keys[0]] for r in records]).astype(np.uint8)
@@ -215,36 +252,113 @@ def _as_str(value: Any) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def _atomic_save(path: Path, array: np.ndarray) -> None:
+def _atomic_write(path: Path, data: bytes) -> None:
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-        np.save(f, array)
+        f.write(data)
     os.replace(f.name, path)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _cache_files(suffix: str, split: str) -> dict[str, str]:
+    """Dataset field -> cached file name of one split's arrays decoded with ``suffix`` settings
+    (the file names predate text and audio: "images" holds any kind of input)."""
+    return {f"{split}_inputs": f"{split}_images{suffix}.npy", f"{split}_labels": f"{split}_labels.npy"}
+
+
+def _read_meta(cache: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(meta.json's record, why it is unusable). Both None when there is no cache yet."""
+    path = cache / "meta.json"
+    if not path.exists():
+        return None, None
+    try:
+        meta = json.loads(path.read_bytes())
+        int(meta["num_classes"])
+        if not isinstance(meta.get("files", {}), dict):
+            raise ValueError("'files' is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"{path} is damaged ({type(e).__name__}: {str(e)[:100]})"
+    if "files" not in meta:
+        return None, f"{cache} has no checksums (written by an older jaxaccel)"
+    return meta, None
+
+
+def _read_split(cache: Path, meta: dict[str, Any], split: str,
+                decoding: Decoding) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """(one split's cached arrays, why they are unusable), each file checked against its
+    recorded size and CRC-32. (None, None): this split was never cached with these settings."""
+    files = _cache_files(decoding.suffix(meta.get("kind", "image")), split)
+    recorded = meta["files"]
+    if not all(f in recorded for f in files.values()):
+        return None, None
+    arrays = {}
+    for key, name in files.items():
+        path, want = cache / name, recorded[name] if isinstance(recorded[name], dict) else {}
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            return None, f"{path} cannot be read ({e.strerror or e})"
+        if len(raw) != want.get("bytes"):
+            return None, f"{path} is damaged ({len(raw):,} bytes, {want.get('bytes')} written)"
+        if zlib.crc32(raw) != want.get("crc32"):
+            return None, f"{path} is damaged (its CRC-32 differs from the one written)"
+        try:
+            arrays[key] = np.load(io.BytesIO(raw))
+        except ValueError as e:
+            return None, f"{path} is damaged ({e})"
+    return arrays, None
+
+
+def _decode_into_cache(cache: Path, name: str, root: Path, version_dir: Path, decoding: Decoding,
+                       meta: dict[str, Any] | None, splits: list[str]) -> tuple[dict[str, np.ndarray], int]:
+    """Decode ``splits`` and write them, with their sizes and checksums, into ``cache``; returns
+    (their arrays, number of classes). meta.json is written last, so a killed write is a miss."""
+    cache.mkdir(parents=True, exist_ok=True)
+    arrays, recorded = {}, dict((meta or {}).get("files") or {})
+    for split in splits:
+        inputs, labels, num_classes, kind = _decode_split(name, split, root, decoding)
+        files = _cache_files(decoding.suffix(kind), split)
+        for key, array in ((f"{split}_inputs", inputs), (f"{split}_labels", labels)):
+            raw = _npy_bytes(array)
+            _atomic_write(cache / files[key], raw)
+            recorded[files[key]] = {"bytes": len(raw), "crc32": zlib.crc32(raw)}
+            arrays[key] = array
+    meta = {"name": name, "num_classes": num_classes, "source": str(version_dir), "kind": kind, "files": recorded}
+    _atomic_write(cache / "meta.json", json.dumps(meta).encode())
+    return arrays, num_classes
 
 
 def load(name: str, data_dir: str | None = None, cache_dir: str | None = None,
          decoding: Decoding = Decoding()) -> Dataset:
-    """Load TFDS dataset ``name`` (train and test splits) as integer arrays, via the on-disk cache."""
+    """Load TFDS dataset ``name`` (train and test splits) as integer arrays, via the on-disk cache.
+
+    A damaged cache entry is decoded again (and says so on stdout); damaged prepared files raise
+    :class:`DataError` naming them."""
     root = resolve_data_dir(data_dir)
     version_dir = _prepared_version_dir(name, root)
     if version_dir is None:  # mock data: decode every time, never cache generated examples
         (x, y, num_classes, _), (tx, ty, _, _) = (_decode_split(name, s, root, decoding) for s in ("train", "test"))
         return Dataset(name, x, y, tx, ty, num_classes)
+    _check_metadata(version_dir)
     root_dir = _cache_root(cache_dir)
     cache = root_dir / "data" / f"{name}-{version_dir.name}-{_fingerprint(version_dir, root_dir)}"
-    meta_path = cache / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
-    # Caches written before text and audio existed hold images and have no "kind".
-    suffix = decoding.suffix(meta.get("kind", "image")) if meta else None
-    if meta is None or not (cache / f"test_images{suffix}.npy").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        for split in ("train", "test"):
-            inputs, labels, num_classes, kind = _decode_split(name, split, root, decoding)
-            suffix = decoding.suffix(kind)
-            _atomic_save(cache / f"{split}_images{suffix}.npy", inputs)
-            _atomic_save(cache / f"{split}_labels.npy", labels)
-        meta = {"name": name, "num_classes": num_classes, "source": str(version_dir), "kind": kind}
-        meta_path.write_text(json.dumps(meta))
-    # The cache's file names predate text and audio: "images" holds any kind of input.
-    arrays = {f"{s}_{k}": np.load(cache / f"{s}_{file}{suffix if k == 'inputs' else ''}.npy")
-              for s in ("train", "test") for k, file in (("inputs", "images"), ("labels", "labels"))}
-    return Dataset(name=name, num_classes=meta["num_classes"], **arrays)
+    meta, problem = _read_meta(cache)
+    arrays, missing, problems = {}, [], [problem] if problem else []
+    for split in ("train", "test"):
+        found, problem = _read_split(cache, meta, split, decoding) if meta else (None, None)
+        if found is None:
+            missing.append(split)
+            problems += [problem] if problem else []
+        arrays.update(found or {})
+    num_classes = int(meta["num_classes"]) if meta else 0
+    if missing:  # only what is absent or damaged is decoded again
+        if problems:
+            print(f"data cache: {'; '.join(problems)}; decoding {name} ({', '.join(missing)}) again "
+                  f"from {version_dir}", flush=True)
+        decoded, num_classes = _decode_into_cache(cache, name, root, version_dir, decoding, meta, missing)
+        arrays.update(decoded)
+    return Dataset(name=name, num_classes=num_classes, **arrays)

@@ -10,9 +10,10 @@ import time
 
 import jax
 
-from jaxaccel.config import Config
+from jaxaccel.config import Config, ConfigError
 
-__all__ = ["DistributedError", "Preempted", "PreemptionNotice", "init_distributed", "fault_point"]
+__all__ = ["DistributedError", "Preempted", "PreemptionNotice", "init_distributed", "fault_point",
+           "check_distributed", "detected_cluster"]
 
 
 class DistributedError(RuntimeError):
@@ -86,9 +87,9 @@ def _wait_for_coordinator(address: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with socket.create_connection((host or "localhost", int(port)), timeout=2):
+            with socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout=2):
                 return
-        except (OSError, ValueError) as e:
+        except OSError as e:
             if time.monotonic() > deadline:
                 raise DistributedError(
                     f"cannot reach the coordinator at {address} within {timeout}s ({e}). Start process 0 "
@@ -96,26 +97,119 @@ def _wait_for_coordinator(address: str, timeout: float) -> None:
             time.sleep(0.5)
 
 
+_KEYS = ("distributed.coordinator", "distributed.num_processes", "distributed.process_id")
+
+
+def check_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """Raise ConfigError (exit 2, at once) for ``distributed.*`` values that cannot work: a
+    coordinator that is not host:port, or a process id outside [0, num_processes). Without this
+    JAX says "invalid literal for int()", or process 2 of 2 waits for the whole init timeout."""
+    if coordinator is not None:
+        host, sep, port = coordinator.rpartition(":")
+        if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(f"distributed.coordinator must be host:port, the address of process 0 and a free "
+                              f"port, e.g. 10.0.0.2:1234 (got {coordinator!r})")
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise ConfigError(f"distributed.process_id={process_id} is not below distributed.num_processes="
+                          f"{num_processes}: process ids are 0 to {num_processes - 1}")
+
+
+def detected_cluster(environ: dict[str, str] | None = None) -> str | None:
+    """The multi-process job this process was started in, read from its environment (SLURM with
+    more than one task, Open MPI, a multi-host Cloud TPU, ``JAX_COORDINATOR_ADDRESS``); None when
+    it runs alone. Such a process must join its peers, never train as an independent run."""
+    env = os.environ if environ is None else environ
+
+    def more_than_one(key: str) -> bool:
+        value = env.get(key, "")
+        return value.isdigit() and int(value) > 1
+
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return f"JAX_COORDINATOR_ADDRESS={env['JAX_COORDINATOR_ADDRESS']} is set"
+    for key, what in (("SLURM_NTASKS", "a SLURM job"), ("OMPI_COMM_WORLD_SIZE", "an Open MPI job"),
+                      ("MEGASCALE_NUM_SLICES", "a multi-slice TPU job")):
+        if more_than_one(key):
+            return f"this is {what} ({key}={env[key]})"
+    for key in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES"):
+        if len([h for h in env.get(key, "").split(",") if h]) > 1:
+            return f"this is a multi-host Cloud TPU ({key} lists {len(env[key].split(','))} hosts)"
+    return None
+
+
+def _auto_detect(coordinator, num_processes, process_id, timeout):
+    """Fill unset values from the cluster environment exactly as ``jax.distributed.initialize``
+    will (its ClusterEnv detection), so they can be checked before JAX is called."""
+    try:
+        from jax._src import clusters
+        detect = clusters.ClusterEnv.auto_detect_unset_distributed_params
+    except (ImportError, AttributeError):  # a JAX without it: leave the detection to initialize()
+        return coordinator, num_processes, process_id
+    try:
+        return tuple(detect(coordinator, num_processes, process_id, None, None, timeout)[:3])
+    except Exception as e:  # noqa: BLE001 - a cluster environment that is present but broken
+        raise DistributedError(f"JAX's cluster detection failed: {str(e).splitlines()[0][:300]}") from None
+
+
+def _jax_default(parameter: str) -> int:
+    import inspect
+    return inspect.signature(jax.distributed.initialize).parameters[parameter].default
+
+
+def _resolve(explicit: tuple, cluster: str | None, timeout: int) -> tuple[str, int, int]:
+    """(coordinator, num_processes, process_id): the ``distributed.*`` values given, the unset
+    ones from ``JAX_COORDINATOR_ADDRESS`` and JAX's cluster detection; ConfigError (exit 2)
+    naming the keys that are still missing."""
+    coordinator, n, pid = explicit
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")  # as initialize() reads it
+    if None in (coordinator, n, pid):
+        coordinator, n, pid = _auto_detect(coordinator, n, pid, timeout)
+    missing = [key for key, value in zip(_KEYS, (coordinator, n, pid)) if value is None]
+    if missing:
+        why = cluster or ("distributed.* is partly set" if explicit != (None, None, None)
+                          else "JAXACCEL_AUTO_DISTRIBUTED is set")
+        alone = "; unset the cluster's variables to train one process alone" if cluster else ""
+        raise ConfigError(
+            f"{why}, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set and JAX could not "
+            f"detect {'it' if len(missing) == 1 else 'them'} from the environment: set "
+            f"{' '.join(k + '=...' for k in missing)} on every process (under SLURM, start them with srun){alone}")
+    check_distributed(coordinator, n, pid)
+    return coordinator, n, pid
+
+
 def init_distributed(cfg: Config) -> None:
-    """Start jax.distributed before anything touches devices. With no distributed.* keys set on a
-    cluster JAX can detect (Cloud TPU, SLURM, ...), call it with no arguments and let it detect."""
+    """Start jax.distributed before anything touches devices.
+
+    With ``distributed.*`` set, with them (all three, or the ones a detected cluster does not
+    give). With none set, in a cluster job (:func:`detected_cluster`, or with
+    ``JAXACCEL_AUTO_DISTRIBUTED=1``) through JAX's detection of the cluster; if that cannot find
+    the coordinator, process count and id, ConfigError (exit 2) names what to set: never one of
+    N independent runs in a shared workdir. Timeouts left unset (None) are JAX's own.
+    """
     d = cfg.distributed
     if jax.distributed.is_initialized():
         return
-    explicit = d.coordinator is not None or d.num_processes is not None or d.process_id is not None
-    if not explicit and not os.environ.get("JAXACCEL_AUTO_DISTRIBUTED"):
+    check_distributed(d.coordinator, d.num_processes, d.process_id)
+    explicit = (d.coordinator, d.num_processes, d.process_id)
+    cluster = detected_cluster()
+    if explicit == (None, None, None) and cluster is None and not os.environ.get("JAXACCEL_AUTO_DISTRIBUTED"):
         return
-    if d.coordinator and d.process_id:  # process 0 starts the coordinator; the others must reach it
-        _wait_for_coordinator(d.coordinator, d.init_timeout_seconds)
-    print(f"jax.distributed: process {d.process_id} of {d.num_processes}, coordinator {d.coordinator}; "
-          f"waiting up to {d.init_timeout_seconds}s for all processes", flush=True)
+    init_timeout = getattr(d, "init_timeout_seconds", None) or _jax_default("initialization_timeout")
+    heartbeat = getattr(d, "heartbeat_timeout_seconds", None)
+    detect = None in explicit
+    coordinator, n, pid = _resolve(explicit, cluster, init_timeout)
+    if pid:  # process 0 starts the coordinator; the others must reach it
+        _wait_for_coordinator(coordinator, init_timeout)
+    print(f"jax.distributed: process {pid} of {n}, coordinator {coordinator}"
+          f"{f' (detected: {cluster})' if detect and cluster else ''}; waiting up to {init_timeout}s for all processes",
+          flush=True)
+    timeouts = {"initialization_timeout": init_timeout, **({"heartbeat_timeout_seconds": heartbeat} if heartbeat else {})}
     try:
-        jax.distributed.initialize(coordinator_address=d.coordinator, num_processes=d.num_processes,
-                                   process_id=d.process_id, initialization_timeout=d.init_timeout_seconds,
-                                   heartbeat_timeout_seconds=d.heartbeat_timeout_seconds)
+        # All given by hand: no detection (it would also pick this process's GPUs from SLURM's ids).
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=n, process_id=pid,
+                                   cluster_detection_method=None if detect else "deactivate", **timeouts)
     except Exception as e:  # noqa: BLE001 - re-raised with what to check
         raise DistributedError(
-            f"jax.distributed.initialize failed (coordinator={d.coordinator}, num_processes={d.num_processes}, "
-            f"process_id={d.process_id}) within {d.init_timeout_seconds}s: {str(e).splitlines()[0][:300]}. "
+            f"jax.distributed.initialize failed (coordinator={coordinator}, num_processes={n}, "
+            f"process_id={pid}) within {init_timeout}s: {str(e).splitlines()[0][:300]}. "
             "Check that every process is started with the same coordinator host:port, reachable from all, "
             "and a distinct process_id in [0, num_processes).") from None

@@ -27,7 +27,7 @@ from jaxaccel.parallel import make_parallel
 from jaxaccel.plan import Plan, make_plan, with_conv
 from jaxaccel.runtime import init_distributed
 
-__all__ = ["Setup", "build", "initial_state", "DATA_STREAM"]
+__all__ = ["Setup", "build", "initial_state", "workdir_of", "DATA_STREAM"]
 
 DATA_STREAM = 1  # with (seed, epoch), seeds the data order; init and step keys are streams 0 and 2
 
@@ -48,6 +48,11 @@ class Setup:
     serialize_calls: bool      # CPU with several devices: one multi-device call in flight at a time
     init_key: jax.Array
     step_key: jax.Array
+
+
+def workdir_of(cfg: Config) -> Path:
+    """Where the run writes: ``workdir``, default ``runs/<experiment>``."""
+    return Path(cfg.workdir or f"runs/{cfg.experiment or 'run'}")
 
 
 def _enable_compilation_cache() -> None:
@@ -92,7 +97,7 @@ def build(cfg: Config, overrides: list[str] | None = None) -> Setup:
     plan = make_plan(cfg, len(dataset.train_labels), jax.default_backend())
     return Setup(
         cfg=cfg, overrides=list(overrides or []), started=started,
-        workdir=Path(cfg.workdir or f"runs/{cfg.experiment or 'run'}"),
+        workdir=workdir_of(cfg),
         is_writer=jax.process_index() == 0, dataset=dataset, parallel=parallel, plan=plan,
         model=build_model(with_conv(cfg.model, plan.conv), dataset.num_classes, cfg.precision, cfg.quant),
         eval_model=build_model(with_conv(cfg.model, "xla"), dataset.num_classes, cfg.precision, cfg.quant),

@@ -22,11 +22,12 @@ from jaxaccel import outputs
 from jaxaccel import precision as prec
 from jaxaccel import setup as setup_lib
 from jaxaccel import sparsity
+from jaxaccel import workdir as workdir_lib
 from jaxaccel.checkpoint import Checkpointer
 from jaxaccel.evaluation import Evaluator
 from jaxaccel.metrics import MetricsWriter, Progress, tensorboard_enabled
 from jaxaccel.precision import NonFiniteError
-from jaxaccel.runtime import DistributedError, PreemptionNotice, Preempted, fault_point
+from jaxaccel.runtime import DistributedError, PreemptionNotice, Preempted, fault_point, init_distributed
 from jaxaccel.step_groups import StepGroups
 
 __all__ = ["train", "epoch_order", "DiskFull"]
@@ -53,8 +54,15 @@ def train(cfg, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train, evaluate, checkpoint and export the run ``cfg`` describes; returns the summary.
 
     ``overrides`` (the command-line ``key=value`` strings, if any) are recorded in config.json.
-    A run whose workdir already has checkpoints resumes from the latest one.
+    A run whose workdir already has checkpoints resumes from the latest one; a workdir another
+    run holds is refused (:mod:`jaxaccel.workdir`).
     """
+    init_distributed(cfg)  # before the workdir lock, which is taken per process index
+    with workdir_lib.held(setup_lib.workdir_of(cfg), jax.process_index()):
+        return _train(cfg, overrides)
+
+
+def _train(cfg, overrides: list[str] | None) -> dict[str, Any]:
     # ----------------------------------------------------------------------------------------
     # Setup: runtime, data, devices, plan, models.
     setup = setup_lib.build(cfg, overrides)

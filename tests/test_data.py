@@ -118,3 +118,75 @@ def test_text_caches_are_named_by_their_tokenizer_settings(tmp_path, monkeypatch
     assert other.train_inputs.shape == (4, 16) and other.train_inputs.max() == 199
     names = sorted(p.name for p in next((tmp_path / "data").iterdir()).iterdir())
     assert "train_images-words100x8.npy" in names and "test_images-words200x16.npy" in names
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged data: prepared files are exit 3 naming the file; a damaged cache is decoded again.
+
+MNIST = SHARED / "tfds" / "mnist" / "3.0.1"
+TRAIN_FILE = "mnist-train.array_record-00000-of-00001"
+RUN = ["exp=mnist_mlp", "model.features=[16]", "train.steps=10"]
+
+
+def _damaged_copy(tmp_path, case: str):
+    """A TFDS data dir holding MNIST's metadata and one damaged or partial train file (enough:
+    the loader reads the metadata, then the train split first)."""
+    copy = tmp_path / "tfds" / "mnist" / "3.0.1"
+    copy.mkdir(parents=True)
+    for name in ("dataset_info.json", "features.json"):
+        (copy / name).write_bytes((MNIST / name).read_bytes())
+    with (MNIST / TRAIN_FILE).open("rb") as f:
+        head = f.read(1 << 20)
+    (copy / TRAIN_FILE).write_bytes({"truncated": head, "random": np.random.default_rng(0).bytes(1 << 20),
+                                     "dataset_info": head}[case])
+    if case == "dataset_info":
+        info = copy / "dataset_info.json"
+        info.write_bytes(info.read_bytes()[:100])
+    return copy, {"truncated": copy / TRAIN_FILE, "random": copy / TRAIN_FILE,
+                  "dataset_info": copy / "dataset_info.json"}[case]
+
+
+@pytest.mark.parametrize("case", ["truncated", "random", "dataset_info"])
+def test_damaged_prepared_files_exit_3_naming_the_file(case, tmp_path):
+    from tests.conftest import run_cli
+    copy, bad = _damaged_copy(tmp_path, case)
+    result = run_cli(*RUN, f"workdir={tmp_path / 'run'}", f"data.dir={tmp_path / 'tfds'}",
+                     f"data.cache_dir={tmp_path / 'cache'}")
+    err = result.stderr.strip()
+    assert result.returncode == 3, result.stdout[-2000:] + err[-3000:]
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {bad} cannot be read") and "the prepared dataset is damaged" in err
+    assert f"Copy {copy} again" in err and "tfds build mnist" in err
+
+
+def _cache_entry(root):
+    """The cache dir data.load uses for the shared MNIST under cache root ``root``."""
+    return root / "data" / f"mnist-3.0.1-{data._fingerprint(MNIST, root)}"
+
+
+@pytest.mark.parametrize("case", ["truncated-array", "garbled-array", "garbled-meta"])
+def test_damaged_cache_is_decoded_again_and_says_so(case, mnist, tmp_path, monkeypatch):
+    from tests.conftest import run_cli
+    shutil.copytree(_cache_entry(data._cache_root(None)), _cache_entry(tmp_path))
+    entry = _cache_entry(tmp_path)
+    # The test split's files: only the damaged split is decoded again (10k images, not 70k).
+    bad = entry / {"truncated-array": "test_images.npy", "garbled-array": "test_labels.npy",
+                   "garbled-meta": "meta.json"}[case]
+    raw = bytearray(bad.read_bytes())
+    if case == "truncated-array":
+        raw = raw[:len(raw) // 2]
+    else:  # same size, a few bytes changed
+        raw[len(raw) // 2:len(raw) // 2 + 4] = b"\xff\x00\xff\x00"
+    bad.write_bytes(bytes(raw))
+    result = run_cli(*RUN, f"workdir={tmp_path / 'run'}", f"data.cache_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = "(train, test)" if case == "garbled-meta" else "(test)"
+    assert f"data cache: {bad} is damaged" in result.stdout, result.stdout[-2000:]
+    assert f"decoding mnist {again} again from {MNIST}" in result.stdout
+
+    def no_decoding(*args):
+        raise AssertionError("decoded again instead of reading the rebuilt cache")
+    monkeypatch.setattr(data, "_decode_split", no_decoding)
+    healed = data.load("mnist", cache_dir=str(tmp_path))
+    np.testing.assert_array_equal(healed.train_images, mnist.train_images)
+    np.testing.assert_array_equal(healed.test_labels, mnist.test_labels)
