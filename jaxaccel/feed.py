@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import sys
 import threading
 from typing import Any, Callable
 
@@ -185,8 +186,8 @@ class _StreamGroup:
 
 
 class _Failed:
-    def __init__(self, error: BaseException):
-        self.error = error
+    def __init__(self, error: BaseException, start: int, end: int):
+        self.error, self.start, self.end = error, start, end
 
 
 class StreamFeed:
@@ -204,6 +205,7 @@ class StreamFeed:
         self._queue: queue.Queue = queue.Queue(maxsize=DEPTH)
         self._stop = threading.Event()
         self._thread = self._iterator = None
+        self._reading = (0, 0)
 
     def start(self, step: int) -> None:
         """Start reading at ``step`` (a resumed run's checkpoint step: nothing else is needed)."""
@@ -212,6 +214,8 @@ class StreamFeed:
         workers = streaming.default_workers(cfg.data.workers) * max(cfg.data.worker_processes, 1)
         buffer = max(2 * workers, min(HOST_BUFFER_BYTES // max(local_batch_bytes, 1), 256))
         self.rows.records.open()  # here, not first in Grain's threads (TFDS's lazy imports are not thread-safe)
+        if cfg.data.worker_processes:
+            _quiet_resource_tracker()
         self._iterator = streaming.step_batches(self.rows, step, self.plan.total_steps, cfg.data.workers,
                                                 cfg.data.worker_processes, buffer)
         self._thread = threading.Thread(target=self._produce, args=(step,), name="jaxaccel-stream", daemon=True)
@@ -221,6 +225,7 @@ class StreamFeed:
         try:
             while step < self.plan.total_steps and not self._stop.is_set():
                 end = self.plan.next_boundary(step)
+                self._reading = (step, end)
                 calls, offset = {}, 0
                 for n in call_sizes(self.plan, end - step):
                     parts = [next(self._iterator) for _ in range(n)]
@@ -231,7 +236,7 @@ class StreamFeed:
                 self._put((step, end - step, calls))
                 step = end
         except BaseException as e:  # noqa: BLE001 - handed to the loop, which raises it
-            self._put(_Failed(e))
+            self._put(_Failed(e, *self._reading))
 
     def _put(self, item) -> None:
         while not self._stop.is_set():
@@ -258,7 +263,7 @@ class StreamFeed:
                     raise WorkerDied(f"the input pipeline stopped before step {step} without a batch or an error; "
                                      "run the same command again to resume from the latest checkpoint") from None
         if isinstance(item, _Failed):
-            raise _explain(item.error, step) from None
+            raise _explain(item.error, item.start, item.end) from None
         start, n, calls = item
         assert (start, n) == (step, count), f"the stream is at steps {start}+{n}, the loop asks for {step}+{count}"
         return _StreamGroup(step % self.plan.steps_per_epoch, calls)
@@ -286,7 +291,17 @@ class StreamFeed:
         self.close()
 
 
-def _explain(error: BaseException, step: int) -> BaseException:
+def _quiet_resource_tracker() -> None:
+    """Grain's worker processes pass batches in shared memory; when one dies, the blocks it held
+    are unlinked at exit by multiprocessing's resource tracker, which then warns about each "leak"
+    after our one-line error. The tracker is a separate interpreter started with this one's -W
+    options, so the filter is added there before Grain starts it."""
+    option = "ignore:resource_tracker:UserWarning"
+    if option not in sys.warnoptions:
+        sys.warnoptions.append(option)
+
+
+def _explain(error: BaseException, start: int, end: int) -> BaseException:
     """Damaged data stays a DataError (exit 3); a dead worker becomes one line, not Grain's trace."""
     if isinstance(error, streaming.DataError):
         return error
@@ -294,9 +309,10 @@ def _explain(error: BaseException, step: int) -> BaseException:
     found = next((line for line in message.splitlines() if "jaxaccel.data.DataError:" in line), None)
     if found:  # raised in a worker process: Grain re-raises it as its own error with the text
         return streaming.DataError(found.split("jaxaccel.data.DataError:", 1)[1].strip())
-    if "terminated unexpectedly" in message or "Worker" in message:
-        first = next((line for line in message.splitlines() if "terminated" in line), message.splitlines()[0])
-        return WorkerDied(f"a data worker process died while reading the batches of step {step} ({first.strip()[:200]}); "
+    if "terminated unexpectedly" in message:
+        code = message.split("exit code", 1)[1].split(".")[0].strip() if "exit code" in message else "unknown"
+        return WorkerDied(f"a data worker process died (exit code {code}) while reading the batches of steps "
+                          f"{start + 1}-{end}; "
                           "nothing is lost: run the same command again to resume from the latest checkpoint "
                           "(check the host's memory if it happens again: a killed worker is often out of memory)")
     return error

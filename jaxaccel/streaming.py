@@ -262,6 +262,7 @@ class StepRows:
         return perm[position * self.batch_size + self.rows]
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
+        _worker_fault(step)
         index = self.indices(step)
         inputs, labels = self.records.read(index)
         return {"inputs": inputs, "labels": labels, "index": index.astype(np.int64)}
@@ -285,6 +286,29 @@ class EvalRows:
                 np.zeros((pad, *self.records.sizes.input_shape), self.records.sizes.input_dtype)
             labels = np.concatenate([labels, np.zeros(pad, np.int32)])
         return {"inputs": inputs, "labels": labels, "weights": real.astype(np.float32)}
+
+
+def _worker_fault(step: int) -> None:
+    """Test hook: ``JAXACCEL_FAULT=worker@N`` SIGKILLs the Grain worker process that reads step N
+    (never the training process itself), as the OOM killer would."""
+    if os.environ.get("JAXACCEL_FAULT") == f"worker@{step}":
+        import multiprocessing
+        if multiprocessing.parent_process() is not None:
+            import signal
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _die_with_parent(worker_index: int, worker_count: int) -> None:
+    """In each Grain worker process: be killed when the training process dies (Linux), so a
+    SIGKILLed run leaves no workers behind (they outlived it, blocked on their queues)."""
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent died before the line above ran
+        os._exit(1)
 
 
 def _grain():
@@ -312,7 +336,8 @@ def step_batches(rows: StepRows, first_step: int, total_steps: int, workers: int
                                                        prefetch_buffer_size=max(buffer, 1)))
     if processes:
         stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=processes,
-                                                                 per_worker_buffer_size=max(buffer // processes, 1)))
+                                                                 per_worker_buffer_size=max(buffer // processes, 1)),
+                                    worker_init_fn=_die_with_parent)
     return iter(stream)
 
 
@@ -341,8 +366,16 @@ class _SplitView:
     def __getitem__(self, key: slice) -> np.ndarray:
         start, stop, step = key.indices(len(self.records))
         if self.cache.get("key") != (start, stop, step):
-            self.cache.update(key=(start, stop, step), value=self.records.read(np.arange(start, stop, step)))
+            self.cache.update(key=(start, stop, step), value=self._read(np.arange(start, stop, step)))
         return self.cache["value"][self.part]
+
+    def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded in threads (Pillow and zlib release the GIL)."""
+        import concurrent.futures
+        chunks = np.array_split(indices, max(1, min(default_workers(None), len(indices) // 64)))
+        with concurrent.futures.ThreadPoolExecutor(len(chunks)) as pool:
+            parts = list(pool.map(self.records.read, chunks))
+        return tuple(np.concatenate([part[i] for part in parts]) for i in range(2))
 
 
 @dataclasses.dataclass(frozen=True)
