@@ -38,10 +38,10 @@ __all__ = ["ResidentFeed", "StreamFeed", "StreamEvaluator", "Layout", "WorkerDie
 
 # A streamed step group holds at most this many bytes of batches on the device (longer groups are
 # split: plan.steps_per_call); DEPTH groups wait on the device ahead of the running one.
-STREAM_GROUP_BYTES = 64 << 20
+STREAM_GROUP_BYTES = 32 << 20
 DEPTH = 2
 # Steps Grain decodes ahead on the host (a bound on its memory): at least two per worker thread.
-HOST_BUFFER_BYTES = 64 << 20
+HOST_BUFFER_BYTES = 32 << 20
 
 
 class WorkerDied(RuntimeError):

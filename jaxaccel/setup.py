@@ -19,6 +19,7 @@ import numpy as np
 from jaxaccel import data as data_lib
 from jaxaccel import feed as feed_lib
 from jaxaccel import finetune
+from jaxaccel import prepare
 from jaxaccel import streaming
 from jaxaccel import step as step_lib
 from jaxaccel.checkpoint import Checkpointer
@@ -108,11 +109,30 @@ def build(cfg: Config, overrides: list[str] | None = None) -> Setup:
         init_key=jax.random.fold_in(root, 0), step_key=jax.random.fold_in(root, 2))
 
 
+def _prepared_sizes(cfg: Config, decoding: data_lib.Decoding) -> streaming.DatasetSizes | None:
+    """The prepared dataset's sizes; a dataset jaxaccel can prepare itself (prepare.PUBLISHED) that
+    is absent is prepared first when its files can be downloaded, else the same exit 3 as before."""
+    try:
+        return streaming.read_sizes(cfg.data.name, cfg.data.dir, decoding)
+    except data_lib.DataError as missing:
+        root = data_lib.resolve_data_dir(cfg.data.dir)
+        if not prepare.can_prepare(cfg.data.name, root):
+            raise
+        why = prepare.unreachable(cfg.data.name)
+        if why:
+            raise data_lib.DataError(
+                f"dataset {cfg.data.name!r} is not prepared in {root}, and its published files cannot be downloaded "
+                f"to prepare it ({why}): run the same command with network access (jaxaccel then prepares it, no "
+                f"TensorFlow needed), or point data.dir (or TFDS_DATA_DIR) at a TFDS data dir that has it") from None
+        prepare.prepare_published(cfg.data.name, root, lambda text: print(text, flush=True))
+        return streaming.read_sizes(cfg.data.name, cfg.data.dir, decoding)
+
+
 def _open_data(cfg: Config) -> tuple[data_lib.Dataset | streaming.StreamDataset, dict[str, Any]]:
     """The dataset on the pipeline ``data.pipeline`` resolves to (decided from the prepared files'
     sizes before anything is decoded), and the record of that choice."""
     decoding = data_lib.Decoding(cfg.model.vocab_size, cfg.data.max_length)
-    sizes = streaming.read_sizes(cfg.data.name, cfg.data.dir, decoding)
+    sizes = _prepared_sizes(cfg, decoding)
     budget, budget_from = ((cfg.data.device_budget_bytes, "data.device_budget_bytes") if cfg.data.device_budget_bytes
                            else feed_lib.default_device_budget(jax.default_backend()))
     pipeline = streaming.choose_pipeline(cfg, sizes, budget, budget_from)

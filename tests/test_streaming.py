@@ -216,6 +216,35 @@ def test_resident_over_the_budget_is_refused_before_decoding(tmp_path, synthetic
     assert not (tmp_path / "cache").exists()  # nothing decoded
 
 
+def test_text_streams_like_resident(tmp_path):
+    """Text (two Text features joined and tokenized as the resident cache does) on both paths."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    rng = np.random.default_rng(0)
+    words = ["market", "shares", "goal", "match", "chip", "cloud", "vote", "senate", "rain", "storm"]
+
+    def record(i):
+        label = int(rng.integers(4))
+        example = tf_example_pb2.Example()
+        for key, n in (("title", 4), ("description", 30)):
+            text = " ".join(words[(label * 2 + int(rng.integers(3))) % 10] for _ in range(n))
+            example.features.feature[key].bytes_list.value.append(f"{text} #{i}".encode())
+        example.features.feature["label"].int64_list.value.append(label)
+        return example.SerializeToString()
+
+    features = tfds.features.FeaturesDict({"title": tfds.features.Text(), "description": tfds.features.Text(),
+                                           "label": tfds.features.ClassLabel(num_classes=4)})
+    prepare.write_dataset(tmp_path / "tfds", "tiny_news", "1.0.0", features,
+                          {"train": [record(i) for i in range(256)], "test": [record(i) for i in range(64)]})
+    args = ["data.name=tiny_news", f"data.dir={tmp_path / 'tfds'}", f"data.cache_dir={tmp_path / 'cache'}",
+            "data.max_length=24", "model.width=8", "model.depth=1", "model.vocab_size=64", "train.batch_size=32",
+            "train.steps=12", "train.log_every_steps=4", "train.eval_batch_size=32"]
+    for pipeline in ("resident", "stream"):
+        _train(tmp_path / pipeline, *args, f"data.pipeline={pipeline}", exp="ag_news_text")
+    _assert_same_run(tmp_path / "stream", tmp_path / "resident")
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad data.
 
