@@ -34,11 +34,13 @@ import numpy as np
 from jaxaccel.data import DataError
 
 __all__ = ["encode_png", "example_record", "write_dataset", "synthetic_images", "PUBLISHED", "can_prepare",
-           "prepare_published", "unreachable", "MIRROR_ENV"]
+           "prepare_published", "unreachable", "MIRROR_ENV", "OFFLINE_ENV"]
 
 # A base URL serving <name>/<file> for every dataset of PUBLISHED (a local mirror, or the tests'
 # 127.0.0.1 server), used instead of the published URLs.
 MIRROR_ENV = "JAXACCEL_DATASET_MIRROR"
+# Set (to anything): never download; an absent dataset is exit 3 at once, as before jaxaccel prepared any.
+OFFLINE_ENV = "JAXACCEL_OFFLINE"
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -209,16 +211,28 @@ def _base_url(name: str) -> str:
 
 
 def _reachable(url: str, timeout: float = 3.0) -> str | None:
-    """None if a connection to ``url``'s host opens within ``timeout`` s, else why not (offline
-    fails at once: no name resolution)."""
+    """None if a connection to ``url``'s host opens within ``timeout`` s, else why not. Bounded
+    as a whole: a machine without network but with a resolver configured can spend 10 s or more
+    in name resolution, and an absent dataset must stay a fast exit 3 there."""
     import socket
+    import threading
+    if os.environ.get(OFFLINE_ENV):
+        return f"{OFFLINE_ENV} is set"
     parts = urllib.parse.urlsplit(url)
-    try:
-        with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
-                                      timeout=timeout):
-            return None
-    except OSError as e:
-        return f"{parts.hostname} cannot be reached ({e.strerror or e})"
+    outcome: list[str | None] = []
+
+    def connect():
+        try:
+            with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                          timeout=timeout):
+                outcome.append(None)
+        except OSError as e:
+            outcome.append(f"{parts.hostname} cannot be reached ({e.strerror or e})")
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"{parts.hostname} cannot be reached (no answer within {timeout:.0f} s)"
 
 
 def _bar(total: int, unit: str, description: str):
