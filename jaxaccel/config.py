@@ -42,6 +42,20 @@ class DataConfig(_Section):
     max_length: Optional[StrictInt] = Field(
         None, ge=1, description="Text: tokens per example (default 128); audio: samples per example "
                                 "(default 16000, 1 s at 16 kHz). Longer inputs are cut, shorter padded with 0.")
+    # The input pipeline (jaxaccel.streaming, jaxaccel.feed).
+    pipeline: Literal["auto", "resident", "stream"] = Field(
+        "auto", description="resident: the decoded splits cached on disk and held on every device (fastest when "
+                            "they fit); stream: records read and decoded on the fly by Grain, each process only its "
+                            "rows of every batch; auto: resident when the decoded splits fit "
+                            "data.device_budget_bytes, else stream. Both give the same losses and parameters.")
+    device_budget_bytes: Optional[StrictInt] = Field(
+        None, ge=1, description="Device memory a resident dataset may take (per device); null = a per-backend "
+                                "default (40% of an accelerator's memory; a quarter of host RAM over the CPU devices).")
+    workers: Optional[StrictInt] = Field(
+        None, ge=1, description="stream: decoding threads per process (Grain ReadOptions); null = the CPU count, at most 16.")
+    worker_processes: StrictInt = Field(
+        0, ge=0, description="stream: Grain worker processes per process (each with data.workers threads); 0 = "
+                             "threads in the training process only.")
 
 
 class ModelConfig(_Section):

@@ -35,6 +35,7 @@ def write_config(setup: Setup, state: Any) -> None:
               "parallel": {"mode": cfg.parallel.mode, "devices": setup.parallel.size, "fsdp": cfg.parallel.fsdp,
                            "state_bytes_per_device": setup.parallel.state_bytes_per_device(state),
                            **setup.parallel.describe(state)},
+              "data": setup.pipeline,
               "backend": jax.default_backend(), "process_count": jax.process_count(),
               "plan": dataclasses.asdict(setup.plan)}
     (setup.workdir / "config.json").write_text(json.dumps(record, indent=2))

@@ -67,6 +67,7 @@ def _train(cfg, overrides: list[str]) -> int:
     from jaxaccel.checkpoint import CheckpointMismatch, CheckpointUnreadable
     from jaxaccel.config import ConfigError
     from jaxaccel.data import DataError
+    from jaxaccel.feed import WorkerDied
     from jaxaccel.parallel import ReplicaMismatch
     from jaxaccel.pipeline import train
     from jaxaccel.precision import NonFiniteError
@@ -79,7 +80,7 @@ def _train(cfg, overrides: list[str]) -> int:
         return _fail(2, str(e))
     except DataError as e:
         return _fail(3, str(e))
-    except (NonFiniteError, DistributedError, CheckpointUnreadable, ReplicaMismatch) as e:
+    except (NonFiniteError, DistributedError, CheckpointUnreadable, ReplicaMismatch, WorkerDied) as e:
         return _fail(1, str(e))
     except DiskFull as e:
         return _fail(1, str(e), exit_now=True)

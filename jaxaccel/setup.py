@@ -17,7 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel import data as data_lib
+from jaxaccel import feed as feed_lib
 from jaxaccel import finetune
+from jaxaccel import prepare
+from jaxaccel import streaming
 from jaxaccel import step as step_lib
 from jaxaccel.checkpoint import Checkpointer
 from jaxaccel.config import Config, ConfigError
@@ -40,7 +43,8 @@ class Setup:
     started: float             # time.perf_counter() when the run was called
     workdir: Path
     is_writer: bool            # process 0 writes metrics, config, summary and export
-    dataset: data_lib.Dataset
+    dataset: data_lib.Dataset | streaming.StreamDataset
+    pipeline: dict[str, Any]   # data.pipeline resolved, and the sizes that decided it (config.json)
     parallel: Any              # jaxaccel.parallel's strategy: devices, shardings, compile
     plan: Plan
     model: Any                 # the flax module trained (with the plan's conv lowering)
@@ -84,8 +88,7 @@ def build(cfg: Config, overrides: list[str] | None = None) -> Setup:
     started = time.perf_counter()
     init_distributed(cfg)
     _enable_compilation_cache()
-    dataset = data_lib.load(cfg.data.name, cfg.data.dir, cfg.data.cache_dir,
-                            data_lib.Decoding(cfg.model.vocab_size, cfg.data.max_length))
+    dataset, pipeline = _open_data(cfg)
     parallel = make_parallel(cfg.parallel.mode, cfg.parallel.fsdp, cfg.parallel.fsdp_size)
     if cfg.train.batch_size % parallel.size:
         n, batch = parallel.size, cfg.train.batch_size
@@ -94,11 +97,14 @@ def build(cfg: Config, overrides: list[str] | None = None) -> Setup:
                           f"use train.batch_size={' or '.join(map(str, nearest))}")
     check_inputs(cfg, dataset)
     root = jax.random.key(cfg.seed)
-    plan = make_plan(cfg, len(dataset.train_labels), jax.default_backend())
+    streamed = pipeline["pipeline"] == "stream"
+    plan = make_plan(cfg, dataset.num_train if streamed else len(dataset.train_labels), jax.default_backend())
+    if streamed:
+        plan = feed_lib.stream_plan(plan, cfg.train.batch_size * dataset.sizes.example_bytes)
     return Setup(
         cfg=cfg, overrides=list(overrides or []), started=started,
         workdir=workdir_of(cfg),
-        is_writer=jax.process_index() == 0, dataset=dataset, parallel=parallel, plan=plan,
+        is_writer=jax.process_index() == 0, dataset=dataset, pipeline=pipeline, parallel=parallel, plan=plan,
         model=build_model(with_conv(cfg.model, plan.conv), dataset.num_classes, cfg.precision, cfg.quant),
         eval_model=build_model(with_conv(cfg.model, "xla"), dataset.num_classes, cfg.precision, cfg.quant),
         # XLA:CPU runs each device's part of a call on a shared thread pool; with several calls in
@@ -106,6 +112,38 @@ def build(cfg: Config, overrides: list[str] | None = None) -> Setup:
         # to reach it (seen: a deadlock with 8 emulated devices).
         serialize_calls=jax.default_backend() == "cpu" and jax.local_device_count() > 1,
         init_key=jax.random.fold_in(root, 0), step_key=jax.random.fold_in(root, 2))
+
+
+def _prepared_sizes(cfg: Config, decoding: data_lib.Decoding) -> streaming.DatasetSizes | None:
+    """The prepared dataset's sizes; a dataset jaxaccel can prepare itself (prepare.PUBLISHED) that
+    is absent is prepared first when its files can be downloaded, else the same exit 3 as before."""
+    try:
+        return streaming.read_sizes(cfg.data.name, cfg.data.dir, decoding)
+    except data_lib.DataError as missing:
+        root = data_lib.resolve_data_dir(cfg.data.dir)
+        if not prepare.can_prepare(cfg.data.name, root):
+            raise
+        why = prepare.unreachable(cfg.data.name)
+        if why:
+            raise data_lib.DataError(
+                f"dataset {cfg.data.name!r} is not prepared in {root}, and its published files cannot be downloaded "
+                f"to prepare it ({why}): run the same command with network access (jaxaccel then prepares it, no "
+                f"TensorFlow needed), or point data.dir (or TFDS_DATA_DIR) at a TFDS data dir that has it") from None
+        prepare.prepare_published(cfg.data.name, root, lambda text: print(text, flush=True))
+        return streaming.read_sizes(cfg.data.name, cfg.data.dir, decoding)
+
+
+def _open_data(cfg: Config) -> tuple[data_lib.Dataset | streaming.StreamDataset, dict[str, Any]]:
+    """The dataset on the pipeline ``data.pipeline`` resolves to (decided from the prepared files'
+    sizes before anything is decoded), and the record of that choice."""
+    decoding = data_lib.Decoding(cfg.model.vocab_size, cfg.data.max_length)
+    sizes = _prepared_sizes(cfg, decoding)
+    budget, budget_from = ((cfg.data.device_budget_bytes, "data.device_budget_bytes") if cfg.data.device_budget_bytes
+                           else feed_lib.default_device_budget(jax.default_backend()))
+    pipeline = streaming.choose_pipeline(cfg, sizes, budget, budget_from)
+    if pipeline["pipeline"] == "stream":
+        return streaming.open_dataset(cfg, sizes), pipeline
+    return data_lib.load(cfg.data.name, cfg.data.dir, cfg.data.cache_dir, decoding), pipeline
 
 
 def _create_state(model, tx, input_shape, input_dtype, key) -> step_lib.TrainState:

@@ -164,7 +164,8 @@ def _slice_batch(arrays, perm, position, batch_size, batch_sharding, axis_name):
 
 
 def make_train_steps(step_fn: Callable, *, batch_size: int, batch_sharding: Any, unroll: int | None,
-                     step_key: jax.Array, axis_name: str | None = None, trip_count: int | None = None) -> Callable:
+                     step_key: jax.Array, axis_name: str | None = None, trip_count: int | None = None,
+                     streamed: bool = False) -> Callable:
     """A jittable ``(state, inputs, labels, perm, position, count) -> (state, measurement sums)``.
 
     Runs ``count`` steps starting at batch ``position`` of the epoch whose order is ``perm``.
@@ -172,22 +173,34 @@ def make_train_steps(step_fn: Callable, *, batch_size: int, batch_sharding: Any,
     compiles the loop's length in (``count`` must then equal it). ``unroll=K``: K steps unrolled,
     ``count`` must equal K. The step's RNG is ``fold_in(step_key, state.step)``, so a step's
     randomness depends only on (seed, step), however the steps are grouped or resumed.
+
+    ``streamed=True`` (the streaming pipeline): ``(state, inputs, labels, position, count)``, the
+    call's batches passed in, stacked ``[n, B, ...]`` (pmap: ``[n, B / devices, ...]`` per device);
+    step i takes batch ``position + i`` of the stack.
     """
-    def one_step(state, inputs, labels, perm, position):
-        batch = _slice_batch((inputs, labels), perm, position, batch_size, batch_sharding, axis_name)
+    def batch_at(data, position):
+        if not streamed:
+            inputs, labels, perm = data
+            return _slice_batch((inputs, labels), perm, position, batch_size, batch_sharding, axis_name)
+        batch = tuple(jax.lax.dynamic_index_in_dim(a, position, keepdims=False) for a in data)
+        return jax.lax.with_sharding_constraint(batch, batch_sharding) if batch_sharding is not None else batch
+
+    def one_step(state, data, position):
+        batch = batch_at(data, position)
         return step_fn(state, dict(zip(("inputs", "labels"), batch)), jax.random.fold_in(step_key, state.step))
 
-    def run(state, inputs, labels, perm, position, count):
-        zeros = jax.eval_shape(lambda: one_step(state, inputs, labels, perm, position)[1])
+    def run(state, *args):
+        *data, position, count = args
+        zeros = jax.eval_shape(lambda: one_step(state, data, position)[1])
         sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
         if unroll is None:
             def body(i, carry):
                 state, sums = carry
-                state, measurements = one_step(state, inputs, labels, perm, position + i)
+                state, measurements = one_step(state, data, position + i)
                 return state, combine_measurements(sums, measurements)
             return jax.lax.fori_loop(0, count if trip_count is None else trip_count, body, (state, sums))
         for i in range(unroll):  # a Python loop: XLA sees one straight-line block
-            state, measurements = one_step(state, inputs, labels, perm, position + i)
+            state, measurements = one_step(state, data, position + i)
             sums = combine_measurements(sums, measurements)
         return state, sums
 

@@ -64,19 +64,25 @@ class StepGroups:
             return [(n, {"unroll": None, "trip_count": n}) for n in plan.group_lengths()]
         return [(None, {"unroll": None})]
 
-    def _compile_groups(self, tx, args: tuple) -> dict[int | None, Any]:
+    def _compile_groups(self, tx, args: Callable[[int], tuple]) -> dict[int | None, Any]:
         step_fn = make_step_fn(self.cfg, self.apply_fn, tx, self.plan.total_steps, self.parallel.axis_name)
         options = compiler_options(self.cfg, jax.default_backend())
         return {key: self.parallel.compile(
                     step_lib.make_train_steps(step_fn, batch_size=self.cfg.train.batch_size,
                                               batch_sharding=self.parallel.batch_sharding,
-                                              step_key=self.step_key, axis_name=self.parallel.axis_name, **variant),
-                    args, options=options)
+                                              step_key=self.step_key, axis_name=self.parallel.axis_name,
+                                              streamed=self.streamed, **variant),
+                    args(key or 1), options=options)
                 for key, variant in self._variants()}
 
-    def compile(self, state, inputs, labels, perm) -> None:
-        """Ahead-of-time compile the groups the run starts with (the guarded rerun lazily)."""
-        args = (state, inputs, labels, perm, np.int32(0), np.int32(1))
+    def compile(self, state, data) -> None:
+        """Ahead-of-time compile the groups the run starts with (the guarded rerun lazily).
+        ``data``: the run's feed (jaxaccel.feed), or the resident ``(inputs, labels, perm)``."""
+        feed = _Gathered(data) if isinstance(data, tuple) else data
+        self.streamed = getattr(feed, "streamed", False)
+        if self.streamed and self.plan.loop == "device_loop" and not self.plan.static_trip_count:
+            raise ValueError("streamed batches are stacked per call: the plan needs static_trip_count=True")
+        args = lambda n: (state, *feed.example_args(n), np.int32(n))  # noqa: E731
         if not self.rollback:
             self.groups, self.fixed_mask_groups = self._compile_groups(self.tx, args), None
             return
@@ -100,19 +106,21 @@ class StepGroups:
         except Exception:  # noqa: BLE001 - a backend without cost analysis reports no FLOP rate
             return None
 
-    def run(self, state, inputs, labels, perm, position: int, count: int):
+    def run(self, state, data, position: int, count: int):
         """Run ``count`` steps from batch ``position``; returns the state and summed measurements.
+        ``data``: the group's batches (``feed.group(...)``), or the resident ``(inputs, labels, perm)``.
 
         With the rollback guard the group waits for its end (one sync per group, not per step)."""
+        data = _Gathered(data) if isinstance(data, tuple) else data
         if not self.rollback:
-            return self._run_steps(self.groups, state, inputs, labels, perm, position, count)
+            return self._run_steps(self.groups, state, data, position, count)
         start = self._copy_state(state)
         groups = self.groups if self._mask_update_due(state, count) else self.fixed_mask_groups
-        new, sums = self._run_steps(groups, state, inputs, labels, perm, position, count)
+        new, sums = self._run_steps(groups, state, data, position, count)
         finite_steps = float(self.parallel.host(sums["finite_steps"]))
         if finite_steps == count and bool(local_copy(self._state_finite(new))):
             return new, sums
-        return self._run_steps(self._guarded_groups(), start, inputs, labels, perm, position, count)
+        return self._run_steps(self._guarded_groups(), start, data, position, count)
 
     def _mask_update_due(self, state, count: int) -> bool:
         """Whether the sparsity masks may change in the next ``count`` updates (always True when
@@ -124,16 +132,16 @@ class StepGroups:
         due = sparsity.mask_update_due(self.cfg.sparsity, self.plan.total_steps, first + np.arange(count))
         return bool(np.any(np.asarray(due)))
 
-    def _run_steps(self, groups, state, inputs, labels, perm, position: int, count: int):
+    def _run_steps(self, groups, state, data, position: int, count: int):
         if self.plan.loop == "device_loop":
             call = groups[count if self.plan.static_trip_count else None]
-            state, sums = call(state, inputs, labels, perm, np.int32(position), np.int32(count))
+            state, sums = call(state, *data.call_args(position, count), np.int32(count))
             return state, self._with_guard_state(state, sums)
         sums_all = None
         k = self.plan.steps_per_call
         for unroll, n in ((k, count // k), (1, count % k)):
             for _ in range(n):
-                state, sums = groups[unroll](state, inputs, labels, perm, np.int32(position), np.int32(unroll))
+                state, sums = groups[unroll](state, *data.call_args(position, unroll), np.int32(unroll))
                 if self.serialize_calls:
                     jax.block_until_ready(state)
                 position += unroll
@@ -146,3 +154,16 @@ class StepGroups:
         sums, so the host does not wait for it)."""
         # A copy: the state's own buffers are donated to the next call.
         return {**sums, "loss_scale": jnp.copy(prec.current_scale(state.opt_state))}
+
+
+class _Gathered:
+    """The resident path's call arguments: the whole split on device, gathered by ``perm``."""
+
+    def __init__(self, data: tuple):
+        self.data = data
+
+    def example_args(self, n: int) -> tuple:
+        return (*self.data, np.int32(0))
+
+    def call_args(self, position: int, n: int) -> tuple:
+        return (*self.data, np.int32(position))

@@ -18,13 +18,13 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxaccel import feed as feed_lib
 from jaxaccel import outputs
 from jaxaccel import precision as prec
 from jaxaccel import setup as setup_lib
 from jaxaccel import sparsity
 from jaxaccel import workdir as workdir_lib
 from jaxaccel.checkpoint import Checkpointer
-from jaxaccel.evaluation import Evaluator
 from jaxaccel.metrics import MetricsWriter, Progress, tensorboard_enabled
 from jaxaccel.precision import NonFiniteError
 from jaxaccel.runtime import DistributedError, PreemptionNotice, Preempted, fault_point, init_distributed
@@ -87,8 +87,9 @@ def _train(cfg, overrides: list[str] | None) -> dict[str, Any]:
             if setup.is_writer:
                 writer = MetricsWriter(setup.workdir / "metrics.jsonl", resume_step=step, tensorboard=tensorboard)
                 outputs.write_config(setup, state)
-            state, timings, last_eval, flops = _loop(setup, state, step, resumed, checkpointer, writer,
-                                                        progress, notice)
+            with feed_lib.make_feed(setup, epoch_order) as feed:  # closed on errors and preemption too
+                state, timings, last_eval, flops = _loop(setup, feed, state, step, resumed, checkpointer, writer,
+                                                         progress, notice)
         except jax.errors.JaxRuntimeError as e:
             if jax.process_count() == 1:
                 raise
@@ -172,25 +173,24 @@ def _lost_peer(error: Exception, checkpointer: Checkpointer) -> DistributedError
         f"If another process died or was killed, restart every process with the same command: {resume}")
 
 
-def _loop(setup: setup_lib.Setup, state, step: int, resumed: dict[str, Any], checkpointer: Checkpointer,
+def _loop(setup: setup_lib.Setup, feed, state, step: int, resumed: dict[str, Any], checkpointer: Checkpointer,
           writer: MetricsWriter | None, progress: Progress, notice: PreemptionNotice):
     """Compile, then train step groups to the end with evaluations and checkpoints on the way.
-    ``resumed`` is the record of the checkpoint the run resumed from: the training time so far."""
-    cfg, plan, ds, par = setup.cfg, setup.plan, setup.dataset, setup.parallel
+    ``feed`` brings the batches (jaxaccel.feed: resident or streamed); ``resumed`` is the record of
+    the checkpoint the run resumed from: the training time so far."""
+    cfg, plan, par = setup.cfg, setup.plan, setup.parallel
 
     # ----------------------------------------------------------------------------------------
-    # Data on device, and the compiled functions (timed apart from training).
-    inputs, labels = par.replicate(ds.train_inputs), par.replicate(ds.train_labels)
-    order = lambda epoch: par.replicate(epoch_order(cfg.seed, epoch, len(ds.train_labels)))  # noqa: E731
+    # Data (on device, or streaming from here on), and the compiled functions (timed apart from training).
+    feed.start(step)
     for warning in prec.check_backend(cfg.precision):
         progress.message(f"warning: {warning}")
     t0 = time.perf_counter()
     groups = StepGroups(cfg, plan, par, setup.model.apply, setup.step_key, setup.serialize_calls)
-    groups.compile(state, inputs, labels, order(0))
+    groups.compile(state, feed)
     # Evaluation batches split over the devices: rounded up to a multiple of them (padding weighs 0).
     eval_batch = -(-cfg.train.eval_batch_size // par.size) * par.size
-    evaluator = Evaluator(setup.eval_model.apply, eval_batch, par, (ds.test_inputs, ds.test_labels),
-                          setup.serialize_calls)
+    evaluator = feed.evaluator(setup.eval_model.apply, eval_batch, setup.serialize_calls)
     evaluator.compile(state)
     compile_seconds = time.perf_counter() - t0
     progress.message(f"compiled in {compile_seconds:.1f}s; {plan.total_steps - step} steps to run "
@@ -243,7 +243,7 @@ def _loop(setup: setup_lib.Setup, state, step: int, resumed: dict[str, Any], che
 
     # ----------------------------------------------------------------------------------------
     # The loop: step groups between log points, epoch ends and checkpoints.
-    last_eval, pending, epoch, perm = None, None, None, None
+    last_eval, pending = None, None
     # Training time over the whole run (kept in each checkpoint's record across restarts), and the
     # steps it covers; the time of each epoch run whole in one process (a resumed partial epoch is
     # left out).
@@ -252,11 +252,8 @@ def _loop(setup: setup_lib.Setup, state, step: int, resumed: dict[str, Any], che
     first_step, t_start = step, time.perf_counter()
     epoch_mark = train_seconds if step % plan.steps_per_epoch == 0 else None
     while step < plan.total_steps:
-        if step // plan.steps_per_epoch != epoch:
-            epoch = step // plan.steps_per_epoch
-            perm = order(epoch)
         end = plan.next_boundary(step)
-        state, sums = groups.run(state, inputs, labels, perm, step % plan.steps_per_epoch, end - step)
+        state, sums = groups.run(state, feed.group(step, end - step), step % plan.steps_per_epoch, end - step)
         flush(pending)
         pending, step = (end, end - step, sums), end
         at_epoch_end = step % plan.steps_per_epoch == 0
@@ -289,6 +286,9 @@ def _loop(setup: setup_lib.Setup, state, step: int, resumed: dict[str, Any], che
             raise Preempted(step)
     if last_eval is None:  # resumed at the end: nothing left to train
         last_eval = evaluate(state, step)
+    if feed.examples_read is not None:
+        progress.message(f"data: process {jax.process_index()} of {jax.process_count()} read {feed.examples_read} "
+                         f"training examples ({setup.pipeline['pipeline']} pipeline)")
     timings = {"steps_run": timed_steps + step - first_step, "train_seconds": train_seconds, "compile_seconds": compile_seconds,
                "startup": startup, "epoch_seconds": epoch_seconds}
     return state, timings, last_eval, groups.flops_per_step()

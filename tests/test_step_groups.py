@@ -108,7 +108,7 @@ def test_a_step_group_copies_nothing_between_host_and_device(tmp_path, loop):
     inputs, labels = par.replicate(ds.train_inputs), par.replicate(ds.train_labels)
     perm = par.replicate(epoch_order(0, 0, len(ds.train_labels)))
     groups = StepGroups(setup.cfg, setup.plan, par, setup.model.apply, setup.step_key, setup.serialize_calls)
-    groups.compile(state, inputs, labels, perm)
+    groups.compile(state, (inputs, labels, perm))
     call = groups.groups[None if loop == "device_loop" else steps]
     position, count = jax.device_put(np.int32(0)), jax.device_put(np.int32(steps))
     with jax.transfer_guard("disallow"):
@@ -153,12 +153,12 @@ def test_a_static_trip_count_runs_the_same_steps(tmp_path):
         plan = dataclasses.replace(setup.plan, static_trip_count=static)
         groups = StepGroups(setup.cfg, plan, par, setup.model.apply, setup.step_key, setup.serialize_calls)
         s = jax.tree.map(jnp.copy, state)
-        groups.compile(s, *data)
+        groups.compile(s, data)
         assert len(groups.groups) == (len(plan.group_lengths()) if static else 1)
         step = 0
         while step < plan.total_steps:
             end = plan.next_boundary(step)
-            s, _ = groups.run(s, *data, step, end - step)
+            s, _ = groups.run(s, data, step, end - step)
             step = end
         finals[static] = jax.tree.leaves(s)
     for a, b in zip(finals[False], finals[True]):
