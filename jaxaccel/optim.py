@@ -1,11 +1,10 @@
 """Optimizers and learning-rate schedules from the config, all plain optax."""
 from __future__ import annotations
 
-import re
-
 import jax
 import optax
 
+from jaxaccel import paths
 from jaxaccel.config import ConfigError, OptimConfig
 
 __all__ = ["make_schedule", "make_optimizer", "freeze"]
@@ -46,7 +45,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
 
 
 def freeze(tx: optax.GradientTransformation, patterns: list[str] | tuple[str, ...]) -> optax.GradientTransformation:
-    """``tx`` for the parameters whose '/'-joined path matches none of ``patterns`` (``re.search``);
+    """``tx`` for the parameters whose name (:mod:`jaxaccel.paths`) matches none of ``patterns``;
     zero updates for the rest, which training therefore leaves bit-identical.
 
     Built with ``optax.multi_transform``: ``tx`` sees only the trainable parameters (so gradient
@@ -55,15 +54,11 @@ def freeze(tx: optax.GradientTransformation, patterns: list[str] | tuple[str, ..
     """
     if not patterns:
         return tx
-    from jaxaccel.sparsity.masks import leaf_paths, prunable_tree
 
     def labels(params):
-        frozen = prunable_tree(params, tuple(patterns))
-        flags = jax.tree.leaves(frozen)
-        for pattern in patterns:
-            if not any(re.search(pattern, p) for p in leaf_paths(params)):
-                raise ConfigError(f"init.freeze: {pattern!r} matches no parameter; paths: {', '.join(leaf_paths(params))}")
-        if all(flags):
+        paths.require_matches(params, patterns, "init.freeze", ConfigError)
+        frozen = paths.select(params, patterns)
+        if all(jax.tree.leaves(frozen)):
             raise ConfigError(f"init.freeze={list(patterns)} freezes every parameter: nothing would train")
         return jax.tree.map(lambda f: "frozen" if f else "train", frozen)
 

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Union
 import jax
 import jax.numpy as jnp
 
-from jaxaccel.sparsity.masks import path_name
+from jaxaccel import paths
 
 __all__ = [
     "resolve_end_step", "resolve_threshold_step", "schedule_step", "polynomial_sparsity",
@@ -116,9 +116,8 @@ def erk_densities(shapes: Mapping[str, tuple[int, ...]], target: float) -> dict[
 
 def layer_sparsities(params: Any, prunable: Any, target: float, distribution: str = "uniform") -> dict[str, float]:
     """Final sparsity of every prunable leaf, by path."""
-    shapes = {path_name(p): tuple(leaf.shape)
-              for (p, leaf), keep in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(prunable))
-              if keep}
+    shapes = {name: tuple(leaf.shape)
+              for (name, leaf), keep in zip(paths.named_leaves(params), jax.tree.leaves(prunable)) if keep}
     if distribution == "uniform":
         return {k: float(target) for k in shapes}
     if distribution == "erk":
