@@ -11,14 +11,15 @@ __all__ = ["make_schedule", "make_optimizer", "freeze"]
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """The learning-rate schedule over ``total_steps`` steps, peaking at ``cfg.learning_rate``."""
+    """The learning-rate schedule over ``total_steps`` steps, peaking at ``cfg.learning_rate``
+    (``cfg.warmup`` resolved to steps: :func:`jaxaccel.durations.resolve`)."""
     lr = cfg.learning_rate
     if cfg.schedule == "constant":
         return optax.constant_schedule(lr)
     if cfg.schedule == "cosine":
         return optax.cosine_decay_schedule(lr, decay_steps=total_steps)
     if cfg.schedule == "warmup_cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, cfg.warmup_steps, max(total_steps, cfg.warmup_steps + 1))
+        return optax.warmup_cosine_decay_schedule(0.0, lr, cfg.warmup, max(total_steps, cfg.warmup + 1))
     if cfg.schedule == "onecycle":
         return optax.cosine_onecycle_schedule(total_steps, lr)
     raise ValueError(f"unknown schedule {cfg.schedule!r}")  # unreachable: the schema restricts it

@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxaccel import compression
 from jaxaccel import data as data_lib
+from jaxaccel import durations
 from jaxaccel import export as export_lib
 from jaxaccel import finetune
 from jaxaccel import precision as prec
@@ -30,7 +31,7 @@ from jaxaccel import step as step_lib
 from jaxaccel.checkpoint import Checkpointer
 from jaxaccel.config import Config, ConfigError
 from jaxaccel.metrics import MetricsWriter, Progress, tensorboard_enabled
-from jaxaccel.models import build_model
+from jaxaccel.models import build_model, input_problem
 from jaxaccel.optim import freeze, make_optimizer
 from jaxaccel.precision import NonFiniteError
 from jaxaccel.runtime import DistributedError, Preempted, PreemptionNotice, fault_point, init_distributed
@@ -116,31 +117,28 @@ class _Plan:
         return min(candidates)
 
 
-def _make_plan(cfg: Config, num_train: int, backend: str) -> _Plan:
+def _make_plan(cfg: Config, num_train: int, backend: str) -> tuple[_Plan, Config]:
+    """The step plan, and ``cfg`` with every duration resolved to steps (durations.resolve)."""
     batch = cfg.train.batch_size
     if batch > num_train:
         raise ConfigError(f"train.batch_size={batch} is larger than the training split ({num_train} examples)")
     steps_per_epoch = num_train // batch  # the last partial batch is dropped; each epoch reshuffles
-    loop, per_call = default_loop(cfg.model.name, backend, cfg.model.conv)
+    loop, per_call = default_loop(cfg.model.name, backend, getattr(cfg.model, "conv", "xla"))
     if cfg.train.loop != "auto":
         loop = cfg.train.loop
         per_call = cfg.train.steps_per_call or (None if loop == "scan" else 10)
     elif cfg.train.steps_per_call:
         per_call = cfg.train.steps_per_call
-    return _Plan(steps_per_epoch, cfg.train.steps or cfg.train.epochs * steps_per_epoch, loop, per_call,
-                 cfg.train.log_every_steps, cfg.checkpoint.every_steps)
+    total_steps = cfg.train.steps or cfg.train.epochs * steps_per_epoch
+    return (_Plan(steps_per_epoch, total_steps, loop, per_call, cfg.train.log_every_steps, cfg.checkpoint.every_steps),
+            durations.resolve(cfg, steps_per_epoch, total_steps))
 
 
 def _check_inputs(cfg: Config, dataset: data_lib.Dataset) -> None:
     """Refuse (exit 2) a model or augmentation that does not fit the dataset's kind of input."""
-    from jaxaccel.models import input_problem
-    problem = input_problem(cfg.model.name, dataset.input_dtype.name, dataset.image_shape)
+    problem = input_problem(cfg.model, dataset.input_dtype.name, dataset.image_shape, cfg.data.name)
     if problem:
-        raise ConfigError(f"{problem} ({cfg.data.name}): choose a model for this data")
-    if cfg.model.crop and cfg.model.crop > min(dataset.image_shape[:2]):
-        raise ConfigError(f"model.crop={cfg.model.crop} is larger than {cfg.data.name}'s "
-                          f"{dataset.image_shape[0]}x{dataset.image_shape[1]} images: use model.crop <= "
-                          f"{min(dataset.image_shape[:2])} or leave it unset")
+        raise ConfigError(problem)
     if cfg.augment.enabled and (dataset.input_dtype != np.uint8 or len(dataset.image_shape) != 3):
         raise ConfigError(f"augment.* transforms images; {cfg.data.name} holds {dataset.input_dtype.name} "
                           f"{list(dataset.image_shape)} inputs: leave the augment section off")
@@ -148,7 +146,7 @@ def _check_inputs(cfg: Config, dataset: data_lib.Dataset) -> None:
 
 def _xla_conv(model_cfg):
     """The same model with XLA's convolution (for calls outside device loops)."""
-    return model_cfg.model_copy(update={"conv": "xla"})
+    return model_cfg.model_copy(update={"conv": "xla"}) if "conv" in type(model_cfg).model_fields else model_cfg
 
 
 def _pad_to(images: np.ndarray, labels: np.ndarray, multiple: int):
@@ -203,7 +201,8 @@ class _Run:
         self.is_writer = jax.process_index() == 0
         self.tensorboard = tensorboard_enabled(cfg.train.tensorboard)
         self.dataset = data_lib.load(cfg.data.name, cfg.data.dir, cfg.data.cache_dir,
-                                     data_lib.Decoding(cfg.model.vocab_size, cfg.data.max_length))
+                                     data_lib.Decoding(getattr(cfg.model, "vocab_size", data_lib.Decoding.vocab_size),
+                                                       cfg.data.max_length))
         self.parallel = make_parallel(cfg.parallel.mode, cfg.parallel.fsdp)
         n_dev = self.parallel.size
         for key in ("batch_size", "eval_batch_size"):
@@ -211,7 +210,8 @@ class _Run:
                 raise ConfigError(f"train.{key}={getattr(cfg.train, key)} must be a multiple of the "
                                   f"{n_dev} devices it is split over")
         _check_inputs(cfg, self.dataset)
-        self.plan = _make_plan(cfg, len(self.dataset.train_labels), jax.default_backend())
+        self.plan, cfg = _make_plan(cfg, len(self.dataset.train_labels), jax.default_backend())
+        self.cfg = cfg  # durations are step counts from here on
         # XLA:CPU runs each device's part of a call on a shared thread pool; with several calls in
         # flight, threads waiting in one call's all-reduce can starve the devices that have yet
         # to reach it (seen: a deadlock with 8 emulated devices). So on CPU with several devices,
@@ -273,7 +273,7 @@ class _Run:
             step_lib.train_step, label_smoothing=self.cfg.train.label_smoothing, axis_name=axis,
             penalty=functools.partial(sparsity.penalty, self.cfg.sparsity) if uses_penalty else None,
             precision=self.cfg.precision if self.cfg.precision.params != "float32" else None,
-            quant_start_step=self.cfg.quant.start_step if self.cfg.quant.mode == "qat" else None,
+            quant_start_step=self.cfg.quant.start if self.cfg.quant.mode == "qat" else None,
             augment=self.cfg.augment if self.cfg.augment.enabled else None)
         kw = dict(batch_size=self.cfg.train.batch_size, batch_sharding=par.batch_sharding,
                   step_key=self.step_key, axis_name=axis)

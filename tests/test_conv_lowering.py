@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxaccel.config import ModelConfig, PrecisionConfig, QuantConfig
+from jaxaccel.config import PrecisionConfig, QuantConfig, model_config
 from jaxaccel.models import build_model, im2col_conv
 from jaxaccel.trainer import default_loop
 
@@ -71,7 +71,7 @@ def test_im2col_model_matches_xla_conv_model(mnist, name, policy):
     within their own rounding, which both lowerings share)."""
     precision = PrecisionConfig(params="bfloat16", compute="bfloat16") if policy == "bf16" else None
     quant = QuantConfig(mode="qat") if policy == "qat" else None
-    models = {conv: build_model(ModelConfig(name=name, conv=conv), 10, precision, quant) for conv in ("xla", "im2col")}
+    models = {conv: build_model(model_config(name=name, conv=conv), 10, precision, quant) for conv in ("xla", "im2col")}
     images, labels = mnist.train_images[:16], mnist.train_labels[:16].astype(np.int32)
     params = models["xla"].init(jax.random.key(0), images[:1])["params"]
     shapes = lambda p: jax.tree.map(lambda a: (a.shape, a.dtype), p)
@@ -101,35 +101,35 @@ def test_default_loop_follows_the_conv_lowering():
 @pytest.mark.parametrize("kind", ["avg", "max"])
 def test_small_cnn_pooling_equals_flax_pooling(kind):
     """The reshape max pool (fast gradient on XLA:CPU) is nn.max_pool, odd sizes included."""
-    from jaxaccel.models import _pool2
+    from jaxaccel.models.layers import pool2
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 6, 3)).astype(np.float32))
     want_fn = lambda x: (nn.avg_pool if kind == "avg" else nn.max_pool)(x, (2, 2), strides=(2, 2))
-    np.testing.assert_allclose(_pool2(x, kind), want_fn(x), rtol=1e-6)
+    np.testing.assert_allclose(pool2(x, kind), want_fn(x), rtol=1e-6)
     grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) ** 2))(x)
-    np.testing.assert_allclose(grad(lambda x: _pool2(x, kind)), grad(want_fn), rtol=1e-6)
+    np.testing.assert_allclose(grad(lambda x: pool2(x, kind)), grad(want_fn), rtol=1e-6)
 
 
 def test_max_pool_of_relu_has_autodiffs_gradient():
     """d pool(relu(z)) / dz is autodiff's, though the custom gradient skips the tie count: the
     ReLU's zeros tie four ways in most windows here, and relu's gradient is 0 there."""
-    from jaxaccel.models import _pool2
+    from jaxaccel.models.layers import pool2
     z = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8, 6, 4)).astype(np.float32) - 0.5)
     g = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4, 3, 4)).astype(np.float32))
     autodiff = lambda x: x.reshape(3, 4, 2, 3, 2, 4).max(axis=(2, 4))
     grad = lambda pool: jax.grad(lambda z: jnp.sum(pool(jax.nn.relu(z)) * g))(z)
-    got, want = grad(lambda x: _pool2(x, "max")), grad(autodiff)
+    got, want = grad(lambda x: pool2(x, "max")), grad(autodiff)
     assert int(jnp.sum(autodiff(jax.nn.relu(z)) == 0)) > 10  # all-zero windows are really there
     np.testing.assert_array_equal(got, want)
     # The documented difference: an exact positive tie gives each tied input the whole gradient.
     tie = jnp.zeros((1, 2, 2, 1)).at[0, 0, :, 0].set(1.0)
-    np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(_pool2(x, "max")))(tie)[0, :, :, 0], [[1, 1], [0, 0]])
+    np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(pool2(x, "max")))(tie)[0, :, :, 0], [[1, 1], [0, 0]])
 
 
 def test_small_cnn_crop_is_the_central_window():
     """model.crop feeds the central crop x crop pixels to the same layers; too large a crop is a
     clear error naming the fix."""
     images = jnp.asarray(np.random.default_rng(0).integers(0, 256, size=(2, 28, 28, 1), dtype=np.uint8))
-    cfg = ModelConfig(name="small_cnn", channels=[4, 8], features=[], pool="max")
+    cfg = model_config(name="small_cnn", channels=[4, 8], features=[], pool="max")
     cropped, plain = build_model(cfg.model_copy(update={"crop": 20}), 10), build_model(cfg, 10)
     params = cropped.init(jax.random.key(0), images)["params"]
     assert params["Dense_0"]["kernel"].shape == (5 * 5 * 8, 10)  # 20 -> 10 -> 5 pixels

@@ -13,7 +13,7 @@ import jaxaccel
 from jaxaccel import export
 from jaxaccel.models import build_model
 
-SHORT = ["train.steps=400", "sparsity.start_step=50", "sparsity.end_step=300", "sparsity.update_every=50",
+SHORT = ["train.steps=400", "sparsity.start=50", "sparsity.end=300", "sparsity.update_every=50",
          "model.features=[128,64]"]
 
 
