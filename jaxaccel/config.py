@@ -512,11 +512,9 @@ def field_help() -> str:
         by_class: dict[type, list[str]] = {}
         for name, cls in u.members.items():
             by_class.setdefault(cls, []).append(name)
-        common = set.intersection(*(set(u.fields(cls)) for cls in by_class))
-        key_field = type(default).model_fields[u.key]
-        lines.append(f"  {u.section}.{u.key}={getattr(default, u.key)!r}  one of {', '.join(u.members)}"
-                     + (f"; {key_field.description}" if key_field.description else "")
-                     + (": every one reads" if common else ": each reads its own fields"))
+        common = [f for f in u.fields(type(default)) if all(f in u.fields(cls) for cls in by_class)]
+        lines.append(f"  {u.section}.{u.key}={getattr(default, u.key)!r}  one of {', '.join(u.members)}; "
+                     + ("every one reads:" if common else "each reads its own fields:"))
         for field in common:
             name = next(n for n, f in type(default).model_fields.items() if (f.alias or n) == field)
             line(f"{u.section}.{field}", getattr(default, name), type(default).model_fields[name], "      ")

@@ -65,6 +65,12 @@ def test_freeze_of_nothing_and_include_without_source_are_config_errors(tmp_path
         jaxaccel.experiments.override(jaxaccel.experiments.get("mnist_mlp"), ["init.freeze=['(']"])
 
 
+def test_an_include_pattern_that_loads_nothing_is_a_config_error(source, tmp_path):
+    # One of two patterns is a typo: the run stops naming it instead of leaving that layer fresh.
+    with pytest.raises(ConfigError, match=r"init.include: '\^Dense_7/' matches no parameter; paths: Dense_0/bias"):
+        _train(tmp_path, "train.steps=5", f"init.from={source}", "init.include=[^Dense_0/,^Dense_7/]")
+
+
 def test_tensorboard_required_but_missing_says_what_to_install(monkeypatch):
     import importlib.util
     from jaxaccel.metrics import tensorboard_enabled

@@ -163,6 +163,14 @@ def test_nothing_requested_returns_inner_and_find_masks():
     assert sp.find_masks(inner.init(P0)) is None
 
 
+def test_an_include_pattern_that_selects_nothing_is_a_config_error():
+    from jaxaccel.config import ConfigError
+    tx = sp.make_sparsity(sparsity_config(method="magnitude", target=0.5, include=["Dense_0/kernel", "Dense_9"]),
+                          optax.sgd(0.1), 10)
+    with pytest.raises(ConfigError, match="sparsity.include: 'Dense_9' matches no parameter"):
+        tx.init(P0)
+
+
 def test_invalid_combinations_raise():
     with pytest.raises(ValueError):
         sp.make_sparsity(sparsity_config(method="rigl", structure="channel"), optax.sgd(0.1), 10)

@@ -33,7 +33,7 @@ class CNNConfig(_ConvLowering):
 
 
 class SmallCNNConfig(_ConvLowering):
-    """3x3 convs of ``channels`` widths, each relu + 2x2 pool, then dense layers of ``features`` widths."""
+    """3x3 convs of the channels widths, each relu + 2x2 pool, then dense layers of the features widths."""
     name: Literal["small_cnn"] = "small_cnn"
     channels: list[PositiveInt] = Field([16, 32], min_length=1, description="Conv widths.")
     features: list[PositiveInt] = Field([300, 100], description="Hidden dense widths after the convolutions.")

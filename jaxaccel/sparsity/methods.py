@@ -71,8 +71,7 @@ class SparsityConfig(Section):
 
 class NoSparsity(SparsityConfig):
     """No masks: dense training (a penalty and the threshold step may still make zeros)."""
-    method: Literal["none"] = Field("none", description="How masks are chosen: none, magnitude |w|, random, "
-                                                        "saliency |w*g|, or dynamic sparse training (set, rigl).")
+    method: Literal["none"] = "none"
 
 
 class _Scheduled(SparsityConfig):
