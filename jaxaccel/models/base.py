@@ -25,6 +25,12 @@ class ModelConfig(Section):
     # What the model takes: (dtype, rank per example, words). Images unless a model says otherwise.
     inputs: ClassVar[tuple[str, int, str]] = ("uint8", 3, "images [N, H, W, C]")
 
+    def __init__(self, **data: Any) -> None:
+        if type(self) is ModelConfig:
+            raise TypeError("ModelConfig is the base of the models' config classes: build one with "
+                            "jaxaccel.config.model_config(name=..., ...)")
+        super().__init__(**data)
+
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)

@@ -47,6 +47,12 @@ class SparsityConfig(Section):
     threshold: float = Field(0.0, ge=0.0, description="After the penalty: |w| below this becomes an exact, frozen zero.")
     threshold_at: Duration = Field("90%", description="When the threshold step happens (a duration).")
 
+    def __init__(self, **data: Any) -> None:
+        if type(self) is SparsityConfig:
+            raise TypeError("SparsityConfig is the base of the sparsity methods' classes: build one with "
+                            "jaxaccel.config.sparsity_config(method=..., ...)")
+        super().__init__(**data)
+
     @pydantic.model_validator(mode="after")
     def _penalty_and_threshold(self) -> "SparsityConfig":
         if self.penalty == "none":
