@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxaccel import data as data_lib
 from jaxaccel import step as step_lib
-from jaxaccel.config import ModelConfig, OptimConfig, PrecisionConfig
+from jaxaccel.config import ModelConfig, OptimConfig, PrecisionConfig, model_config
 from jaxaccel.models import build_model
 from jaxaccel.optim import make_optimizer
 
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=DEFAULT)
     args = parser.parse_args()
     ds = data_lib.load("mnist")
-    model_cfg = ModelConfig(name=args.model)
+    model_cfg = model_config(name=args.model)
     built = {}
     for v in args.variants:
         compiled, call_args, seconds = build(v, model_cfg, ds, args.batch, args.steps)

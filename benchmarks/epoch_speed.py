@@ -36,7 +36,8 @@ EXPERIMENT = {"mlp": "mnist_mlp", "cnn": "mnist_cnn"}
 
 def plain_epoch(cfg, ds, steps: int | None = None) -> float:
     """One epoch (or ``steps`` steps) of the plain loop; returns its wall time (compile excluded)."""
-    model = build_model(cfg.model.model_copy(update={"conv": "xla"}), ds.num_classes)  # flax's nn.Conv as is
+    conv = {"conv": "xla"} if "conv" in type(cfg.model).model_fields else {}
+    model = build_model(cfg.model.model_copy(update=conv), ds.num_classes)  # flax's nn.Conv as is
     steps = steps or len(ds.train_labels) // cfg.train.batch_size
     tx = make_optimizer(cfg.optim, steps)
     params = model.init(jax.random.key(0), jnp.zeros((1, *ds.input_shape), jnp.uint8))["params"]

@@ -21,10 +21,10 @@ VARIANTS = {
     "dense fp32": [],
     # Pruned once at step 0, then the masks applied at every step: the per-step cost of sparsity.
     "sparsity masks (90%)": ["sparsity.method=magnitude", "sparsity.target=0.9", "sparsity.schedule=one_shot",
-                             "sparsity.start_step=0"],
+                             "sparsity.start=0"],
     # Gradual pruning with 4 mask recomputations (sorts of every kernel) inside the timed epoch.
-    "gradual pruning (4 updates)": ["sparsity.method=magnitude", "sparsity.target=0.9", "sparsity.start_step=468",
-                                    "sparsity.end_step=868", "sparsity.update_every=100"],
+    "gradual pruning (4 updates)": ["sparsity.method=magnitude", "sparsity.target=0.9", "sparsity.start=468",
+                                    "sparsity.end=868", "sparsity.update_every=100"],
     "bf16": ["precision.params=bfloat16", "precision.compute=bfloat16"],
     "fp16 + loss scaling": ["precision.params=float16", "precision.compute=float16"],
     "int8 QAT": ["quant.mode=qat"],

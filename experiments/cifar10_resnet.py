@@ -13,6 +13,6 @@ config = {
     "model": {"name": "resnet", "width": 16, "depth": 3},
     "augment": {"crop_padding": 4, "flip": True},
     "train": {"epochs": 30, "batch_size": 128},
-    "optim": {"name": "momentum", "learning_rate": 0.1, "schedule": "warmup_cosine", "warmup_steps": 400,
+    "optim": {"name": "momentum", "learning_rate": 0.1, "schedule": "warmup_cosine", "warmup": "1 epoch",
               "weight_decay": 5e-4},
 }

@@ -12,5 +12,5 @@ config = {
     "optim": {"name": "adam", "learning_rate": 1e-3, "schedule": "cosine"},
     # Two dense epochs, then 2 of every 4 weights along each kernel's input axis, kept by |w|.
     "sparsity": {"method": "magnitude", "structure": "nm", "n": 2, "m": 4,
-                 "schedule": "one_shot", "start_step": 936},
+                 "schedule": "one_shot", "start": "2 epochs"},
 }

@@ -12,5 +12,5 @@ config = {
     "optim": {"name": "adam", "learning_rate": 1e-3, "schedule": "cosine"},
     # Drop the weakest 30% (cosine-decayed) and regrow by |gradient| every 100 steps until 75%.
     "sparsity": {"method": "rigl", "target": 0.9, "distribution": "erk", "drop_fraction": 0.3,
-                 "update_every": 100, "start_step": 0},
+                 "update_every": 100, "start": 0},
 }

@@ -10,8 +10,10 @@ config = {
     "model": {"name": "mlp", "features": [300, 100]},
     "train": {"epochs": 20, "batch_size": 128},
     "optim": {"name": "adam", "learning_rate": 1e-3, "schedule": "cosine"},
+    # Fractions of the run, so a shorter run prunes too: steps 1000 and 6000 of the 9360 at batch 128
+    # (the schedule the numbers above were measured with); masks updated every 100 steps.
     "sparsity": {"method": "magnitude", "structure": "unstructured", "target": 0.9,
-                 "schedule": "polynomial", "start_step": 1000, "end_step": 6000, "update_every": 100},
+                 "schedule": "polynomial", "start": "10.69%", "end": "64.11%", "update_every": 100},
     # Fake quantization preserves zeros, so the pruned weights stay exactly zero.
-    "quant": {"mode": "qat", "bits": 8, "start_step": 0},
+    "quant": {"mode": "qat", "bits": 8, "start": 0},
 }

@@ -5,282 +5,78 @@ of the fields they change; the command line adds ``a.b=c`` overrides. Both go th
 :func:`build_config`, so a typo in an experiment file and a typo on the command line get the same
 error. Validation is pydantic's (unknown keys forbidden, types checked); this module only turns its
 errors into one line that names the key, the value, what was expected and the closest valid key.
+
+The plain sections (data, train, optim, ...) are declared in :mod:`jaxaccel.sections` and
+re-exported here. Two sections are unions keyed on a name, each member declared next to the code it
+configures:
+``model`` on ``model.name`` (one class per model in ``jaxaccel/models/``) and ``sparsity`` on
+``sparsity.method`` (``jaxaccel/sparsity/methods.py``). A field the chosen member does not declare
+is refused, naming what it reads. Points in the run and periods (``sparsity.start``,
+``quant.start``, ``optim.warmup``, ...) are durations (:mod:`jaxaccel.durations`): steps, epochs or
+a fraction of the run, resolved to steps once the run's length is known.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import re
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Optional, Union
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, Discriminator, Field, StrictInt, Tag
+
+from jaxaccel.models import REGISTRY as MODELS
+from jaxaccel.models import MLPConfig, ModelConfig
+from jaxaccel.schema import ConfigError, Section
+from jaxaccel.sections import (AugmentConfig, CheckpointConfig, DataConfig, DistributedConfig, InitConfig,
+                               OptimConfig, ParallelConfig, PrecisionConfig, QuantConfig, TrainConfig)
+from jaxaccel.sparsity.methods import METHODS as SPARSITY_METHODS
+from jaxaccel.sparsity.methods import NoSparsity, SparsityConfig
 
 __all__ = [
-    "Config", "ConfigError", "build_config", "parse_overrides", "apply_overrides", "valid_keys",
+    "Config", "ConfigError", "build_config", "parse_overrides", "apply_overrides", "valid_keys", "field_help",
+    "field_info", "model_config", "sparsity_config", "from_saved", "ModelConfig", "SparsityConfig",
+    "DataConfig", "TrainConfig", "OptimConfig", "AugmentConfig", "CheckpointConfig", "ParallelConfig",
+    "DistributedConfig", "InitConfig", "PrecisionConfig", "QuantConfig",
 ]
 
+# ---------------------------------------------------------------------------------------------
+# Sections keyed on a name.
 
-class ConfigError(ValueError):
-    """A config or command-line problem the user can fix; the CLI prints it and exits 2."""
+@dataclasses.dataclass(frozen=True)
+class _Union:
+    """A section whose fields depend on one key (``model.name``, ``sparsity.method``)."""
+    section: str
+    key: str
+    members: dict[str, type[Section]]  # key value -> its class
+    default: str
 
+    def annotation(self) -> Any:
+        def tag(value: Any) -> Any:
+            return value.get(self.key, self.default) if isinstance(value, dict) else getattr(value, self.key, None)
+        return Annotated[Union[tuple(Annotated[cls, Tag(name)] for name, cls in self.members.items())],
+                         Discriminator(tag)]
 
-class _Section(BaseModel):
-    # extra="forbid": an unknown key is an error, never silently ignored.
-    # coerce_numbers_to_str: `workdir=2024` is a string, as the user meant.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
-                              coerce_numbers_to_str=True)
+    def fields(self, cls: type[Section]) -> list[str]:
+        return [f.alias or n for n, f in cls.model_fields.items() if n != self.key]
 
-
-class DataConfig(_Section):
-    name: str = Field("mnist", description="TFDS dataset name (mnist, fashion_mnist, cifar10, ag_news_subset, "
-                                           "imdb_reviews, speech_commands).")
-    dir: Optional[str] = Field(None, description="TFDS data dir; default $TFDS_DATA_DIR, else TFDS's default.")
-    cache_dir: Optional[str] = Field(
-        None, description="Where decoded arrays are cached; default $JAXACCEL_CACHE_DIR or ~/.cache/jaxaccel.")
-    max_length: Optional[StrictInt] = Field(
-        None, ge=1, description="Text: tokens per example (default 128); audio: samples per example "
-                                "(default 16000, 1 s at 16 kHz). Longer inputs are cut, shorter padded with 0.")
-    # The input pipeline (jaxaccel.streaming, jaxaccel.feed).
-    pipeline: Literal["auto", "resident", "stream"] = Field(
-        "auto", description="resident: the decoded splits cached on disk and held on every device (fastest when "
-                            "they fit); stream: records read and decoded on the fly by Grain, each process only its "
-                            "rows of every batch; auto: resident when the decoded splits fit "
-                            "data.device_budget_bytes, else stream. Both give the same losses and parameters.")
-    device_budget_bytes: Optional[StrictInt] = Field(
-        None, ge=1, description="Device memory a resident dataset may take (per device); null = a per-backend "
-                                "default (40% of an accelerator's memory; a quarter of host RAM over the CPU devices).")
-    workers: Optional[StrictInt] = Field(
-        None, ge=1, description="stream: decoding threads per process (Grain ReadOptions); null = the CPU count, at most 16.")
-    worker_processes: StrictInt = Field(
-        0, ge=0, description="stream: Grain worker processes per process (each with data.workers threads); 0 = "
-                             "threads in the training process only.")
+    def all_fields(self) -> list[str]:
+        return list(dict.fromkeys(f for cls in self.members.values() for f in self.fields(cls)))
 
 
-class ModelConfig(_Section):
-    name: Literal["mlp", "cnn", "small_cnn", "resnet", "text_cnn", "kws_cnn"] = Field(
-        "mlp", description="Architecture: mlp (LeNet-300-100 style), cnn (flax example CNN), small_cnn "
-                           "(3x3 convs of `channels` widths, each relu + 2x2 pool, then dense layers), resnet "
-                           "(CIFAR ResNet-6n+2), text_cnn (token conv encoder), kws_cnn (log-mel + conv, keyword spotting).")
-    features: list[StrictInt] = Field([300, 100], description="Hidden dense widths of the MLP and of small_cnn.")
-    channels: list[StrictInt] = Field([16, 32], min_length=1, description="Conv widths of small_cnn.")
-    pool: Literal["avg", "max"] = Field("avg", description="2x2 pooling after each conv of small_cnn.")
-    crop: Optional[StrictInt] = Field(
-        None, ge=1, description="small_cnn: the central crop x crop pixels of each image are its input (part of "
-                                "the model, so it still takes full images; MNIST digits lie in the central ~20x20).")
-    conv: Literal["auto", "im2col", "xla"] = Field(
-        "auto", description="How convolutions of cnn/small_cnn are lowered: im2col (patches as shifted slices + "
-                            "one dot; measured fastest on XLA:CPU, also inside a device loop), xla (lax.conv: "
-                            "cuDNN/MXU convolutions on accelerators) or auto (im2col on CPU, xla elsewhere).")
-    width: StrictInt = Field(16, ge=1, description="resnet/text_cnn/kws_cnn: channels of the first stage.")
-    depth: StrictInt = Field(3, ge=1, description="resnet: residual blocks per stage (3: ResNet-20); "
-                                                  "text_cnn/kws_cnn: conv layers.")
-    vocab_size: StrictInt = Field(32768, ge=16, description="text: hashed word vocabulary of the tokenizer "
-                                                            "(the embedding's rows).")
-
-    @pydantic.model_validator(mode="after")
-    def _fields_of_this_model(self) -> "ModelConfig":
-        """A field the chosen architecture does not read may not differ from its default: it would
-        silently do nothing."""
-        unused = [f for f in type(self).model_fields if f != "name" and f not in _MODEL_FIELDS[self.name]
-                  and getattr(self, f) != type(self).model_fields[f].default]
-        if unused:
-            raise ValueError(f"{', '.join(f'model.{f}' for f in unused)} {'does' if len(unused) == 1 else 'do'} "
-                             f"nothing for model.name={self.name} "
-                             f"(it reads {', '.join(sorted(_MODEL_FIELDS[self.name]))}): remove it or choose "
-                             f"another model")
-        return self
+_UNIONS = {u.section: u for u in (_Union("model", "name", MODELS, "mlp"),
+                                   _Union("sparsity", "method", SPARSITY_METHODS, "none"))}
 
 
-# The ModelConfig fields each architecture reads (models.build_model).
-_MODEL_FIELDS = {
-    "mlp": {"features"}, "cnn": {"conv"}, "small_cnn": {"channels", "features", "pool", "crop", "conv"},
-    "resnet": {"width", "depth"}, "text_cnn": {"width", "depth", "vocab_size"}, "kws_cnn": {"width", "depth"},
-}
-
-
-class TrainConfig(_Section):
-    epochs: StrictInt = Field(10, ge=1, description="Training length in epochs (ignored when steps is set).")
-    steps: Optional[StrictInt] = Field(None, ge=1, description="Training length in steps; overrides epochs.")
-    batch_size: StrictInt = Field(128, ge=1, description="Global batch size.")
-    eval_batch_size: StrictInt = Field(1000, ge=1, description="Batch size for evaluation.")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy targets.")
-    steps_per_call: Optional[StrictInt] = Field(
-        None, ge=1, description="Training steps per compiled call; null = the measured default for model and backend.")
-    loop: Literal["auto", "device_loop", "unroll"] = Field(
-        "auto", description="How steps_per_call steps are compiled: a device loop (lax.fori_loop) or unrolled; auto = the measured default for model and backend.")
-    log_every_steps: StrictInt = Field(100, ge=1, description="Period of training lines in metrics.jsonl.")
-    tensorboard: Optional[bool] = Field(
-        None, description="TensorBoard event files beside metrics.jsonl: null = when tensorboardX is installed, true = required, false = never.")
-
-
-class OptimConfig(_Section):
-    name: Literal["sgd", "momentum", "nesterov", "adam", "adamw"] = "adam"
-    learning_rate: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
-    schedule: Literal["constant", "cosine", "warmup_cosine", "onecycle"] = "constant"
-    warmup_steps: StrictInt = Field(0, ge=0, description="Linear warm-up steps (warmup_cosine).")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="Momentum of momentum/nesterov.")
-    b1: float = Field(0.9, ge=0.0, lt=1.0)
-    b2: float = Field(0.999, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled (adamw) or L2-added (others) weight decay.")
-    grad_clip_norm: Optional[float] = Field(None, gt=0.0, description="Clip gradients to this global norm.")
-
-
-class AugmentConfig(_Section):
-    """Random image augmentation inside the compiled train step (off by default)."""
-    crop_padding: StrictInt = Field(0, ge=0, description="Pad by this many zero pixels, then crop back at a random offset.")
-    flip: bool = Field(False, description="Flip left-right with probability 1/2.")
-    rotate_degrees: float = Field(0.0, ge=0.0, le=180.0, description="Rotate by a uniform angle in [-d, d] degrees.")
-    scale: float = Field(0.0, ge=0.0, lt=1.0, description="Zoom by a uniform factor in [1-s, 1+s].")
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.crop_padding or self.flip or self.rotate_degrees or self.scale)
-
-
-class CheckpointConfig(_Section):
-    every_steps: StrictInt = Field(1000, ge=1, description="Checkpoint period in steps (and one at the end).")
-    max_to_keep: StrictInt = Field(2, ge=1)
-    fallback: bool = Field(False, description="If the latest checkpoint cannot be read, restore the previous one (and say so).")
-
-
-class ParallelConfig(_Section):
-    mode: Literal["jit", "pmap"] = Field(
-        "jit", description="jit: Mesh + NamedSharding; pmap: explicit collectives (jax.shard_map), replicated state.")
-    fsdp: bool = Field(False, description="jit only: shard parameters and optimizer state over the data axis too (FSDP).")
-    fsdp_size: Optional[StrictInt] = Field(
-        None, ge=1, description="Devices each FSDP-sharded leaf is split over (the mesh's fsdp axis); the rest form "
-                                "the data axis. Default: one TPU slice or one host, so data parallelism runs across "
-                                "slices/hosts; all devices when there is one.")
-    check_replicas: bool = Field(
-        True, description="At each evaluation, check that replicated state (masks, loss scale, params) is bit-identical on every device and process.")
-
-    @pydantic.model_validator(mode="after")
-    def _fsdp_needs_jit(self) -> "ParallelConfig":
-        if self.fsdp and self.mode != "jit":
-            raise ValueError("fsdp=true shards state over a Mesh: use parallel.mode=jit (pmap keeps a full copy per device)")
-        return self
-
-
-class DistributedConfig(_Section):
-    coordinator: Optional[str] = Field(None, description="host:port of process 0, as jax.distributed.initialize takes it.")
-    num_processes: Optional[StrictInt] = Field(None, ge=1)
-    process_id: Optional[StrictInt] = Field(None, ge=0)
-    init_timeout_seconds: Optional[StrictInt] = Field(
-        None, ge=1, description="Give up (with an error) if the peers are not all up by then; default: JAX's (300 s).")
-    heartbeat_timeout_seconds: Optional[StrictInt] = Field(
-        None, ge=1, description="A peer silent this long is dead: the others stop with an error; default: JAX's (100 s).")
-
-
-class InitConfig(_Section):
-    from_: Optional[str] = Field(None, alias="from", description="Run dir, checkpoint or export to start from (fine-tuning).")
-    include: list[str] = Field([".*"], description="Regexes over '/'-joined param paths loaded from init.from; the rest is re-initialized.")
-    freeze: list[str] = Field([], description="Regexes over param paths that get zero updates (left bit-identical by training).")
-    pretrain: Optional[str] = Field(
-        None, description="When init.from is unset: 'EXPERIMENT [key=value ...]' trained first into <workdir>/pretrained, then started from.")
-
-    @pydantic.field_validator("include", "freeze")
-    @classmethod
-    def _regexes(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"{pattern!r} is not a regular expression ({e})") from None
-        return patterns
-
-    @pydantic.model_validator(mode="after")
-    def _needs_source(self) -> "InitConfig":
-        if self.include != [".*"] and self.from_ is None and self.pretrain is None:
-            raise ValueError("include chooses what init.from loads: set init.from (or init.pretrain)")
-        return self
-
-
-_DTYPE = Literal["float32", "bfloat16", "float16"]
-
-
-class SparsityConfig(_Section):
-    method: Literal["none", "magnitude", "random", "saliency", "set", "rigl"] = Field(
-        "none", description="How masks are chosen: |w|, random, |w*g|, or dynamic sparse training (SET/RigL).")
-    scope: Literal["layer", "global"] = Field("layer", description="magnitude: rank per layer or across all prunable layers.")
-    structure: Literal["unstructured", "nm", "block", "channel"] = Field(
-        "unstructured", description="nm: N of every M along the contracting (input) axis; block: h x w blocks; channel: whole output units.")
-    target: float = Field(0.0, ge=0.0, lt=1.0, description="Final fraction of zeros over the prunable weights (unstructured/block/channel).")
-    n: StrictInt = Field(2, ge=1, description="N of N:M (kept weights per group).")
-    m: StrictInt = Field(4, ge=2, description="M of N:M (group size).")
-    block: list[StrictInt] = Field([4, 4], description="Block shape h x w for structure=block.")
-    distribution: Literal["uniform", "erk"] = Field("uniform", description="Per-layer sparsity: uniform or Erdos-Renyi-Kernel.")
-    schedule: Literal["one_shot", "polynomial", "periodic"] = Field(
-        "polynomial", description="one_shot at start_step; polynomial (Zhu & Gupta cubic) from start_step to end_step; periodic re-pruning.")
-    start_step: StrictInt = Field(0, ge=0)
-    end_step: Optional[StrictInt] = Field(None, ge=0, description="null: 75% of the training steps.")
-    update_every: StrictInt = Field(100, ge=1, description="Steps between mask updates.")
-    power: float = Field(3.0, gt=0.0, description="Exponent of the polynomial schedule.")
-    drop_fraction: float = Field(0.3, ge=0.0, le=1.0, description="SET/RigL: fraction dropped and regrown, cosine-decayed to 0 at end_step.")
-    include: list[str] = Field([r"kernel$"], description="Regexes over '/'-joined param paths that may be pruned.")
-    exclude: list[str] = Field([], description="Regexes excluded from pruning.")
-    penalty: Literal["none", "l1", "group_lasso"] = Field("none", description="Sparsity-inducing loss term.")
-    penalty_weight: float = Field(0.0, ge=0.0)
-    group: Literal["row", "channel", "nm"] = Field("row", description="Groups of the group lasso.")
-    threshold: float = Field(0.0, ge=0.0, description="After the penalty: |w| below this becomes an exact, frozen zero.")
-    threshold_step: Optional[StrictInt] = Field(None, ge=0, description="Step of the threshold; null: 90% of training.")
-
-    @pydantic.model_validator(mode="after")
-    def _compatible(self) -> "SparsityConfig":
-        """Combinations that have no meaning are refused here, at config time (exit 2)."""
-        if self.method in ("set", "rigl") and (self.structure != "unstructured" or self.scope != "layer"):
-            raise ValueError(f"method={self.method} trains unstructured per-layer masks: "
-                             "use structure=unstructured and scope=layer")
-        if self.scope == "global" and (self.structure != "unstructured" or self.distribution != "uniform"):
-            raise ValueError("scope=global ranks single weights across all layers: it needs "
-                             "structure=unstructured and distribution=uniform")
-        if self.structure == "nm" and not 0 < self.n < self.m:
-            raise ValueError(f"N:M needs 0 < n < m, got n={self.n}, m={self.m}")
-        if len(self.block) != 2 or min(self.block) < 1:
-            raise ValueError(f"block must be two positive sizes [h, w], got {self.block}")
-        if self.method != "none" and self.structure != "nm" and self.target == 0.0:
-            raise ValueError(f"method={self.method} with target=0 prunes nothing: set sparsity.target")
-        return self
-
-
-class PrecisionConfig(_Section):
-    params: _DTYPE = Field("float32", description="Dtype parameters are cast to for compute (master weights stay float32).")
-    compute: _DTYPE = Field("float32", description="Dtype of activations and matmul inputs.")
-    output: _DTYPE = Field("float32", description="Dtype of the logits (loss and softmax are always float32).")
-    accumulation: _DTYPE = Field("float32", description="Dot/conv accumulation dtype (preferred_element_type).")
-    include: list[str] = Field([".*"], description="Regexes over param paths that get the low-precision treatment.")
-    loss_scale: Literal["auto", "none", "static", "dynamic"] = Field("auto", description="auto: dynamic for float16, none otherwise.")
-    loss_scale_init: float = Field(2.0 ** 15, gt=0.0)
-    loss_scale_min: float = Field(1.0, gt=0.0)
-    loss_scale_max: float = Field(2.0 ** 24, gt=0.0)
-    loss_scale_period: StrictInt = Field(2000, ge=1, description="Finite steps before the dynamic scale grows.")
-    loss_scale_factor: float = Field(2.0, gt=1.0)
-    max_nonfinite_steps: StrictInt = Field(10, ge=1, description="Stop after this many consecutive non-finite steps.")
-    guard: Literal["auto", "step", "rollback"] = Field(
-        "auto", description="How non-finite steps are skipped. step: every step tests its gradients and a "
-        "non-finite one leaves the state untouched. rollback: the same steps skipped, faster: a step group runs "
-        "untested from a copy of its start state and is rerun with the per-step test only if it met a "
-        "non-finite loss or state (one extra copy of the state in memory, one host read per group). auto: "
-        "rollback on CPU without loss scaling (where the per-step selects cost copies), step otherwise.")
-
-
-class QuantConfig(_Section):
-    mode: Literal["none", "qat", "ptq"] = Field("none", description="qat: fake-quant training (STE); ptq: quantize after training.")
-    bits: StrictInt = Field(8, ge=2, le=8)
-    weights: Literal["per_channel", "per_tensor"] = Field("per_channel", description="Weight scale granularity (symmetric absmax).")
-    activations: Literal["per_tensor", "none"] = Field("per_tensor", description="Activation scale granularity.")
-    include: list[str] = Field([r".*"], description="Regexes over layer paths to quantize.")
-    start_step: StrictInt = Field(0, ge=0, description="QAT: step from which fake quantization is on.")
-
-
-class Config(_Section):
+class Config(Section):
     """The full, validated configuration of one run."""
     experiment: str = Field("", description="Registered experiment name (set by the registry).")
     workdir: Optional[str] = Field(None, description="Run directory; default runs/<experiment>.")
-    seed: StrictInt = Field(0, description="Derives init, data order, dropout and augmentation keys.")
+    seed: StrictInt = Field(0, ge=0, le=2 ** 32 - 1, description="Derives init, data order, dropout and augmentation keys (0 to 2^32-1).")
     data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
+    model: _UNIONS["model"].annotation() = Field(default_factory=MLPConfig, description="Which model.")
     train: TrainConfig = TrainConfig()
     augment: AugmentConfig = AugmentConfig()
     optim: OptimConfig = OptimConfig()
@@ -288,13 +84,64 @@ class Config(_Section):
     parallel: ParallelConfig = ParallelConfig()
     distributed: DistributedConfig = DistributedConfig()
     init: InitConfig = InitConfig()
-    sparsity: SparsityConfig = SparsityConfig()
+    sparsity: _UNIONS["sparsity"].annotation() = Field(default_factory=NoSparsity, description="Which sparsity method.")
     precision: PrecisionConfig = PrecisionConfig()
     quant: QuantConfig = QuantConfig()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict with the public key names (``init.from``, not ``init.from_``)."""
         return self.model_dump(by_alias=True, mode="json")
+
+
+def model_config(fields: dict[str, Any] | None = None, /, **kw: Any) -> ModelConfig:
+    """The config object of one model from its fields (``{"name": "mlp", "features": [64]}``);
+    ConfigError naming the key on a bad field."""
+    return _member("model", {**(fields or {}), **kw})
+
+
+def sparsity_config(fields: dict[str, Any] | None = None, /, **kw: Any) -> SparsityConfig:
+    """The sparsity section of one method from its fields (``method="magnitude", target=0.9``)."""
+    return _member("sparsity", {**(fields or {}), **kw})
+
+
+# Keys renamed since earlier versions wrote them into files (exports' model.json).
+_RENAMED = {"quant": {"start_step": "start"}, "optim": {"warmup_steps": "warmup"},
+            "sparsity": {"start_step": "start", "end_step": "end", "threshold_step": "threshold_at"}}
+
+
+def from_saved(section: str, fields: dict[str, Any]) -> Section:
+    """The ``section`` (model, precision, quant, ...) from a dict a run wrote to a file, also by an
+    earlier version: renamed keys are mapped (a null meant the default) and, for a model, the
+    fields it does not read are dropped (earlier versions stored every model field)."""
+    fields = dict(fields)
+    for old, new in _RENAMED.get(section, {}).items():
+        if old in fields:
+            value = fields.pop(old)
+            if value is not None:
+                fields[new] = value
+    if section in _UNIONS:
+        union = _UNIONS[section]
+        chosen = union.members.get(fields.get(union.key, union.default))
+        if chosen is not None:
+            fields = {k: v for k, v in fields.items() if k == union.key or k in union.fields(chosen)}
+        return _member(section, fields)
+    cls = Config.model_fields[section].annotation
+    try:
+        return cls.model_validate(fields)
+    except pydantic.ValidationError as e:
+        raise ConfigError("; ".join(_describe_all(e.errors()))) from None
+
+
+class _One(BaseModel):
+    model: _UNIONS["model"].annotation() = Field(default_factory=MLPConfig)
+    sparsity: _UNIONS["sparsity"].annotation() = Field(default_factory=NoSparsity)
+
+
+def _member(section: str, fields: dict[str, Any]) -> Any:
+    try:
+        return getattr(_One.model_validate({section: fields}), section)
+    except pydantic.ValidationError as e:
+        raise ConfigError("; ".join(_describe_all(e.errors()))) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,17 +180,47 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
-def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
-    """Every dotted leaf key the schema accepts, e.g. ``train.epochs``."""
+def _keys_of(model: type[BaseModel], prefix: str) -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         key = prefix + (field.alias or name)
         sub = field.annotation
-        if isinstance(sub, type) and issubclass(sub, BaseModel):
-            keys += valid_keys(sub, key + ".")
+        if key in _UNIONS:
+            union = _UNIONS[key]
+            keys += [f"{key}.{union.key}"] + [f"{key}.{f}" for f in union.all_fields()]
+        elif isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys += _keys_of(sub, key + ".")
         else:
             keys.append(key)
     return keys
+
+
+def valid_keys() -> list[str]:
+    """Every dotted leaf key the schema accepts, e.g. ``train.epochs`` (for ``model`` and
+    ``sparsity``: the fields of every model and method)."""
+    return _keys_of(Config, "")
+
+
+def field_info(key: str) -> Any:
+    """The pydantic FieldInfo of a dotted key (of the first model or method that has it), or None."""
+    section, _, rest = key.partition(".")
+    if section in _UNIONS and rest:
+        union = _UNIONS[section]
+        for cls in union.members.values():
+            for name, field in cls.model_fields.items():
+                if (field.alias or name) == rest:
+                    return field
+        return None
+    model: Any = Config
+    field = None
+    for part in key.split("."):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
+        if field is None:
+            return None
+        model = field.annotation
+    return field
 
 
 def _closest(key: str) -> str:
@@ -362,7 +239,11 @@ def _closest(key: str) -> str:
 
 
 def apply_overrides(tree: dict[str, Any], pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Set dotted keys in a nested dict (a copy); validation happens in :func:`build_config`."""
+    """Set dotted keys in a nested dict (a copy); validation happens in :func:`build_config`.
+
+    Switching ``model.name`` or ``sparsity.method`` drops the fields of that section which the
+    new model or method does not read, unless they are among ``pairs`` (those are then refused
+    by validation): ``exp=mnist_mlp model.name=cnn`` leaves mnist_mlp's ``features`` behind."""
     tree = copy.deepcopy(tree)
     keys = valid_keys()
     sections = {k.rsplit(".", 1)[0] for k in keys if "." in k}
@@ -379,13 +260,62 @@ def apply_overrides(tree: dict[str, Any], pairs: list[tuple[str, Any]]) -> dict[
                                   f"did you mean {_closest(key)}?")
             node = child
         node[parts[-1]] = value
+    for union in _UNIONS.values():
+        node = tree.get(union.section)
+        chosen = union.members.get(node.get(union.key)) if isinstance(node, dict) else None
+        if chosen is None or all(k != f"{union.section}.{union.key}" for k, _ in pairs):
+            continue
+        given = {k.split(".", 2)[1] for k, _ in pairs if k.startswith(union.section + ".")}
+        keep = set(union.fields(chosen)) | given | {union.key}
+        for name in [n for n in node if n not in keep]:
+            del node[name]
     return tree
 
 
-def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in error["loc"])
+def _split(loc: tuple[Any, ...]) -> tuple[str, str | None]:
+    """The dotted key of an error location (list entries as ``key[i]``), and the union member it
+    is in (None outside unions)."""
+    parts = list(loc)
+    member = None
+    if len(parts) > 1 and parts[0] in _UNIONS and parts[1] in _UNIONS[parts[0]].members:
+        member = parts.pop(1)
+    key = ""
+    for part in parts:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key, member
+
+
+def _describe_all(errors: list[dict[str, Any]]) -> list[str]:
+    """One message per error; a union member's unknown fields are grouped into one message."""
+    out, unread = [], {}
+    for error in errors:
+        key, member = _split(error["loc"])
+        section, _, leaf = key.partition(".")
+        if error["type"] == "extra_forbidden" and member and leaf in _UNIONS[section].all_fields():
+            unread.setdefault((section, member), []).append(key)
+            continue
+        out.append(_describe(error, key))
+    for (section, member), keys in unread.items():
+        union = _UNIONS[section]
+        reads = sorted(union.fields(union.members[member]))
+        out.append(f"{', '.join(keys)} {'does' if len(keys) == 1 else 'do'} nothing for {section}.{union.key}={member} "
+                   f"(it reads {', '.join(reads) if reads else 'nothing else'}): remove "
+                   f"{'it' if len(keys) == 1 else 'them'} or choose another {section}.{union.key}")
+    return out
+
+
+def _describe(error: dict[str, Any], key: str) -> str:
     if error["type"] == "extra_forbidden":
         return f"unknown config key {key!r}; did you mean {_closest(key)}?"
+    if error["type"] == "union_tag_invalid":
+        union = _UNIONS[key]
+        tag = error["ctx"]["tag"]
+        if union.section == "model" and ":" in str(tag):
+            return (f"model.name={tag!r}: a model given by import path is not supported yet; "
+                    f"choose one of {', '.join(union.members)}")
+        close = difflib.get_close_matches(str(tag), list(union.members), n=1)
+        return (f"{key}.{union.key}={tag!r} is invalid: choose one of {', '.join(union.members)}"
+                + (f" (did you mean {close[0]}?)" if close else ""))
     if error["type"] == "value_error":  # a section's cross-field check: its message says it all
         return f"{key}: {error['msg'].removeprefix('Value error, ')}"
     return f"{key}={error['input']!r} is invalid: {error['msg']} (see `python -m jaxaccel.run --help`)"
@@ -396,22 +326,46 @@ def build_config(tree: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(tree)
     except pydantic.ValidationError as e:
-        raise ConfigError("; ".join(_describe(err) for err in e.errors())) from None
+        raise ConfigError("; ".join(_describe_all(e.errors()))) from None
 
 
 def field_help() -> str:
-    """One line per key with its default and description, for ``--help``."""
+    """One line per key with its default and description, for ``--help``; the ``model`` and
+    ``sparsity`` keys grouped by the model or method that reads them."""
     lines = []
+
+    def line(key: str, value: Any, field: Any, indent: str = "  ") -> None:
+        desc = f"  {field.description}" if field.description else ""
+        lines.append(f"{indent}{key}={value!r}{desc}")
 
     def walk(model: type[BaseModel], instance: BaseModel, prefix: str) -> None:
         for name, field in model.model_fields.items():
             key = prefix + (field.alias or name)
             value = getattr(instance, name)
-            if isinstance(value, BaseModel):
+            if key in _UNIONS:
+                union(_UNIONS[key], value)
+            elif isinstance(value, BaseModel):
                 walk(type(value), value, key + ".")
             else:
-                desc = f"  {field.description}" if field.description else ""
-                lines.append(f"  {key}={value!r}{desc}")
+                line(key, value, field)
+
+    def union(u: _Union, default: BaseModel) -> None:
+        by_class: dict[type, list[str]] = {}
+        for name, cls in u.members.items():
+            by_class.setdefault(cls, []).append(name)
+        common = [f for f in u.fields(type(default)) if all(f in u.fields(cls) for cls in by_class)]
+        lines.append(f"  {u.section}.{u.key}={getattr(default, u.key)!r}  one of {', '.join(u.members)}; "
+                     + ("every one reads:" if common else "each reads its own fields:"))
+        for field in common:
+            name = next(n for n, f in type(default).model_fields.items() if (f.alias or n) == field)
+            line(f"{u.section}.{field}", getattr(default, name), type(default).model_fields[name], "      ")
+        for cls, names in by_class.items():
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            lines.append(f"    {u.section}.{u.key}={'|'.join(names)}: {doc}")
+            for name, field in cls.model_fields.items():
+                public = field.alias or name
+                if name != u.key and public not in common:
+                    line(f"{u.section}.{public}", field.get_default(call_default_factory=True), field, "      ")
 
     walk(Config, Config(), "")
     return "\n".join(lines)

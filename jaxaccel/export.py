@@ -98,15 +98,15 @@ class ExportedModel:
                  arrays: dict[str, np.ndarray] | None = None):
         import jax
 
-        from jaxaccel.config import ModelConfig, PrecisionConfig, QuantConfig
+        from jaxaccel.config import from_saved
         from jaxaccel.models import build_model
 
         self.params, self.scales, self.meta, self._arrays = params, scales, meta, arrays
-        precision = PrecisionConfig.model_validate(meta["precision"]) if meta.get("precision") else None
-        module = build_model(ModelConfig.model_validate(meta["model"]), meta["num_classes"], precision)
+        precision = from_saved("precision", meta["precision"]) if meta.get("precision") else None
+        module = build_model(from_saved("model", meta["model"]), meta["num_classes"], precision)
         if scales:
             from jaxaccel import precision as prec
-            quant = QuantConfig.model_validate(meta["quant"])
+            quant = from_saved("quant", meta["quant"])
             self._apply = jax.jit(lambda p, s, x: prec.int8_apply(module, p, s, x, cfg=quant))
         else:
             self._apply = jax.jit(lambda p, s, x: module.apply({"params": p}, x))

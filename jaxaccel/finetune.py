@@ -10,11 +10,14 @@ in :mod:`jaxaccel.pipeline`.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Callable
 
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
 from jaxaccel import export as export_lib
+from jaxaccel import paths
 from jaxaccel.config import ConfigError
 
 __all__ = ["load_init_params"]
@@ -27,7 +30,6 @@ def _source_params(path: str) -> Any:
         return export_lib.load(src).params
     if not src.exists():
         raise ConfigError(f"init.from={path}: no such file or directory")
-    import orbax.checkpoint as ocp
     ckpt_dir = src / "checkpoints" if (src / "checkpoints").exists() else src
     with ocp.CheckpointManager(ckpt_dir.absolute()) as mngr:
         if mngr.latest_step() is None:
@@ -39,22 +41,22 @@ def _source_params(path: str) -> Any:
 def load_init_params(path: str, include: list[str], target: Any, message: Callable[[str], None]) -> Any:
     """``target`` with every parameter that matches an ``include`` regex and has the same path and
     shape in the model at ``path`` replaced by the stored one; ``message`` reports the rest."""
-    import jax.numpy as jnp
-    from flax import traverse_util
-    src_flat = traverse_util.flatten_dict(_source_params(path), sep="/")
-    out, kept, fresh = {}, [], []
-    for key, value in traverse_util.flatten_dict(target, sep="/").items():
-        wanted = any(re.search(p, key) for p in include)
-        if wanted and key in src_flat and tuple(src_flat[key].shape) == tuple(value.shape):
-            out[key] = jnp.asarray(src_flat[key], value.dtype)
+    src_flat = dict(paths.named_leaves(_source_params(path)))
+    paths.require_matches(target, include, "init.include", ConfigError)
+    kept, fresh = [], []
+
+    def load(key, value):
+        if paths.matches(key, include) and key in src_flat and tuple(src_flat[key].shape) == tuple(value.shape):
             kept.append(key)
-        else:
-            out[key] = value
-            fresh.append(key)
+            return jnp.asarray(src_flat[key], value.dtype)
+        fresh.append(key)
+        return value
+
+    out = paths.map_with_names(load, target)
     if not kept:
         raise ConfigError(f"init.from={path}: no parameter matches init.include={include} with the same "
                           f"path and shape in this model ({', '.join(src_flat)} there)")
     if fresh:
         message(f"init.from: {len(kept)} tensors loaded; re-initialized (not in init.include, or path or "
                 f"shape differs): {', '.join(fresh)}")
-    return traverse_util.unflatten_dict(out, sep="/")
+    return out

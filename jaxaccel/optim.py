@@ -2,11 +2,10 @@
 where a run's whole optimizer chain is assembled (:func:`build_optimizer`)."""
 from __future__ import annotations
 
-import re
-
 import jax
 import optax
 
+from jaxaccel import paths
 from jaxaccel import precision as prec
 from jaxaccel import sparsity
 from jaxaccel.config import Config, ConfigError, OptimConfig
@@ -15,14 +14,15 @@ __all__ = ["make_schedule", "make_optimizer", "freeze", "build_optimizer"]
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """The learning-rate schedule over ``total_steps`` steps, peaking at ``cfg.learning_rate``."""
+    """The learning-rate schedule over ``total_steps`` steps, peaking at ``cfg.learning_rate``
+    (``cfg.warmup`` resolved to steps: :func:`jaxaccel.durations.resolve`)."""
     lr = cfg.learning_rate
     if cfg.schedule == "constant":
         return optax.constant_schedule(lr)
     if cfg.schedule == "cosine":
         return optax.cosine_decay_schedule(lr, decay_steps=total_steps)
     if cfg.schedule == "warmup_cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, cfg.warmup_steps, max(total_steps, cfg.warmup_steps + 1))
+        return optax.warmup_cosine_decay_schedule(0.0, lr, cfg.warmup, max(total_steps, cfg.warmup + 1))
     if cfg.schedule == "onecycle":
         return optax.cosine_onecycle_schedule(total_steps, lr)
     raise ValueError(f"unknown schedule {cfg.schedule!r}")  # unreachable: the schema restricts it
@@ -49,7 +49,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
 
 
 def freeze(tx: optax.GradientTransformation, patterns: list[str] | tuple[str, ...]) -> optax.GradientTransformation:
-    """``tx`` for the parameters whose '/'-joined path matches none of ``patterns`` (``re.search``);
+    """``tx`` for the parameters whose name (:mod:`jaxaccel.paths`) matches none of ``patterns``;
     zero updates for the rest, which training therefore leaves bit-identical.
 
     Built with ``optax.multi_transform``: ``tx`` sees only the trainable parameters (so gradient
@@ -58,15 +58,11 @@ def freeze(tx: optax.GradientTransformation, patterns: list[str] | tuple[str, ..
     """
     if not patterns:
         return tx
-    from jaxaccel.sparsity.masks import leaf_paths, prunable_tree
 
     def labels(params):
-        frozen = prunable_tree(params, tuple(patterns))
-        flags = jax.tree.leaves(frozen)
-        for pattern in patterns:
-            if not any(re.search(pattern, p) for p in leaf_paths(params)):
-                raise ConfigError(f"init.freeze: {pattern!r} matches no parameter; paths: {', '.join(leaf_paths(params))}")
-        if all(flags):
+        paths.require_matches(params, patterns, "init.freeze", ConfigError)
+        frozen = paths.select(params, patterns)
+        if all(jax.tree.leaves(frozen)):
             raise ConfigError(f"init.freeze={list(patterns)} freezes every parameter: nothing would train")
         return jax.tree.map(lambda f: "frozen" if f else "train", frozen)
 

@@ -30,7 +30,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jaxaccel.config import ConfigError
+from jaxaccel.schema import ConfigError
 
 __all__ = ["MeshParallel", "PmapParallel", "make_parallel", "local_copy", "ReplicaMismatch",
            "device_groups", "device_grid", "build_mesh", "collectives", "cross_slice_collectives", "replica_groups", "checksum",

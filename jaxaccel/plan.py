@@ -17,7 +17,7 @@ __all__ = ["Plan", "make_plan", "default_loop", "default_conv", "default_guard",
 # XLA:CPU's convolutions lose their fast kernels inside a device loop, so the MNIST CNNs with
 # model.conv=xla run as unrolled blocks of 10 steps (as fast as 20, half the compile time).
 _CPU_XLA_CONV_LOOP = ("unroll", 10)
-_UNROLLED_WITH_XLA_CONV = _CONV_MODELS = ("cnn", "small_cnn")
+_UNROLLED_WITH_XLA_CONV = ("cnn", "small_cnn")
 # XLA:CPU's YNNPACK fusions cost more than the dense fp32 MLP's small dots take; measured for
 # that model only, so only it opts out.
 _NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -34,7 +34,7 @@ def default_conv(conv: str, backend: str) -> str:
 
 def with_conv(model_cfg: Any, conv: str) -> Any:
     """``model_cfg`` with its convolution lowering set to ``conv`` (unchanged for models without one)."""
-    if model_cfg.name not in _CONV_MODELS:
+    if "conv" not in type(model_cfg).model_fields:
         return model_cfg
     return model_cfg.model_copy(update={"conv": conv})
 
@@ -109,7 +109,7 @@ def make_plan(cfg: Config, num_train: int, backend: str) -> Plan:
     if batch > num_train:
         raise ConfigError(f"train.batch_size={batch} is larger than the training split ({num_train} examples)")
     steps_per_epoch = num_train // batch  # the last partial batch is dropped; each epoch reshuffles
-    conv = default_conv(cfg.model.conv, backend)
+    conv = default_conv(getattr(cfg.model, "conv", "auto"), backend)
     loop, per_call = default_loop(cfg.model.name, backend, conv)
     if cfg.train.loop != "auto":
         loop = cfg.train.loop

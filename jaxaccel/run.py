@@ -10,7 +10,8 @@ import sys
 USAGE = """usage: python -m jaxaccel.run exp=NAME [dotted.key=value ...]
        python -m jaxaccel.run --list
 
-Values parse as YAML (true, 3, 1e-3, [2,4], null). Keys and defaults:
+Values parse as YAML (true, 3, 1e-3, [2,4], null). A duration is a step count (1000), epochs
+('2 epochs', '2ep') or a fraction of the run ('30%'). Keys and defaults:
 """
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel import data as data_lib
+from jaxaccel import durations
 from jaxaccel import feed as feed_lib
 from jaxaccel import finetune
 from jaxaccel import prepare
@@ -59,6 +60,11 @@ def workdir_of(cfg: Config) -> Path:
     return Path(cfg.workdir or f"runs/{cfg.experiment or 'run'}")
 
 
+def decoding_of(cfg: Config) -> data_lib.Decoding:
+    """How text and audio examples become arrays for the model ``cfg`` names."""
+    return data_lib.Decoding(getattr(cfg.model, "vocab_size", data_lib.Decoding.vocab_size), cfg.data.max_length)
+
+
 def _enable_compilation_cache() -> None:
     """Persistent XLA cache: a repeated run loads its executables instead of compiling them."""
     if jax.config.jax_compilation_cache_dir is None:
@@ -71,13 +77,9 @@ def _enable_compilation_cache() -> None:
 
 def check_inputs(cfg: Config, dataset: data_lib.Dataset) -> None:
     """Refuse (exit 2) a model or augmentation that does not fit the dataset's kind of input."""
-    problem = input_problem(cfg.model.name, dataset.input_dtype.name, dataset.input_shape)
+    problem = input_problem(cfg.model, dataset.input_dtype.name, dataset.input_shape, cfg.data.name)
     if problem:
-        raise ConfigError(f"{problem} ({cfg.data.name}): choose a model for this data")
-    if cfg.model.crop and cfg.model.crop > min(dataset.input_shape[:2]):
-        raise ConfigError(f"model.crop={cfg.model.crop} is larger than {cfg.data.name}'s "
-                          f"{dataset.input_shape[0]}x{dataset.input_shape[1]} images: use model.crop <= "
-                          f"{min(dataset.input_shape[:2])} or leave it unset")
+        raise ConfigError(problem)
     if cfg.augment.enabled and (dataset.input_dtype != np.uint8 or len(dataset.input_shape) != 3):
         raise ConfigError(f"augment.* transforms images; {cfg.data.name} holds {dataset.input_dtype.name} "
                           f"{list(dataset.input_shape)} inputs: leave the augment section off")
@@ -101,6 +103,7 @@ def build(cfg: Config, overrides: list[str] | None = None) -> Setup:
     plan = make_plan(cfg, dataset.num_train if streamed else len(dataset.train_labels), jax.default_backend())
     if streamed:
         plan = feed_lib.stream_plan(plan, cfg.train.batch_size * dataset.sizes.example_bytes)
+    cfg = durations.resolve(cfg, plan.steps_per_epoch, plan.total_steps)  # from here on, durations are steps
     return Setup(
         cfg=cfg, overrides=list(overrides or []), started=started,
         workdir=workdir_of(cfg),
@@ -119,7 +122,7 @@ def _prepared_sizes(cfg: Config, decoding: data_lib.Decoding) -> streaming.Datas
     is absent is prepared first when its files can be downloaded, else the same exit 3 as before."""
     try:
         return streaming.read_sizes(cfg.data.name, cfg.data.dir, decoding)
-    except data_lib.DataError as missing:
+    except data_lib.DataError:
         root = data_lib.resolve_data_dir(cfg.data.dir)
         if not prepare.can_prepare(cfg.data.name, root):
             raise
@@ -136,7 +139,7 @@ def _prepared_sizes(cfg: Config, decoding: data_lib.Decoding) -> streaming.Datas
 def _open_data(cfg: Config) -> tuple[data_lib.Dataset | streaming.StreamDataset, dict[str, Any]]:
     """The dataset on the pipeline ``data.pipeline`` resolves to (decided from the prepared files'
     sizes before anything is decoded), and the record of that choice."""
-    decoding = data_lib.Decoding(cfg.model.vocab_size, cfg.data.max_length)
+    decoding = decoding_of(cfg)
     sizes = _prepared_sizes(cfg, decoding)
     budget, budget_from = ((cfg.data.device_budget_bytes, "data.device_budget_bytes") if cfg.data.device_budget_bytes
                            else feed_lib.default_device_budget(jax.default_backend()))

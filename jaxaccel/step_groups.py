@@ -40,7 +40,7 @@ def make_step_fn(cfg: Config, apply_fn: Callable, tx, total_steps: int, axis_nam
         label_smoothing=cfg.train.label_smoothing, axis_name=axis_name,
         penalty=functools.partial(sparsity.penalty, cfg.sparsity) if uses_penalty else None,
         precision=cfg.precision if cfg.precision.params != "float32" else None,
-        quant_start_step=cfg.quant.start_step if cfg.quant.mode == "qat" else None,
+        quant_start_step=cfg.quant.start if cfg.quant.mode == "qat" else None,
         augment=cfg.augment if cfg.augment.enabled else None)
 
 

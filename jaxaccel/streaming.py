@@ -418,6 +418,6 @@ class StreamDataset:
 
 def open_dataset(cfg: Config, sizes: DatasetSizes) -> StreamDataset:
     """The streaming view of the prepared dataset ``sizes`` describes (nothing is read yet)."""
-    decoding = data_lib.Decoding(cfg.model.vocab_size, cfg.data.max_length)
+    decoding = data_lib.Decoding(getattr(cfg.model, "vocab_size", data_lib.Decoding.vocab_size), cfg.data.max_length)
     return StreamDataset(sizes.name, sizes, Records(sizes, "train", cfg.data.dir, decoding),
                          Records(sizes, "test", cfg.data.dir, decoding), sizes.num_classes)

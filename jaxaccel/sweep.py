@@ -31,19 +31,17 @@ from pathlib import Path
 from typing import Any
 
 from jaxaccel import experiments
-from jaxaccel.config import Config, ConfigError, parse_overrides
+from jaxaccel.config import ConfigError, field_info, parse_overrides
 
 __all__ = ["points", "main"]
 
 
 def _field_is_list(key: str) -> bool:
     """Whether the config field ``key`` (dotted, public names) holds a list."""
-    model: Any = Config
-    for part in key.split("."):
-        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
-        if field is None:  # unknown key: the config validation below names it
-            return False
-        model = field.annotation
+    field = field_info(key)
+    if field is None:  # unknown key: the config validation below names it
+        return False
+    model = field.annotation
     origin = typing.get_origin(model)
     return origin is list or (origin in (typing.Union, types.UnionType)
                               and any(typing.get_origin(a) is list for a in typing.get_args(model)))

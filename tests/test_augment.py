@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from jaxaccel import augment, step
-from jaxaccel.config import AugmentConfig, ModelConfig
+from jaxaccel.config import AugmentConfig, model_config
 from jaxaccel.models import build_model
 
 IMAGES = np.random.default_rng(0).integers(0, 256, (6, 8, 10, 3), dtype=np.uint8)
@@ -72,7 +72,7 @@ def test_train_step_augments_images_with_its_rng_and_keeps_labels():
     """The step's loss equals the loss of the model on augment(images, rng) against the original
     labels, and differs from the loss on the unaugmented batch."""
     cfg = AugmentConfig(crop_padding=2, flip=True)
-    model = build_model(ModelConfig(name="mlp", features=[16]), 10)
+    model = build_model(model_config(name="mlp", features=[16]), 10)
     images = jnp.asarray(IMAGES[:, :8, :8])
     labels = jnp.arange(6, dtype=jnp.int32)
     params = model.init(jax.random.key(0), images)["params"]

@@ -15,7 +15,7 @@ from jaxaccel import export
 from jaxaccel.checkpoint import Checkpointer
 from jaxaccel.models import MLP, build_model
 
-SHORT = ["train.steps=400", "sparsity.start_step=50", "sparsity.end_step=300", "sparsity.update_every=50",
+SHORT = ["train.steps=400", "sparsity.start=50", "sparsity.end=300", "sparsity.update_every=50",
          "model.features=[128,64]"]
 
 

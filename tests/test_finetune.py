@@ -50,6 +50,12 @@ def test_freeze_of_nothing_and_include_without_source_are_config_errors(tmp_path
 # TensorBoard event files, read back without TensorBoard: TFRecord framing + the Event proto.
 
 
+def test_an_include_pattern_that_loads_nothing_is_a_config_error(tiny_run, tmp_path):
+    # One of two patterns is a typo: the run stops naming it instead of leaving that layer fresh.
+    with pytest.raises(ConfigError, match=r"init.include: '\^Dense_7/' matches no parameter; paths: Dense_0/bias"):
+        _train(tmp_path, "train.steps=5", f"init.from={tiny_run}", "init.include=[^Dense_0/,^Dense_7/]")
+
+
 def test_pretrain_must_name_a_registered_experiment(tmp_path):
     from jaxaccel import pipeline
     cfg = jaxaccel.experiments.override(jaxaccel.experiments.get("fashion_mnist_finetune"),

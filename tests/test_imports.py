@@ -1,5 +1,6 @@
 """The package's module graph: no two modules import each other, directly or through others
-(imports inside functions count too: a cycle hidden in a function is still a cycle)."""
+(imports inside functions count too: a cycle hidden in a function is still a cycle; imports for
+type checking only do not)."""
 from __future__ import annotations
 
 import ast
@@ -13,10 +14,20 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` but those under ``if TYPE_CHECKING:`` (never imported at run time)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
+            yield from (n for child in node.orelse for n in [child, *_runtime_nodes(child)])
+            continue
+        yield node
+        yield from _runtime_nodes(node)
+
+
 def _imports(path: Path, modules: set[str]) -> set[str]:
     """The jaxaccel modules ``path`` imports (``from jaxaccel import x`` names module x if it is one)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name in modules}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

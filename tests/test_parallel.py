@@ -25,7 +25,7 @@ COMMON = ["exp=mnist_mlp", "model.features=[64]", "train.steps=60", "train.log_e
 
 
 # Sparsity masks, a dynamic loss scale and QAT in one run: the state whose replicas must agree.
-REPLICATED_EXTRAS = ["sparsity.method=magnitude", "sparsity.target=0.8", "sparsity.end_step=40",
+REPLICATED_EXTRAS = ["sparsity.method=magnitude", "sparsity.target=0.8", "sparsity.end=40",
                      "sparsity.update_every=10", "precision.loss_scale=dynamic", "quant.mode=qat"]
 
 
@@ -203,9 +203,10 @@ def test_wrong_coordinator_address_fails_clearly(tmp_path):
 
 def test_fsdp_sparse_run_resumes_bitwise(tmp_path):
     """FSDP with pruning masks (sharded like their parameters): stopped at a checkpoint and resumed,
-    the run ends exactly where an uninterrupted one does."""
+    the run ends exactly where an uninterrupted one does. (Periodic re-pruning every 10 steps: a
+    schedule ending at step 30 would be refused for the 20-step first part, which ends before it.)"""
     common = [*COMMON, "parallel.fsdp=true", "optim.schedule=constant", "checkpoint.every_steps=20",
-              "sparsity.method=magnitude", "sparsity.target=0.8", "sparsity.end_step=30", "sparsity.update_every=10"]
+              "sparsity.method=magnitude", "sparsity.target=0.8", "sparsity.schedule=periodic", "sparsity.update_every=10"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for steps, workdir in ((40, straight), (20, resumed), (40, resumed)):
         result = run_cli(*common, f"train.steps={steps}", f"workdir={workdir}", env=_devices(4))

@@ -98,7 +98,7 @@ def test_quant_ops_in_flax_layers_and_composition_with_bf16():
         yc = conv.apply({"params": {"kernel": wc, "bias": jnp.zeros(4)}}, xc)
         ref_c = jax.lax.conv_general_dilated(fake_quant(xc), fake_quant(wc, axis=-1), (1, 1), "SAME",
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        # QAT + bfloat16 policy (quantize, then cast) with a traced enable flag (step >= start_step).
+        # QAT + bfloat16 policy (quantize, then cast) with a traced enable flag (step >= quant.start).
         y16 = nn.Dense(4, **layer_kwargs("dense", "Dense_0", bf16, QAT, enabled=flag)).apply(dense_params, x)
         return y, fake_quant(x) @ fake_quant(w, axis=-1), yc, ref_c, y16
 

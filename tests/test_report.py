@@ -10,7 +10,7 @@ import pytest
 from jaxaccel import report, sweep
 from jaxaccel.config import ConfigError
 
-TINY = ["model.features=[32]", "train.steps=40", "sparsity.start_step=0", "sparsity.end_step=20",
+TINY = ["model.features=[32]", "train.steps=40", "sparsity.start=0", "sparsity.end=20",
         "sparsity.update_every=10", "train.log_every_steps=10"]
 
 

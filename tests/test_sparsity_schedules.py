@@ -39,11 +39,6 @@ def test_update_steps():
         np.testing.assert_array_equal(frac, (steps >= 10).astype(np.float32))
 
 
-def test_default_steps():
-    assert sp.resolve_end_step(None, 1000) == 750 and sp.resolve_end_step(300, 1000) == 300
-    assert sp.resolve_threshold_step(None, 1000) == 900 and sp.resolve_threshold_step(5, 1000) == 5
-
-
 def test_erk_densities_hit_target_and_follow_formula():
     shapes = {"a": (3, 3, 16, 32), "b": (800, 300), "c": (300, 100), "d": (100, 10)}
     sizes = {k: math.prod(s) for k, s in shapes.items()}

@@ -37,7 +37,7 @@ def _poison_step(monkeypatch, bad_step: int):
 
 
 # Gradual pruning with mask updates at steps 5, 10, 15 and 20: groups of 5 steps with and without one.
-_PRUNING = ("sparsity.method=magnitude", "sparsity.target=0.5", "sparsity.start_step=5", "sparsity.end_step=20",
+_PRUNING = ("sparsity.method=magnitude", "sparsity.target=0.5", "sparsity.start=5", "sparsity.end=20",
             "sparsity.update_every=5")
 
 

@@ -8,7 +8,7 @@ from jaxaccel.precision.loss_scale import (
     with_precision)
 from jaxaccel.precision.policy import (
     DTYPES, Policy, cast_output, cast_params, check_backend, conv_general_dilated, conv_kwargs, dense_kwargs,
-    dot_general, matches, path_str)
+    dot_general)
 from jaxaccel.precision.quant import (
     absmax_scale, dequantize, dequantize_params, fake_quant, fake_quant_apply, int8_apply, int8_conv,
     int8_conv_general_dilated, int8_dense, int8_dot_general, layer_kwargs, qmax, quant_conv_general_dilated,
@@ -19,7 +19,7 @@ __all__ = [
     "nonfinite_guard", "nonfinite_steps", "raise_if_diverged", "resolve_mode", "scale_loss", "static_loss_scale",
     "with_precision",
     "DTYPES", "Policy", "cast_output", "cast_params", "check_backend", "conv_general_dilated", "conv_kwargs",
-    "dense_kwargs", "dot_general", "matches", "path_str",
+    "dense_kwargs", "dot_general",
     "absmax_scale", "dequantize", "dequantize_params", "fake_quant", "fake_quant_apply", "int8_apply", "int8_conv",
     "int8_conv_general_dilated", "int8_dense", "int8_dot_general", "layer_kwargs", "qmax",
     "quant_conv_general_dilated", "quant_dot_general", "quantize", "quantize_params",

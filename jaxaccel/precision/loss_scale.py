@@ -35,7 +35,7 @@ with eps=1e-8 flushed to zero in float16.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,8 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxaccel.config import PrecisionConfig
+if TYPE_CHECKING:  # annotations only: config.py imports the models, which import this package
+    from jaxaccel.config import PrecisionConfig
 
 __all__ = ["LossScaleState", "NonFiniteError", "loss_scaling", "dynamic_loss_scale", "static_loss_scale",
            "nonfinite_guard", "with_precision", "resolve_mode", "current_scale", "nonfinite_steps",

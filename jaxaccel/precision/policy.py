@@ -23,19 +23,21 @@ casts logits to f32).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxaccel.config import PrecisionConfig
+from jaxaccel.paths import map_with_names, matches
+
+if TYPE_CHECKING:  # annotations only: config.py imports the models, which import this module
+    from jaxaccel.config import PrecisionConfig
 
 __all__ = ["DTYPES", "Policy", "dot_general", "conv_general_dilated", "cast_params", "cast_output",
-           "dense_kwargs", "conv_kwargs", "path_str", "matches", "check_backend"]
+           "dense_kwargs", "conv_kwargs", "check_backend"]
 
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -56,16 +58,6 @@ class Policy:
     def mixed(self) -> bool:
         """True when dots take narrower inputs than they accumulate in (the custom-gradient path)."""
         return self.compute.itemsize < self.accumulation.itemsize
-
-
-def path_str(path: Sequence[Any]) -> str:
-    """'/'-joined key path: ``(DictKey('Dense_0'), DictKey('kernel'))`` -> ``'Dense_0/kernel'``."""
-    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
-
-
-def matches(path: str, patterns: Sequence[str]) -> bool:
-    """``re.search`` semantics, as for the sparsity include/exclude lists."""
-    return any(re.search(p, path) for p in patterns)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +160,7 @@ def conv_general_dilated(cfg: PrecisionConfig) -> Callable:
 # Params, outputs, module arguments.
 
 def cast_params(params: Any, cfg: PrecisionConfig) -> Any:
-    """Cast the floating leaves whose '/'-joined path matches ``cfg.include`` to ``cfg.params``.
+    """Cast the floating leaves whose name (:mod:`jaxaccel.paths`) matches ``cfg.include`` to ``cfg.params``.
 
     Call it inside the loss function on the float32 master weights: the cast is differentiable,
     so gradients come back through it as float32 (``d cast(w) / dw`` is the identity, in f32).
@@ -177,12 +169,12 @@ def cast_params(params: Any, cfg: PrecisionConfig) -> Any:
     if dtype == jnp.float32:
         return params
 
-    def cast(path, leaf):
-        if jnp.issubdtype(leaf.dtype, jnp.floating) and matches(path_str(path), cfg.include):
+    def cast(name, leaf):
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and matches(name, cfg.include):
             return leaf.astype(dtype)
         return leaf
 
-    return jax.tree_util.tree_map_with_path(cast, params)
+    return map_with_names(cast, params)
 
 
 def cast_output(logits: jax.Array, cfg: PrecisionConfig) -> jax.Array:

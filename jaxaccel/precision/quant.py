@@ -23,7 +23,7 @@ fake-quant model's logits up to float32 rounding of the accumulation order.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -31,8 +31,11 @@ import jax.numpy as jnp
 from flax import traverse_util
 from jax import lax
 
-from jaxaccel.config import PrecisionConfig, QuantConfig
+from jaxaccel.paths import matches
 from jaxaccel.precision import policy
+
+if TYPE_CHECKING:  # annotations only: config.py imports the models, which import this module
+    from jaxaccel.config import PrecisionConfig, QuantConfig
 
 __all__ = ["qmax", "absmax_scale", "quantize", "dequantize", "fake_quant", "quant_dot_general",
            "quant_conv_general_dilated", "layer_kwargs", "quantize_params", "dequantize_params",
@@ -176,7 +179,7 @@ def layer_kwargs(kind: str, layer: Optional[str] = None, precision: Optional[Pre
     kw: dict[str, Any] = {}
     if precision is not None:
         kw = (policy.dense_kwargs if kind == "dense" else policy.conv_kwargs)(precision, layer)
-    if quant is not None and quant.mode == "qat" and (layer is None or policy.matches(layer, quant.include)):
+    if quant is not None and quant.mode == "qat" and (layer is None or matches(layer, quant.include)):
         op = "dot_general" if kind == "dense" else "conv_general_dilated"
         make = quant_dot_general if kind == "dense" else quant_conv_general_dilated
         kw[op] = make(quant, kw.get(op), enabled)
@@ -188,7 +191,7 @@ def layer_kwargs(kind: str, layer: Optional[str] = None, precision: Optional[Pre
 
 def _is_quantized_kernel(path: tuple[str, ...], leaf: Any, cfg: QuantConfig) -> bool:
     return (path[-1] == "kernel" and getattr(leaf, "ndim", 0) >= 2
-            and policy.matches("/".join(path[:-1]), cfg.include))
+            and matches("/".join(path[:-1]), cfg.include))
 
 
 def quantize_params(params: Any, cfg: QuantConfig) -> tuple[Any, Any]:
@@ -287,7 +290,7 @@ def fake_quant_apply(model: nn.Module, variables: Any, *args: Any, cfg: QuantCon
     """``model.apply`` with every included Dense/Conv fake-quantized (differentiable: usable as the
     QAT ``apply_fn`` without changing the model)."""
     def make(mod, layer):
-        if not policy.matches(layer, cfg.include):
+        if not matches(layer, cfg.include):
             return None
         if isinstance(mod, nn.Dense):
             return {"dot_general": quant_dot_general(cfg, mod.dot_general, enabled)}

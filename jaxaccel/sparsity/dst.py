@@ -1,6 +1,6 @@
 """Dynamic sparse training at constant sparsity: SET and RigL drop-and-grow mask updates.
 
-Every ``update_every`` steps in [start_step, end_step) each prunable layer with k active weights
+Every ``update_every`` steps in [start, end) each prunable layer with k active weights
 
 1. drops the ``d = floor(f(t) * k)`` active weights of smallest |w|, and
 2. grows ``d`` weights among those inactive after the drop: uniformly random ones (SET, Mocanu

@@ -23,20 +23,21 @@ Kept counts are exact: ranks come from a stable descending sort, so ties go to t
 and never make a threshold keep too many. ``s`` may be a traced scalar (the schedule's value), so
 counts are computed with jnp and selection uses ranks, not ``lax.top_k`` (which needs a static k).
 
-Parameter trees are nested dicts as flax linen gives them; a leaf's *path* is its keys joined by
-'/', e.g. ``Dense_0/kernel``. Non-prunable leaves get the mask ``None`` (dense).
+Parameter trees are nested dicts as flax linen gives them; leaves are named by
+:mod:`jaxaccel.paths` (e.g. ``Dense_0/kernel``). Non-prunable leaves get the mask ``None`` (dense).
 """
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 
+from jaxaccel import paths
+
 __all__ = [
-    "path_name", "leaf_paths", "prunable_tree", "ranks_desc", "keep_top", "n_keep",
+    "prunable_tree", "ranks_desc", "keep_top", "n_keep",
     "unstructured_mask", "nm_mask", "block_mask", "channel_mask", "structured_mask",
     "global_unstructured_masks", "uniform_leaves", "scores_for", "compute_masks", "magnitude_masks", "random_masks",
     "saliency_masks", "nm_masks", "block_masks", "channel_masks", "apply_masks", "tree_map_masked",
@@ -49,28 +50,11 @@ Sparsity = Union[float, jax.Array]
 # ------------------------------------------------------------------------------------------------
 # Paths and the prunable selection.
 
-def path_name(path: Sequence[Any]) -> str:
-    """'/'-joined key path: ``(DictKey('Dense_0'), DictKey('kernel'))`` -> ``'Dense_0/kernel'``."""
-    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
-
-
-def leaf_paths(tree: PyTree) -> list[str]:
-    """The '/'-joined path of every leaf, in ``jax.tree.leaves`` order."""
-    return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 def prunable_tree(params: PyTree, include: Sequence[str] = (r"kernel$",),
                   exclude: Sequence[str] = ()) -> PyTree:
-    """A tree of Python bools: True where a leaf's path matches an ``include`` regex
-    (``re.search``) and no ``exclude`` regex. Static: decided from paths only, never from values."""
-    inc = [re.compile(p) for p in include]
-    exc = [re.compile(p) for p in exclude]
-
-    def decide(path, _):
-        name = path_name(path)
-        return any(r.search(name) for r in inc) and not any(r.search(name) for r in exc)
-
-    return jax.tree_util.tree_map_with_path(decide, params)
+    """Which leaves may be pruned: :func:`jaxaccel.paths.select` with sparsity's default include
+    (paths ending in ``kernel``: Dense and Conv kernels)."""
+    return paths.select(params, include, exclude)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,7 +234,7 @@ def compute_masks(params: PyTree, prunable: PyTree, sparsity: Union[Sparsity, Ma
             masks[i] = mk
     elif scope == "layer":
         for i in chosen:
-            s = sparsity[path_name(flat[i][0])] if isinstance(sparsity, Mapping) else sparsity
+            s = sparsity[paths.name(flat[i][0])] if isinstance(sparsity, Mapping) else sparsity
             masks[i] = structured_mask(scores[i], structure, s, n=n, m=m, block=block)
     else:
         raise ValueError(f"unknown sparsity scope {scope!r}")

@@ -11,7 +11,7 @@ Groups of the group lasso (``cfg.group``), for kernels shaped (..., in, out):
 * ``channel``: one group per conv output filter W[:, :, :, j] (kh, kw, in). For any kernel this is
   the same reduction as ``row`` (all axes but the last); the two names read naturally for Dense
   and conv models respectively.
-* ``nm``: the N:M groups, M consecutive entries along the contracting axis (-2) for a fixed output
+* ``nm``: the N:M groups, M = ``group_size`` consecutive entries along the contracting axis (-2) for a fixed output
   unit and spatial position; the axis is zero-padded to a multiple of M (zeros do not change a norm).
 
 The L2 norm uses a "double where" so its gradient at an all-zero group is 0 instead of NaN:
@@ -56,7 +56,7 @@ def group_norms(w: jax.Array, group: str, m: int = 4) -> jax.Array:
 def penalty(cfg: Any, params: Any) -> jax.Array:
     """``cfg.penalty_weight`` times the penalty ``cfg.penalty`` (none, l1, group_lasso) over the
     prunable leaves of ``params``; a float32 scalar, 0.0 for ``penalty='none'``.
-    ``cfg`` is a :class:`jaxaccel.config.SparsityConfig` (or anything with its fields)."""
+    ``cfg`` is a sparsity config (:mod:`jaxaccel.sparsity.methods`) or anything with its fields."""
     if cfg.penalty == "none":
         return jnp.float32(0.0)
     flags = jax.tree.leaves(prunable_tree(params, cfg.include, cfg.exclude))
@@ -64,7 +64,7 @@ def penalty(cfg: Any, params: Any) -> jax.Array:
     if cfg.penalty == "l1":
         total = sum((jnp.sum(jnp.abs(w.astype(jnp.float32))) for w in leaves), jnp.float32(0.0))
     elif cfg.penalty == "group_lasso":
-        total = sum((jnp.sum(group_norms(w, cfg.group, cfg.m)) for w in leaves), jnp.float32(0.0))
+        total = sum((jnp.sum(group_norms(w, cfg.group, cfg.group_size)) for w in leaves), jnp.float32(0.0))
     else:
         raise ValueError(f"unknown sparsity penalty {cfg.penalty!r}")
     return jnp.float32(cfg.penalty_weight) * total

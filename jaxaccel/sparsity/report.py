@@ -15,28 +15,22 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxaccel import paths
+from jaxaccel.parallel import zero_counts
 from jaxaccel.sparsity import masks as masks_lib
 
-__all__ = ["prunable_mask_tree", "report"]
-
-
-def prunable_mask_tree(params: Any, cfg: Any = None) -> Any:
-    """Tree of Python bools: which leaves ``cfg.include`` / ``cfg.exclude`` make prunable
-    (default: paths ending in ``kernel``, i.e. Dense/Conv kernels)."""
-    include = (r"kernel$",) if cfg is None else tuple(cfg.include)
-    exclude = () if cfg is None else tuple(cfg.exclude)
-    return masks_lib.prunable_tree(params, include, exclude)
+__all__ = ["report"]
 
 
 def report(params: Any, cfg: Any = None) -> dict[str, Any]:
-    """Overall and per-leaf fraction of exact zeros over the prunable leaves (see module doc)."""
-    from jaxaccel.parallel import zero_counts
-    selected = prunable_mask_tree(params, cfg)
-    flags = jax.tree.leaves(selected)
-    counts = iter(zero_counts(params, selected))
+    """Overall and per-leaf fraction of exact zeros over the leaves ``cfg.include`` /
+    ``cfg.exclude`` make prunable (without ``cfg``: the kernels), see the module doc."""
+    prunable = (masks_lib.prunable_tree(params) if cfg is None
+                else masks_lib.prunable_tree(params, cfg.include, cfg.exclude))
+    counts = iter(zero_counts(params, prunable))  # on device: an evaluation copies no state to the host
     out: dict[str, Any] = {}
     zeros = total = 0
-    for path, leaf, keep in zip(masks_lib.leaf_paths(params), jax.tree.leaves(params), flags):
+    for (path, leaf), keep in zip(paths.named_leaves(params), jax.tree.leaves(prunable)):
         if not keep:
             continue
         z, size = next(counts), int(np.size(leaf))

@@ -2,16 +2,16 @@
 
 Schedules (``step`` may be a traced integer; all results are jnp values):
 
-* ``one_shot``: masks are computed once, at ``start_step``, at the target sparsity.
-* ``polynomial`` (Zhu & Gupta 2017, "To prune, or not to prune"): with t0 = start_step,
-  n * dt = end_step - start_step and dt = update_every, at the update steps
-  t in {t0, t0 + dt, ..., end_step}
+* ``one_shot``: masks are computed once, at ``start``, at the target sparsity.
+* ``polynomial`` (Zhu & Gupta 2017, "To prune, or not to prune"): with t0 = start,
+  n * dt = end - start and dt = update_every, at the update steps
+  t in {t0, t0 + dt, ..., end}
 
       s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (n dt)) ** power      (power = 3 in the paper)
 
   with s_i = 0; between update steps the mask (and so the sparsity) of the last update holds, and
-  a last update at end_step reaches s_f even when (end - start) is not a multiple of dt.
-* ``periodic``: re-prune to s_f every dt steps from start_step on (for methods whose scores can
+  a last update at end reaches s_f even when (end - start) is not a multiple of dt.
+* ``periodic``: re-prune to s_f every dt steps from start on (for methods whose scores can
   revive weights: saliency, or N:M patterns that may move).
 
 Distributions (static, from shapes): ``uniform`` gives every prunable layer the target;
@@ -29,24 +29,14 @@ from typing import Any, Mapping, Union
 import jax
 import jax.numpy as jnp
 
-from jaxaccel.sparsity.masks import path_name
+from jaxaccel import paths
 
 __all__ = [
-    "resolve_end_step", "resolve_threshold_step", "schedule_step", "polynomial_sparsity",
+    "schedule_step", "polynomial_sparsity",
     "sparsity_fraction", "is_update_step", "erk_densities", "layer_sparsities",
 ]
 
 Step = Union[int, jax.Array]
-
-
-def resolve_end_step(end_step: int | None, total_steps: int) -> int:
-    """``end_step``, or 75% of the training when it is None."""
-    return int(0.75 * total_steps) if end_step is None else int(end_step)
-
-
-def resolve_threshold_step(threshold_step: int | None, total_steps: int) -> int:
-    """``threshold_step``, or 90% of the training when it is None."""
-    return int(0.9 * total_steps) if threshold_step is None else int(threshold_step)
 
 
 def schedule_step(step: Step, start: int, end: int, every: int) -> jax.Array:
@@ -116,9 +106,8 @@ def erk_densities(shapes: Mapping[str, tuple[int, ...]], target: float) -> dict[
 
 def layer_sparsities(params: Any, prunable: Any, target: float, distribution: str = "uniform") -> dict[str, float]:
     """Final sparsity of every prunable leaf, by path."""
-    shapes = {path_name(p): tuple(leaf.shape)
-              for (p, leaf), keep in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(prunable))
-              if keep}
+    shapes = {name: tuple(leaf.shape)
+              for (name, leaf), keep in zip(paths.named_leaves(params), jax.tree.leaves(prunable)) if keep}
     if distribution == "uniform":
         return {k: float(target) for k in shapes}
     if distribution == "erk":

@@ -19,7 +19,7 @@ moments, and trains from the next step. The param-shaped parts of the inner stat
 
 The state is a :class:`SparsityState` (count, masks, frozen, inner_state); :func:`find_masks`
 pulls the masks out of any optimizer state that contains one. Thresholding (cfg.threshold > 0):
-at ``threshold_step`` the prunable weights with |w| < threshold get a frozen zero mask
+at ``threshold_at`` the prunable weights with |w| < threshold get a frozen zero mask
 (``frozen``) that every later mask update respects.
 """
 from __future__ import annotations
@@ -30,12 +30,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxaccel import paths
+from jaxaccel.durations import to_steps
+from jaxaccel.schema import ConfigError
 from jaxaccel.sparsity import dst as dst_lib
 from jaxaccel.sparsity import masks as masks_lib
 from jaxaccel.sparsity import schedules
 
 __all__ = ["SparsityState", "make_sparsity", "find_masks", "map_param_trees", "mask_update_due",
-           "sparsity_count", "changes_masks"]
+           "schedule_steps", "sparsity_count", "changes_masks"]
 
 PRUNE_METHODS = ("magnitude", "random", "saliency")
 DST_METHODS = ("set", "rigl")
@@ -65,19 +68,26 @@ def changes_masks(cfg: Any) -> bool:
     return cfg.method in PRUNE_METHODS + DST_METHODS or cfg.threshold > 0.0
 
 
+def schedule_steps(cfg: Any, total_steps: int) -> dict[str, int]:
+    """The schedule's points as step counts: ``start``, ``end``, ``update_every`` (for the methods
+    that have them) and ``threshold_at``. Durations a config resolved (:func:`jaxaccel.durations.resolve`)
+    are step counts already; an unresolved fraction of the run is converted with ``total_steps``."""
+    names = ("start", "end", "update_every", "threshold_at")
+    return {n: to_steps(getattr(cfg, n), None, total_steps) for n in names if hasattr(cfg, n)}
+
+
 def mask_update_due(cfg: Any, total_steps: int, count: Any) -> jax.Array:
     """Whether the masks may change at the update numbered ``count`` (a scalar or an array of
     counts; usable on the host). The transformation itself decides with this function."""
     count = jnp.asarray(count, jnp.int32)
     due = jnp.zeros(count.shape, jnp.bool_)
-    start, every = int(cfg.start_step), int(cfg.update_every)
-    end = schedules.resolve_end_step(cfg.end_step, total_steps)
+    at = schedule_steps(cfg, total_steps)
     if cfg.method in PRUNE_METHODS:
-        due |= schedules.is_update_step(cfg.schedule, count, start, end, every)
+        due |= schedules.is_update_step(cfg.schedule, count, at["start"], at["end"], at["update_every"])
     if cfg.method in DST_METHODS:
-        due |= dst_lib.is_dst_update_step(count, start, end, every)
+        due |= dst_lib.is_dst_update_step(count, at["start"], at["end"], at["update_every"])
     if cfg.threshold > 0.0:
-        due |= count == schedules.resolve_threshold_step(cfg.threshold_step, total_steps)
+        due |= count == at["threshold_at"]
     return due
 
 
@@ -127,8 +137,9 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
     """Wrap ``inner`` with the pruning / DST / threshold behaviour ``cfg`` (a SparsityConfig) asks.
 
     Returns ``inner`` itself when nothing is asked (method none and no threshold; a penalty alone
-    only changes the loss, see :func:`jaxaccel.sparsity.penalty`). ``total_steps`` resolves
-    ``end_step=None`` (75%) and ``threshold_step=None`` (90%); ``seed`` keys random scores and SET.
+    only changes the loss, see :func:`jaxaccel.sparsity.penalty`). ``total_steps`` converts
+    schedule points given as fractions of the run (:func:`schedule_steps`); ``seed`` keys random
+    scores and SET.
     ``refresh=False``: the masks are never recomputed (no ``lax.cond``, which costs XLA:CPU ~0.2 ms
     a step even when not taken); only for updates at which :func:`mask_update_due` is False, as the
     trainer's fixed-mask step groups. Same state either way.
@@ -136,7 +147,7 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
     optimizer, clipping included): anything that rescales updates after it would break
     ``params + update == 0`` for pruned entries; a wrapper that skips whole steps is fine.
     """
-    # Incompatible combinations are refused by SparsityConfig's validator (config time).
+    # Incompatible combinations are refused by the method's config class (config time).
     prune, dst = cfg.method in PRUNE_METHODS, cfg.method in DST_METHODS
     thresholding = cfg.threshold > 0.0
     if not (prune or dst or thresholding):
@@ -150,10 +161,9 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
     # there a pruned entry's moments only decay and never act (its update is forced to -w); the
     # reset, an extra pass over every moment at every step, would be pure cost (~10% of a LeNet step).
     regrows = dst or cfg.method == "saliency"
-    start, every = int(cfg.start_step), int(cfg.update_every)
-    end = schedules.resolve_end_step(cfg.end_step, total_steps)
-    thr_step = schedules.resolve_threshold_step(cfg.threshold_step, total_steps)
-    kw = dict(structure=cfg.structure, scope=cfg.scope, n=cfg.n, m=cfg.m, block=tuple(cfg.block))
+    at = schedule_steps(cfg, total_steps)
+    start, end, every, thr_step = (at.get(n) for n in ("start", "end", "update_every", "threshold_at"))
+    kw = dict(structure=cfg.structure, scope=cfg.scope, n=cfg.n, m=cfg.m, block=tuple(cfg.block)) if prune else {}
 
     def prunable(params):
         return masks_lib.prunable_tree(params, tuple(cfg.include), tuple(cfg.exclude))
@@ -170,6 +180,10 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
                             params, prunable(params))
 
     def init_fn(params):
+        # An include pattern that selects nothing is a typo: refuse it rather than prune less. (Not
+        # exclude: under init.freeze this sees only the trainable parameters, and excluding a frozen
+        # one is how a run leaves it out of the reported sparsity.)
+        paths.require_matches(params, cfg.include, "sparsity.include", ConfigError)
         if dst:
             # Constant sparsity from the start: random (SET) or |w| (RigL) masks at the targets.
             masks = masks_lib.compute_masks(params, prunable(params), layer_targets(params),

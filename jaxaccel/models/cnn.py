@@ -1,0 +1,99 @@
+"""The MNIST CNNs: ``model.name=cnn`` (the flax example, the speed reference) and ``small_cnn``
+(the time-to-accuracy model). Both choose how their convolutions are lowered (``model.conv``)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+from pydantic import Field
+
+from jaxaccel.models.base import ModelConfig
+from jaxaccel.models.layers import cast_logits, center_crop, conv_kw, layer_kw, pool2, to_float
+from jaxaccel.schema import PositiveInt
+
+if TYPE_CHECKING:
+    from jaxaccel.config import PrecisionConfig, QuantConfig
+
+__all__ = ["CNNConfig", "SmallCNNConfig", "CNN", "SmallCNN"]
+
+
+class _ConvLowering(ModelConfig):
+    conv: Literal["auto", "im2col", "xla"] = Field(
+        "auto", description="How convolutions are lowered: im2col (patches as shifted slices + one dot; measured "
+                            "fastest on XLA:CPU, also inside a device loop), xla (lax.conv: cuDNN/MXU convolutions "
+                            "on accelerators) or auto (im2col on CPU, xla elsewhere).")
+
+
+class CNNConfig(_ConvLowering):
+    """The flax-example CNN: conv32-conv64 (3x3, relu, 2x2 average pool), dense 256, logits."""
+    name: Literal["cnn"] = "cnn"
+
+    def build(self, num_classes: int, precision: Any = None, quant: Any = None) -> nn.Module:
+        return CNN(num_classes=num_classes, precision=precision, quant=quant, conv=self.conv)
+
+
+class SmallCNNConfig(_ConvLowering):
+    """3x3 convs of the channels widths, each relu + 2x2 pool, then dense layers of the features widths."""
+    name: Literal["small_cnn"] = "small_cnn"
+    channels: list[PositiveInt] = Field([16, 32], min_length=1, description="Conv widths.")
+    features: list[PositiveInt] = Field([300, 100], description="Hidden dense widths after the convolutions.")
+    pool: Literal["avg", "max"] = Field("avg", description="2x2 pooling after each conv.")
+    crop: Optional[PositiveInt] = Field(
+        None, description="The central crop x crop pixels of each image are the input (part of the model, so it "
+                          "still takes full images; MNIST digits lie in the central ~20x20).")
+
+    def build(self, num_classes: int, precision: Any = None, quant: Any = None) -> nn.Module:
+        return SmallCNN(channels=tuple(self.channels), features=tuple(self.features), pool=self.pool, crop=self.crop,
+                        num_classes=num_classes, precision=precision, quant=quant, conv=self.conv)
+
+    def input_problem(self, dtype: str, shape: tuple[int, ...], data: str = "the dataset") -> str | None:
+        problem = super().input_problem(dtype, shape, data)
+        if problem is None and self.crop and self.crop > min(shape[:2]):
+            return (f"model.crop={self.crop} is larger than {data}'s {shape[0]}x{shape[1]} images: use model.crop <= "
+                    f"{min(shape[:2])} or leave it unset")
+        return problem
+
+
+class CNN(nn.Module):
+    """Exactly the flax-example MNIST CNN: the reference workload for speed comparisons."""
+    num_classes: int = 10
+    precision: Optional[PrecisionConfig] = None
+    quant: Optional[QuantConfig] = None
+    conv: str = "xla"  # lowering of the convolutions: "xla" or "im2col" (same parameters)
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
+        kw = lambda kind, name: dict(name=name, **layer_kw(self, kind, name, quant_enabled))
+        x = to_float(images)
+        conv = lambda width, name: nn.Conv(width, (3, 3), **conv_kw(self, name, quant_enabled))
+        x = nn.avg_pool(nn.relu(conv(32, "Conv_0")(x)), (2, 2), strides=(2, 2))
+        x = nn.avg_pool(nn.relu(conv(64, "Conv_1")(x)), (2, 2), strides=(2, 2))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(256, **kw("dense", "Dense_0"))(x))
+        return cast_logits(self, nn.Dense(self.num_classes, **kw("dense", "Dense_1"))(x))
+
+
+class SmallCNN(nn.Module):
+    """A small CNN for time-to-accuracy: per width in ``channels`` a 3x3 conv, relu and 2x2 pool
+    (``pool``: average or max); then a relu dense layer per width in ``features``, and the logits."""
+    channels: Sequence[int] = (16, 32)
+    features: Sequence[int] = ()
+    pool: str = "avg"  # "avg" or "max"
+    crop: Optional[int] = None  # central crop x crop pixels of the image are the input (None: all)
+    num_classes: int = 10
+    precision: Optional[PrecisionConfig] = None
+    quant: Optional[QuantConfig] = None
+    conv: str = "im2col"
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
+        x = to_float(center_crop(images, self.crop) if self.crop else images)
+        for i, width in enumerate(self.channels):
+            conv = nn.Conv(width, (3, 3), **conv_kw(self, f"Conv_{i}", quant_enabled))
+            x = pool2(nn.relu(conv(x)), self.pool)
+        x = x.reshape(x.shape[0], -1)
+        for i, width in enumerate((*self.features, self.num_classes)):
+            x = nn.Dense(width, name=f"Dense_{i}", **layer_kw(self, "dense", f"Dense_{i}", quant_enabled))(x)
+            x = nn.relu(x) if i < len(self.features) else x
+        return cast_logits(self, x)

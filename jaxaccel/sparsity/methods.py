@@ -1,0 +1,197 @@
+"""The ``sparsity`` config section: one class per kind of method, keyed on ``sparsity.method``.
+
+    method                        class          reads, besides the fields every method reads
+    none                          NoSparsity     (penalties and the threshold step only)
+    magnitude, random, saliency   Pruning        target, structure, schedule ... (masks.py, schedules.py)
+    set, rigl                     DynamicSparse  target, drop_fraction ... (dst.py)
+
+Every method reads the fields of :class:`SparsityConfig`: which parameters (``include``,
+``exclude``), the penalty and the threshold step. A field the chosen method does not read is an
+unknown key for it (``sparsity.target`` with ``method=none`` is refused, naming what it reads), and
+a field that the chosen structure or penalty ignores may not differ from its default. Points in
+the run are :mod:`jaxaccel.durations` (steps, epochs or a fraction of the run); ``check_run``
+refuses a schedule that cannot happen within the run, naming its keys.
+"""
+from __future__ import annotations
+
+import typing
+from typing import Any, Literal
+
+import pydantic
+from pydantic import Field, StrictInt
+
+from jaxaccel.durations import Duration, describe, same_unit_order
+from jaxaccel.schema import ConfigError, PositiveInt, Regexes, Section
+
+__all__ = ["SparsityConfig", "NoSparsity", "Pruning", "DynamicSparse", "METHODS"]
+
+
+def _does_nothing(section: Section, fields: list[str], why: str) -> None:
+    """Refuse ``fields`` of ``section`` that differ from their defaults but do nothing ``why``."""
+    fields = section.differs_from_default(*fields)
+    if fields:
+        defaults = ", ".join(f"{f}={type(section).model_fields[f].default!r}" for f in fields)
+        raise ValueError(f"{', '.join(fields)} {'does' if len(fields) == 1 else 'do'} nothing {why}: leave "
+                         f"{'it' if len(fields) == 1 else 'them'} at the default ({defaults})")
+
+
+class SparsityConfig(Section):
+    """The fields every ``sparsity.method`` reads."""
+    method: str
+    include: Regexes = Field([r"kernel$"], description="Regexes over parameter names (jaxaccel.paths) that may be pruned.")
+    exclude: Regexes = Field([], description="Regexes excluded from pruning.")
+    penalty: Literal["none", "l1", "group_lasso"] = Field("none", description="Sparsity-inducing loss term.")
+    penalty_weight: float = Field(0.0, ge=0.0, description="Weight of the penalty in the loss.")
+    group: Literal["row", "channel", "nm"] = Field("row", description="Groups of the group lasso.")
+    group_size: StrictInt = Field(4, ge=2, description="group=nm: entries per group (M) along the contracting axis.")
+    threshold: float = Field(0.0, ge=0.0, description="After the penalty: |w| below this becomes an exact, frozen zero.")
+    threshold_at: Duration = Field("90%", description="When the threshold step happens (a duration).")
+
+    def __init__(self, **data: Any) -> None:
+        if type(self) is SparsityConfig:
+            raise TypeError("SparsityConfig is the base of the sparsity methods' classes: build one with "
+                            "jaxaccel.config.sparsity_config(method=..., ...)")
+        super().__init__(**data)
+
+    @pydantic.model_validator(mode="after")
+    def _penalty_and_threshold(self) -> "SparsityConfig":
+        if self.penalty == "none":
+            _does_nothing(self, ["penalty_weight", "group", "group_size"], "without a penalty")
+        elif self.penalty_weight == 0.0:
+            raise ValueError(f"penalty={self.penalty} with penalty_weight=0 adds nothing: set penalty_weight")
+        elif self.penalty == "l1":
+            _does_nothing(self, ["group", "group_size"], "for penalty=l1 (no groups)")
+        elif self.group != "nm":
+            _does_nothing(self, ["group_size"], f"for group={self.group}")
+        if self.threshold == 0.0:
+            _does_nothing(self, ["threshold_at"], "without a threshold")
+        return self
+
+    def check_run(self, total_steps: int, given: "SparsityConfig") -> None:
+        """Refuse (ConfigError) what cannot happen in a run of ``total_steps`` (durations resolved)."""
+        if self.threshold > 0.0 and self.threshold_at > total_steps - 1:
+            raise ConfigError(f"{describe('sparsity.threshold_at', given.threshold_at, self.threshold_at)} is past the "
+                              f"last step ({total_steps - 1}) of this {total_steps}-step run: the threshold would "
+                              "never apply; use a fraction such as '90%'")
+
+
+class NoSparsity(SparsityConfig):
+    """No masks: dense training (a penalty and the threshold step may still make zeros)."""
+    method: Literal["none"] = "none"
+
+
+class _Scheduled(SparsityConfig):
+    """Fields of the methods whose masks follow a schedule towards a target."""
+    target: float = Field(0.0, ge=0.0, lt=1.0, description="Final fraction of zeros over the prunable weights.")
+    distribution: Literal["uniform", "erk"] = Field("uniform", description="Per-layer sparsity: uniform or Erdos-Renyi-Kernel.")
+    start: Duration = Field(0, description="First mask update (a duration).")
+    end: Duration = Field("75%", description="Last mask update (a duration).")
+    update_every: Duration = Field(100, description="Period of the mask updates (a duration, at least 1 step).")
+
+    @pydantic.model_validator(mode="after")
+    def _order(self) -> "_Scheduled":
+        if self.target == 0.0 and getattr(self, "structure", None) != "nm":
+            raise ValueError(f"method={self.method} with target=0 prunes nothing: set target")
+        if self.update_every == 0:
+            raise ValueError("update_every=0: mask updates need a period of at least 1 step")
+        if "end" in self._uses() and (order := same_unit_order(self.start, self.end)) and order[1] < order[0]:
+            raise ValueError(f"end={self.end!r} is before start={self.start!r}: the end of the schedule must "
+                             "come after its start")
+        return self
+
+    def _uses(self) -> tuple[str, ...]:
+        return ("start", "end", "update_every")
+
+    def _check_start(self, total_steps: int, given: "_Scheduled") -> None:
+        if self.start > total_steps - 1:
+            raise ConfigError(f"{describe('sparsity.start', given.start, self.start)} is at or after the end of this "
+                              f"{total_steps}-step run: the masks would never change. Start earlier (a fraction "
+                              "such as '10%' scales with the run) or train longer")
+        if "update_every" in self._uses() and self.update_every < 1:
+            raise ConfigError(f"{describe('sparsity.update_every', given.update_every, self.update_every)} is less "
+                              "than one step in this run: use a longer period")
+
+    def _check_end(self, total_steps: int, given: "_Scheduled", last: int) -> None:
+        start, end = describe("sparsity.start", given.start, self.start), describe("sparsity.end", given.end, self.end)
+        if self.end < self.start:
+            raise ConfigError(f"{end} is before {start}: the schedule must end after it starts")
+        if self.end > last:
+            raise ConfigError(f"{end} is past the last step ({total_steps - 1}) of this {total_steps}-step run: the "
+                              "target would not be reached. End earlier (e.g. '75%') or train longer")
+
+
+class Pruning(_Scheduled):
+    """Masks recomputed from scores (|w|, random, |w*g|) at the schedule's steps."""
+    method: Literal["magnitude", "random", "saliency"]
+    scope: Literal["layer", "global"] = Field("layer", description="Rank scores per layer or across all prunable layers.")
+    structure: Literal["unstructured", "nm", "block", "channel"] = Field(
+        "unstructured", description="nm: N of every M along the contracting (input) axis; block: h x w blocks; "
+                                    "channel: whole output units.")
+    n: StrictInt = Field(2, ge=1, description="structure=nm: kept weights per group.")
+    m: StrictInt = Field(4, ge=2, description="structure=nm: group size.")
+    block: list[PositiveInt] = Field([4, 4], description="structure=block: block shape [h, w].")
+    schedule: Literal["one_shot", "polynomial", "periodic"] = Field(
+        "polynomial", description="one_shot at start; polynomial (Zhu & Gupta cubic) from start to end; "
+                                  "periodic re-pruning every update_every from start on.")
+    power: float = Field(3.0, gt=0.0, description="schedule=polynomial: exponent.")
+
+    def _uses(self) -> tuple[str, ...]:
+        return {"one_shot": ("start",), "periodic": ("start", "update_every")}.get(self.schedule, super()._uses())
+
+    @pydantic.model_validator(mode="after")
+    def _compatible(self) -> "Pruning":
+        """Combinations that have no meaning are refused here, at config time (exit 2)."""
+        if self.scope == "global" and (self.structure != "unstructured" or self.distribution != "uniform"):
+            raise ValueError("scope=global ranks single weights across all layers: it needs "
+                             "structure=unstructured and distribution=uniform")
+        if self.structure == "nm" and not 0 < self.n < self.m:
+            raise ValueError(f"N:M needs 0 < n < m, got n={self.n}, m={self.m}")
+        if len(self.block) != 2:
+            raise ValueError(f"block must be two positive sizes [h, w], got {self.block}")
+        if self.structure != "nm":
+            _does_nothing(self, ["n", "m"], f"for structure={self.structure}")
+        else:
+            _does_nothing(self, ["target"], "for structure=nm (its sparsity is 1 - n/m)")
+        if self.structure != "block":
+            _does_nothing(self, ["block"], f"for structure={self.structure}")
+        return self
+
+    def check_run(self, total_steps: int, given: "Pruning") -> None:
+        super().check_run(total_steps, given)
+        self._check_start(total_steps, given)
+        if self.schedule == "polynomial":
+            self._check_end(total_steps, given, last=total_steps - 1)
+            if self.end > self.start and self.update_every > self.end - self.start:
+                raise ConfigError(
+                    f"{describe('sparsity.update_every', given.update_every, self.update_every)} is longer than the "
+                    f"schedule from sparsity.start to sparsity.end (steps {self.start}..{self.end}): no gradual "
+                    "update in between. Use a shorter period or schedule=one_shot")
+        if self.schedule == "periodic" and self.start + self.update_every > total_steps - 1:
+            raise ConfigError(f"{describe('sparsity.update_every', given.update_every, self.update_every)} from step "
+                              f"{self.start} is longer than the rest of this {total_steps}-step run: it would prune "
+                              "once. Use a shorter period or schedule=one_shot")
+
+
+class DynamicSparse(_Scheduled):
+    """Dynamic sparse training at a constant sparsity: drop and regrow (SET: random, RigL: |gradient|)."""
+    method: Literal["set", "rigl"]
+    drop_fraction: float = Field(0.3, ge=0.0, le=1.0,
+                                 description="Fraction dropped and regrown, cosine-decayed to 0 at end.")
+
+    def check_run(self, total_steps: int, given: "DynamicSparse") -> None:
+        super().check_run(total_steps, given)
+        self._check_start(total_steps, given)
+        self._check_end(total_steps, given, last=total_steps)
+        first = self.start if self.start > 0 else self.update_every  # step 0 only draws the first masks
+        if first >= self.end:
+            raise ConfigError(f"no drop-and-grow step falls between sparsity.start and sparsity.end (steps "
+                              f"{self.start}..{self.end}) with "
+                              f"{describe('sparsity.update_every', given.update_every, self.update_every)}: "
+                              "use a shorter period or a later end")
+
+
+# sparsity.method -> its class.
+METHODS: dict[str, type[SparsityConfig]] = {
+    method: cls for cls in (NoSparsity, Pruning, DynamicSparse)
+    for method in typing.get_args(cls.model_fields["method"].annotation)}
+
