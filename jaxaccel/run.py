@@ -73,7 +73,7 @@ def _train(cfg, overrides: list[str]) -> int:
     from jaxaccel.pipeline import train
     from jaxaccel.precision import NonFiniteError
     from jaxaccel.runtime import DistributedError, Preempted
-    from jaxaccel.trainer import DiskFull
+    from jaxaccel.failures import DiskFull
 
     try:
         summary = train(cfg, overrides)
@@ -86,8 +86,8 @@ def _train(cfg, overrides: list[str]) -> int:
     except DiskFull as e:
         return _fail(1, str(e), exit_now=True)
     except Preempted as e:
-        print(f"{e}; run the same command again to resume")
-        return 0
+        print(f"{e}; run the same command again to resume", flush=True)
+        return 130 if e.signal_name == "SIGINT" else 0
     import jax
     where = (f"outputs in {cfg.workdir or 'runs/' + cfg.experiment}" if jax.process_index() == 0
              else f"process {jax.process_index()}: process 0 writes the outputs")

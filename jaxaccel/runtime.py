@@ -21,18 +21,20 @@ class DistributedError(RuntimeError):
 
 
 class Preempted(Exception):
-    """Raised after a SIGTERM once the reached step is checkpointed; the CLI exits 0."""
+    """Raised after a SIGTERM (or Ctrl-C) once the reached step is checkpointed; the CLI exits 0
+    (130 for Ctrl-C, as a shell expects of an interrupted command)."""
 
-    def __init__(self, step: int):
-        super().__init__(f"preempted at step {step}; checkpoint saved")
-        self.step = step
+    def __init__(self, step: int, signal_name: str = "SIGTERM"):
+        super().__init__(f"{signal_name}: stopped at step {step}; checkpoint saved")
+        self.step, self.signal_name = step, signal_name
 
 
 class PreemptionNotice:
     """Turns SIGTERM (a cloud preemption notice) into a decision the loop takes at step-group ends:
     the run then checkpoints the step it reached and returns normally, instead of dying.
 
-    One process: our own SIGTERM handler sets a flag. Several processes: JAX's preemption sync
+    One process: our own SIGTERM and SIGINT (Ctrl-C) handler sets a flag, so Ctrl-C stops at a
+    checkpoint too instead of a KeyboardInterrupt traceback. Several processes: JAX's preemption sync
     manager (started by ``jax.distributed.initialize``) catches the notice on any host and
     ``reached_preemption_sync_point`` makes every process stop at the same boundary, through the
     coordination service rather than a device collective that could interleave with the step's.
@@ -40,7 +42,8 @@ class PreemptionNotice:
 
     def __init__(self) -> None:
         self.received = False
-        self._previous = None
+        self.signal_name = "SIGTERM"
+        self._previous: dict = {}
         self._boundary = 0
 
     def __enter__(self):
@@ -48,16 +51,19 @@ class PreemptionNotice:
         import threading
         # With several processes SIGTERM belongs to JAX's notifier: a Python handler would replace it.
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def _handle(self, signum, frame) -> None:
+        import signal
+        if not self.received:
+            self.signal_name = signal.Signals(signum).name
         self.received = True
 
     def __exit__(self, *exc) -> None:
         import signal
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
     def should_stop(self) -> bool:
         """True (on every process at the same boundary) once a preemption notice arrived."""
@@ -71,12 +77,14 @@ class PreemptionNotice:
 
 
 def fault_point(name: str, step: int) -> None:
-    """Test hook: ``JAXACCEL_FAULT=eval@468`` (or ``save@500``) SIGKILLs this process when the run
-    reaches that point, so tests can kill it deterministically during an evaluation or while a
-    checkpoint is being written."""
-    if os.environ.get("JAXACCEL_FAULT") == f"{name}@{step}":
+    """Test hook: ``JAXACCEL_FAULT=eval@468`` (or ``save@500``, ``setup@0``, ``export@600``) SIGKILLs
+    this process when the run reaches that point, so tests can kill it deterministically during an
+    evaluation or while a checkpoint is being written; ``...:SIGTERM`` (or ``:SIGINT``) sends that
+    signal instead."""
+    point, _, sig = os.environ.get("JAXACCEL_FAULT", "").partition(":")
+    if point == f"{name}@{step}":
         import signal
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))
 
 
 def _wait_for_coordinator(address: str, timeout: float) -> None:

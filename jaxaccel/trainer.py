@@ -7,7 +7,6 @@ Pretraining another run first (``init.pretrain``) is :mod:`jaxaccel.pipeline`'s 
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
@@ -18,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxaccel import failures
 from jaxaccel import feed as feed_lib
 from jaxaccel import outputs
 from jaxaccel import precision as prec
@@ -27,10 +27,10 @@ from jaxaccel import workdir as workdir_lib
 from jaxaccel.checkpoint import Checkpointer
 from jaxaccel.metrics import MetricsWriter, Progress, tensorboard_enabled
 from jaxaccel.precision import NonFiniteError
-from jaxaccel.runtime import DistributedError, PreemptionNotice, Preempted, fault_point, init_distributed
+from jaxaccel.runtime import PreemptionNotice, Preempted, fault_point, init_distributed
 from jaxaccel.step_groups import StepGroups
 
-__all__ = ["train", "epoch_order", "DiskFull"]
+__all__ = ["train", "epoch_order"]
 
 
 def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
@@ -63,80 +63,68 @@ def train(cfg, overrides: list[str] | None = None) -> dict[str, Any]:
 
 
 def _train(cfg, overrides: list[str] | None) -> dict[str, Any]:
-    # ----------------------------------------------------------------------------------------
-    # Setup: runtime, data, devices, plan, models.
-    setup = setup_lib.build(cfg, overrides)
-    setup.workdir.mkdir(parents=True, exist_ok=True)
-    tensorboard = tensorboard_enabled(cfg.train.tensorboard)
-    progress = Progress(setup.plan.total_steps, 0, cfg.train.batch_size)
-    checkpointer = Checkpointer(setup.workdir / "checkpoints", cfg.checkpoint.max_to_keep)
-    writer = None
-    finished = _finished_summary(setup, checkpointer)
-    if finished is not None:
-        progress.message(f"already done: {setup.workdir} holds this run, finished at step {finished['steps']} "
-                         "(every file left as it was); use another workdir to train it again")
-        progress.close()
-        checkpointer.close()
-        return finished
-    # The notice spans the checkpoints' commit too: a second SIGTERM cannot cut the final save short.
+    # The notice spans the whole run, start-up and export included: a SIGTERM or Ctrl-C is acted on
+    # at the next step-group boundary (or before training starts) and never cuts a save short.
     with PreemptionNotice() as notice:
-        try:
-            # --------------------------------------------------------------------------------
-            # Initial state: the latest checkpoint, init.from, or fresh.
-            state, step, resumed = setup_lib.initial_state(setup, checkpointer, progress.message)
-            if setup.is_writer:
-                writer = MetricsWriter(setup.workdir / "metrics.jsonl", resume_step=step, tensorboard=tensorboard)
-                outputs.write_config(setup, state)
-            with feed_lib.make_feed(setup, epoch_order) as feed:  # closed on errors and preemption too
-                state, timings, last_eval, flops = _loop(setup, feed, state, step, resumed, checkpointer, writer,
-                                                         progress, notice)
-        except jax.errors.JaxRuntimeError as e:
-            if jax.process_count() == 1:
-                raise
-            raise _lost_peer(e, checkpointer) from None
-        except Exception as e:
-            if _out_of_space(e):
-                raise DiskFull(_disk_full_message(e, setup.workdir, checkpointer)) from None
-            raise
-        finally:
-            # Also on errors: commit the checkpoints already started, so nothing saved is lost
-            # (a second report of a write error that is already propagating is not raised again).
-            failing = sys.exc_info()[0] is not None
-            try:
-                checkpointer.close()
-            except Exception as e:
-                if not failing:
-                    if _out_of_space(e):
-                        raise DiskFull(_disk_full_message(e, setup.workdir, checkpointer)) from None
-                    raise
+        # ------------------------------------------------------------------------------------
+        # Setup: runtime, data, devices, plan, models.
+        setup = setup_lib.build(cfg, overrides)
+        fault_point("setup", 0)
+        setup.workdir.mkdir(parents=True, exist_ok=True)
+        tensorboard = tensorboard_enabled(cfg.train.tensorboard)
+        progress = Progress(setup.plan.total_steps, 0, cfg.train.batch_size)
+        checkpointer = Checkpointer(setup.workdir / "checkpoints", cfg.checkpoint.max_to_keep)
+        finished = _finished_summary(setup, checkpointer)
+        if finished is not None:
+            progress.message(f"already done: {setup.workdir} holds this run, finished at step {finished['steps']} "
+                             "(every file left as it was); use another workdir to train it again")
             progress.close()
-            if writer:
-                writer.close()
-    return outputs.finish(setup, state, timings, last_eval, flops)
+            checkpointer.close()
+            return finished
+        state, timings, last_eval, flops = _run(setup, checkpointer, tensorboard, progress, notice)
+        fault_point("export", setup.plan.total_steps)
+        summary = outputs.finish(setup, state, timings, last_eval, flops)
+        if notice.received:
+            print(f"{notice.signal_name} during the export: finished it first (the run is complete)", flush=True)
+        return summary
 
 
-class DiskFull(OSError):
-    """A write failed for lack of space; what was committed before is kept (the CLI exits 1)."""
-
-
-def _out_of_space(error: BaseException | None) -> bool:
-    """Whether ``error`` (or one it was raised from) is a write that ran out of space."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def _disk_full_message(error: BaseException, workdir: Path, checkpointer: Checkpointer) -> str:
-    where = getattr(error, "filename", None) or workdir
-    committed = checkpointer.committed_steps()
-    kept = (f"checkpoints already committed are kept (latest: step {committed[-1]})" if committed
-            else "no checkpoint had been committed yet")
-    return (f"no space left on the device writing under {where}; {kept}. Free space (or choose another "
-            "workdir=) and run the same command again to resume.")
+def _run(setup: setup_lib.Setup, checkpointer: Checkpointer, tensorboard: bool, progress: Progress,
+         notice: PreemptionNotice):
+    """The initial state and the loop, with what any failure must leave behind: the checkpoints
+    already started committed, one clear error for a lost peer or a full disk."""
+    writer = None
+    try:
+        # ------------------------------------------------------------------------------------
+        # Initial state: the latest checkpoint, init.from, or fresh.
+        state, step, resumed = setup_lib.initial_state(setup, checkpointer, progress.message)
+        if setup.is_writer:
+            writer = MetricsWriter(setup.workdir / "metrics.jsonl", resume_step=step, tensorboard=tensorboard)
+            outputs.write_config(setup, state)
+        with feed_lib.make_feed(setup, epoch_order) as feed:  # closed on errors and preemption too
+            return _loop(setup, feed, state, step, resumed, checkpointer, writer, progress, notice)
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        raise failures.lost_peer(e, checkpointer) from None
+    except Exception as e:
+        if failures.out_of_space(e):
+            raise failures.disk_full(e, setup.workdir, checkpointer) from None
+        raise
+    finally:
+        # Also on errors: commit the checkpoints already started, so nothing saved is lost
+        # (a second report of a write error that is already propagating is not raised again).
+        failing = sys.exc_info()[0] is not None
+        try:
+            checkpointer.close()
+        except Exception as e:
+            if not failing:
+                if failures.out_of_space(e):
+                    raise failures.disk_full(e, setup.workdir, checkpointer) from None
+                raise
+        progress.close()
+        if writer:
+            writer.close()
 
 
 def _finished_summary(setup: setup_lib.Setup, checkpointer: Checkpointer) -> dict[str, Any] | None:
@@ -150,35 +138,16 @@ def _finished_summary(setup: setup_lib.Setup, checkpointer: Checkpointer) -> dic
     return json.loads(summary.read_text())
 
 
-def _nonfinite_advice(cfg) -> str:
-    """What to change after a run of non-finite steps, for the precision mode that ran."""
-    mode = prec.resolve_mode(cfg.precision)
-    if mode == "static":
-        return (f"The static loss scale (precision.loss_scale_init={cfg.precision.loss_scale_init:g}) overflows "
-                "the gradients: lower it, or use precision.loss_scale=dynamic.")
-    if mode == "dynamic":
-        return ("The dynamic loss scale did not recover: lower precision.loss_scale_init, "
-                "lower optim.learning_rate, or set optim.grad_clip_norm.")
-    return "Lower optim.learning_rate, set optim.grad_clip_norm, or use float32/bfloat16."
-
-
-def _lost_peer(error: Exception, checkpointer: Checkpointer) -> DistributedError:
-    """With several processes a runtime error is almost always a lost peer (its collectives fail
-    with "connection reset" at once): say so instead of a C++ trace."""
-    latest = checkpointer.latest_step()
-    resume = (f"the run resumes from its latest checkpoint (step {latest})." if latest is not None
-              else "no checkpoint was written yet, so it starts over.")
-    return DistributedError(
-        f"process {jax.process_index()} of {jax.process_count()} stopped: {str(error).splitlines()[0][:300]}. "
-        f"If another process died or was killed, restart every process with the same command: {resume}")
-
-
 def _loop(setup: setup_lib.Setup, feed, state, step: int, resumed: dict[str, Any], checkpointer: Checkpointer,
           writer: MetricsWriter | None, progress: Progress, notice: PreemptionNotice):
     """Compile, then train step groups to the end with evaluations and checkpoints on the way.
     ``feed`` brings the batches (jaxaccel.feed: resident or streamed); ``resumed`` is the record of
     the checkpoint the run resumed from: the training time so far."""
     cfg, plan, par = setup.cfg, setup.plan, setup.parallel
+    if notice.should_stop():  # a notice during start-up: nothing trained, nothing new to save
+        progress.message(f"{notice.signal_name} during start-up: stopped before training (the workdir is as it "
+                         f"was at step {step}); run the same command again to resume")
+        raise Preempted(step, notice.signal_name)
 
     # ----------------------------------------------------------------------------------------
     # Data (on device, or streaming from here on), and the compiled functions (timed apart from training).
@@ -238,7 +207,7 @@ def _loop(setup: setup_lib.Setup, feed, state, step: int, resumed: dict[str, Any
             raise NonFiniteError(
                 f"{run_length} consecutive non-finite steps (loss or gradients) by step {end} "
                 f"(precision.max_nonfinite_steps={cfg.precision.max_nonfinite_steps}); stopped. Nothing "
-                f"non-finite was checkpointed or exported. {_nonfinite_advice(cfg)}")
+                f"non-finite was checkpointed or exported. {failures.nonfinite_advice(cfg)}")
         progress.update(end, record["loss"] if finite else float("nan"))
 
     # ----------------------------------------------------------------------------------------
@@ -282,8 +251,8 @@ def _loop(setup: setup_lib.Setup, feed, state, step: int, resumed: dict[str, Any
         if preempted:
             # Said only once it is true; a second SIGTERM meanwhile only sets the notice again.
             checkpointer.wait()
-            progress.message(f"SIGTERM: checkpointed step {step}; run the same command again to resume")
-            raise Preempted(step)
+            progress.message(f"{notice.signal_name}: checkpointed step {step}; run the same command again to resume")
+            raise Preempted(step, notice.signal_name)
     if last_eval is None:  # resumed at the end: nothing left to train
         last_eval = evaluate(state, step)
     if feed.examples_read is not None:

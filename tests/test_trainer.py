@@ -3,6 +3,7 @@ alike in a device loop and unrolled, and starts from another run's parameters.""
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -201,3 +202,37 @@ def test_a_full_disk_is_one_line_and_keeps_the_committed_checkpoint(small_disk):
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: no space left on the device"), out.stderr[-3000:]
     assert "latest: step 50" in out.stderr
     assert Checkpointer(workdir / "checkpoints", 2).latest_step() == 50
+
+
+def test_ctrl_c_checkpoints_and_exits_130_in_one_line(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "jaxaccel.run", "exp=mnist_mlp", f"workdir={tmp_path}",
+                             "train.steps=3000", "checkpoint.every_steps=1000", "train.log_every_steps=50"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    for line in proc.stdout:
+        if line.startswith("step 100/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "SIGINT: checkpointed step" in stdout and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    announced = int(stdout.split("SIGINT: checkpointed step ")[1].split(";")[0])
+    assert Checkpointer(tmp_path / "checkpoints", 2).latest_step() == announced < 3000
+
+
+@pytest.mark.parametrize("point", ["setup@0", "export@40"])
+def test_sigterm_at_start_up_or_during_the_export_says_what_happened(tmp_path, point):
+    """Before training: exit 0, nothing trained, and it says so; during the export: the export and
+    summary are finished first."""
+    from conftest import run_cli
+    out = run_cli("exp=mnist_mlp", f"workdir={tmp_path}", "model.features=[16]", "train.steps=40",
+                  env={"JAXACCEL_FAULT": f"{point}:SIGTERM"})
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    if point.startswith("setup"):
+        assert "SIGTERM during start-up: stopped before training" in out.stdout
+        assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
+    else:
+        assert "SIGTERM during the export: finished it first" in out.stdout
+        assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 40
