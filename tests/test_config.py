@@ -175,7 +175,10 @@ def test_cli_mnist_sparse_for_one_epoch_reaches_its_target(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     plan = json.loads((tmp_path / "config.json").read_text())["config"]["sparsity"]
     assert (plan["start"], plan["end"], plan["update_every"]) == (50, 300, 100)  # resolved to steps
-    assert json.loads((tmp_path / "summary.json").read_text())["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    # The gradual-pruning run CI can afford: one epoch reaches 90.1% at 90% sparsity (20 epochs: 98.3%).
+    assert summary["test_accuracy"] >= 0.89
 
 
 def test_cli_mnist_nm_prunes_after_two_epochs_at_any_batch_size(tmp_path):
