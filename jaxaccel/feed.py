@@ -93,7 +93,7 @@ class Layout:
         self.batch_size = batch_size
         self.pmap = parallel.axis_name is not None
         if self.pmap:
-            devices = parallel.devices
+            devices = list(parallel.mesh.devices.flat)
             self.size, per = len(devices), batch_size // len(devices)
             self.mesh = Mesh(np.asarray(devices), ("devices",))
             positions = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]

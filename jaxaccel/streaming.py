@@ -70,6 +70,7 @@ def read_sizes(name: str, data_dir: str | None, decoding: data_lib.Decoding) -> 
     version_dir = data_lib._prepared_version_dir(name, root)
     if version_dir is None:
         return None
+    data_lib._check_metadata(version_dir)  # a damaged file is named the same way on both pipelines
     try:
         info = json.loads((version_dir / "dataset_info.json").read_text())
         features = json.loads((version_dir / "features.json").read_text())["featuresDict"]["features"]

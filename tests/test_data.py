@@ -188,5 +188,5 @@ def test_damaged_cache_is_decoded_again_and_says_so(case, mnist, tmp_path, monke
         raise AssertionError("decoded again instead of reading the rebuilt cache")
     monkeypatch.setattr(data, "_decode_split", no_decoding)
     healed = data.load("mnist", cache_dir=str(tmp_path))
-    np.testing.assert_array_equal(healed.train_images, mnist.train_images)
+    np.testing.assert_array_equal(healed.train_inputs, mnist.train_inputs)
     np.testing.assert_array_equal(healed.test_labels, mnist.test_labels)
