@@ -23,8 +23,10 @@ fake-quant model's logits up to float32 rounding of the accumulation order.
 Convolutions are the one int8 op whose lowering depends on the backend (:data:`INT8_CONV_RESULT`,
 resolved per platform at lowering time by ``lax.platform_dependent``): XLA:CPU and XLA:TPU compile
 s8 x s8 -> s32 convolutions; XLA:GPU lowers integer convolutions only to cuDNN's int8 kernels,
-which accumulate in int32 and write s8 or f32, so an s32 result is UNIMPLEMENTED there and the
-GPU form asks for f32 (cuDNN's int32 sum converted once, as the CPU form converts it afterwards).
+which accumulate in int32 and write s8 or f32. There an s32 result compiles only when XLA folds the
+conversion to f32 that follows it into cuDNN's f32 form (it did for every model here; a bare s32
+result is UNIMPLEMENTED), so the GPU form asks for f32 itself: cuDNN's int32 sum converted once,
+as the CPU form converts it afterwards.
 """
 from __future__ import annotations
 
@@ -228,8 +230,9 @@ def dequantize_params(qparams: Any, scales: Any) -> Any:
 # The result type of an int8 x int8 convolution on each platform (the one place that decides it).
 # "int32": the exact integer sum, converted to float32 afterwards (XLA:CPU, XLA:TPU).
 # "float32": XLA:GPU (cuDNN) cannot write an s32 convolution result ("Can't lower one or more
-# integer convolutions to idioms supported by CuDNN ... s8 or f32 output"); cuDNN's int8 kernels
-# accumulate in int32 and convert once to f32, the same numbers. Other platforms get float32 too.
+# integer convolutions to idioms supported by CuDNN ... s8 or f32 output") unless it can fold the
+# conversion after it; cuDNN's int8 kernels accumulate in int32 and convert once to f32, the same
+# numbers. Other platforms get float32 too.
 INT8_CONV_RESULT: dict[str, str] = {"cpu": "int32", "tpu": "int32", "cuda": "float32", "rocm": "float32"}
 _INT8_CONV_DEFAULT = "float32"
 
