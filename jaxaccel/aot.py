@@ -199,10 +199,13 @@ class Function:
     donate_argnums: tuple[int, ...] = ()
 
     @classmethod
-    def of(cls, spec: "Function | tuple") -> "Function":
-        """From a Function, ``(jitted, args)`` or ``(fn, in_shardings, out_shardings, args)``."""
+    def of(cls, spec: "Function | tuple | dict") -> "Function":
+        """From a Function, its keyword arguments, ``(jitted, args)`` or
+        ``(fn, in_shardings, out_shardings, args)``."""
         if isinstance(spec, Function):
             return spec
+        if isinstance(spec, dict):
+            return cls(**spec)
         if len(spec) == 2:
             return cls(spec[0], tuple(spec[1]))
         fn, in_shardings, out_shardings, args = spec
@@ -382,10 +385,11 @@ def build_functions(cfg: Any, devices: list) -> Built:
     """The functions a run of ``cfg`` compiles, built for ``devices`` as the run would build them.
 
     PHASE 1 (jaxaccel.aot_run): a first version that rebuilds the step groups, the evaluation and
-    the compression report's inference from the models, steps and optimizer pieces. The trainer
-    must replace it with its own setup (same plan, defaults and shardings), see README."""
+    the compression report's inference from the plan, optimizer, step and model pieces the trainer
+    uses. The trainer's setup should provide them itself (same plan, defaults and shardings)."""
     from jaxaccel import aot_run
-    return aot_run.build_functions(cfg, devices)
+    functions, plan, state = aot_run.build_functions(cfg, devices)
+    return Built({name: Function.of(spec) for name, spec in functions.items()}, plan, state)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,12 +409,14 @@ _OWN_KEYS = ("topology", "slices", "target_config", "functions")
 
 
 def _select(functions: dict[str, Any], names: str) -> dict[str, Any]:
-    """The functions named in ``functions=a,b`` (all of them by default)."""
+    """The functions ``functions=a,b`` names: each name itself, or the family it begins
+    (``train_steps`` selects ``train_steps_n100``, ``train_steps_guarded_x10``, ...)."""
     wanted = [n.strip() for n in names.split(",") if n.strip()]
-    unknown = [n for n in wanted if n not in functions]
-    if unknown or not wanted:
+    chosen = {k: v for k, v in functions.items() if any(k == n or k.startswith(n + "_") for n in wanted)}
+    missing = [n for n in wanted if not any(k == n or k.startswith(n + "_") for k in functions)]
+    if missing or not wanted:
         raise AotError(f"functions={names}: this run compiles {', '.join(functions)}")
-    return {n: functions[n] for n in wanted}
+    return chosen
 
 
 def _prepare_process(target: Target) -> None:

@@ -190,12 +190,13 @@ def test_int8_paths_compile_for_tpu(tmp_path):
 
 @needs_tpu
 def test_cli_writes_aot_json_for_an_fsdp_run(tmp_path):
+    # 100 steps in groups of 100: one step-group executable (a TPU plan compiles one per length).
     result = _aot_cli("exp=mnist_mlp", "topology=v5e:2x2", "parallel.fsdp=true", "functions=train_steps",
-                      f"workdir={tmp_path}", "model.features=[64,32]")
+                      f"workdir={tmp_path}", "model.features=[64,32]", "train.steps=100", "train.log_every_steps=100")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "aot.json").read_text())
     assert {"topology", "devices", "plan", "state_bytes_per_device", "functions"} <= set(report)
-    assert list(report["functions"]) == ["train_steps"] and report["devices"] == 4
+    assert list(report["functions"]) == ["train_steps_n100"] and report["devices"] == 4
     assert report["plan"]["fsdp"] and report["plan"]["mesh"] == {"data": 4}
     # Biases of 10 classes and the step counters stay whole; everything else is split in 4.
     assert report["state_bytes_per_device"] < 0.26 * report["state_bytes_replicated"]
@@ -208,12 +209,14 @@ def test_cli_writes_aot_json_for_an_fsdp_run(tmp_path):
 def test_mnist_cnn_fsdp_on_v5e_4x4_holds_at_most_a_twelfth_of_the_state_per_device():
     """The issue's target, from the shardings alone (no compile needed)."""
     import jaxaccel
-    from jaxaccel import aot_run
-    cfg = jaxaccel.experiments.override(jaxaccel.experiments.get("mnist_cnn"), ["parallel.fsdp=true",
-                                                                                        "train.eval_batch_size=1008"])
-    built = aot_run.build_functions(cfg, aot.make_devices(aot.parse_target("v5e:4x4")))
+    cfg = jaxaccel.experiments.override(jaxaccel.experiments.get("mnist_cnn"), ["parallel.fsdp=true"])
+    built = aot.build_functions(cfg, aot.make_devices(aot.parse_target("v5e:4x4")))
     assert aot.state_bytes_per_device(built.state) <= aot.state_bytes_total(built.state) / 12
-    assert {"train_steps", "eval", "report_float", "report_int8"} <= set(built.functions)
+    # The TPU plan: XLA's convolution, the per-step guard, device loops with compiled-in trip counts.
+    assert (built.plan["conv"], built.plan["guard"], built.plan["static_trip_count"]) == ("xla", "step", True)
+    assert built.plan["int8_conv_result"] == "int32" and built.plan["eval_batch_size"] == 1008
+    assert {"eval", "report_float", "report_int8"} <= set(built.functions)
+    assert any(name.startswith("train_steps_n") for name in built.functions)
 
 
 # ----------------------------------------------------------------------------------------------
