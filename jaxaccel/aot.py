@@ -258,6 +258,9 @@ def compile_functions(functions: Mapping[str, Any], device_memory_bytes: int | N
             fit = "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e)
             results[name] = {"problem": "does not fit" if fit else "does not compile", "error": _error_text(e)}
             continue
+        except Exception as e:  # noqa: BLE001 - lowering: no rule for the platform, a sharding that cannot be
+            results[name] = {"problem": "does not compile", "error": f"{type(e).__name__}: {_error_text(e)}"}
+            continue
         figures = _figures(compiled, time.perf_counter() - t0)
         if device_memory_bytes and figures["total_bytes"] > device_memory_bytes:
             figures.update(problem="does not fit", error=f"needs {_bytes(figures['total_bytes'])} per device, "

@@ -251,3 +251,15 @@ def test_what_does_not_fit_a_gpu_is_reported(tmp_path):
     report = json.loads((tmp_path / "aot.json").read_text())
     assert not report["ok"] and report["device_memory_bytes"] == 1000000
     assert report["functions"]["eval"]["total_bytes"] > 1000000
+
+
+def test_a_function_that_cannot_be_lowered_is_reported_not_raised():
+    import jax
+    import jax.numpy as jnp
+    x = jax.ShapeDtypeStruct((4,), jnp.float32)
+    broken = aot.Function(lambda x: x.reshape(3), (x,))  # fails while tracing, before any compiler
+    fine = aot.Function(jax.jit(lambda x: x * 2), (x,))
+    results = aot.compile_functions({"broken": broken, "fine": fine})
+    assert results["broken"]["problem"] == "does not compile"
+    assert results["broken"]["error"].startswith("TypeError: cannot reshape array of shape (4,)")
+    assert results["fine"]["argument_bytes"] == results["fine"]["output_bytes"] == 16
