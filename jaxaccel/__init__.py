@@ -13,7 +13,7 @@ from typing import Any
 __version__ = "0.1.0"
 __all__ = ["train", "experiments", "export", "config", "data", "models", "sparsity", "precision"]
 
-_SUBMODULES = {"experiments", "export", "config", "data", "models", "trainer", "pipeline", "checkpoint", "optim",
+_SUBMODULES = {"aot", "experiments", "export", "config", "data", "models", "trainer", "pipeline", "checkpoint", "optim",
                "sparsity", "precision", "parallel", "compression", "step", "metrics"}
 
 

@@ -202,6 +202,8 @@ def _accuracy_vs_size(runs: list[Run], colors: list, path: Path) -> None:
             "dense_fp32": {"bytes": run.summary["model_bytes"], "accuracy": run.summary["test_accuracy"]}}
         exported = run.summary.get("compressed_bytes")
         for form, entry in forms.items():
+            if entry.get("accuracy") is None:  # a form that could not run on the run's backend
+                continue
             name, marker = _FORMS.get(form, (form, "x"))
             # Hollow, so forms of equal size (dense and sparse of a dense model) stay visible.
             ax.scatter(entry["bytes"] / 1e3, 100 * entry["accuracy"], marker=marker, s=60, zorder=2,

@@ -187,3 +187,40 @@ def test_int8_dense_and_weight_only_path():
 
     for got, want in run(_init(model, xi)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 convolutions per backend (XLA:GPU cannot lower s8 x s8 -> s32 convolutions).
+
+def test_int8_conv_result_type_is_chosen_per_platform_at_lowering():
+    from jaxaccel.precision import INT8_CONV_RESULT, int8_conv
+    assert INT8_CONV_RESULT["cpu"] == INT8_CONV_RESULT["tpu"] == "int32"
+    assert INT8_CONV_RESULT["cuda"] == INT8_CONV_RESULT["rocm"] == "float32"
+    args = (jax.ShapeDtypeStruct((2, 9, 9, 3), jnp.int8), jax.ShapeDtypeStruct((3, 3, 3, 5), jnp.int8),
+            jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((5,), jnp.float32))
+    traced = jax.jit(int8_conv).trace(*args)
+    for platform, want in (("cpu", "i32"), ("tpu", "i32"), ("cuda", "f32"), ("rocm", "f32")):
+        text = traced.lower(lowering_platforms=(platform,)).as_text()
+        convs = re.findall(r"stablehlo\.convolution.*: \(tensor<[^)]*xi8>, tensor<[^)]*xi8>\) -> tensor<[0-9x]*x(\w+)>",
+                           text)
+        assert convs == [want], (platform, convs)
+
+
+def test_int8_inference_on_cpu_is_bit_identical_to_the_int32_convolution(monkeypatch):
+    """The per-platform choice costs nothing on CPU: the same numbers as the plain s32 conv it
+    was before, eager and compiled, and no conditional left in the executable."""
+    from jaxaccel.precision import quant
+    model = CNN(num_classes=10)
+    x = _images(8, 12)
+    qparams, scales = quantize_params(_init(model, x), PTQ)
+    fn = lambda q, s: int8_apply(model, q, s, x, cfg=PTQ)  # noqa: E731
+    compiled = jax.jit(fn).lower(qparams, scales).compile()
+    assert "conditional" not in compiled.as_text()
+    got = (np.asarray(compiled(qparams, scales)), np.asarray(fn(qparams, scales)))
+
+    def int32_conv(x_q, w_q, *args, **kw):
+        return jax.lax.conv_general_dilated(x_q, w_q, *args, preferred_element_type=jnp.int32, **kw).astype(jnp.float32)
+
+    monkeypatch.setattr(quant, "int8_conv_accumulate", int32_conv)
+    np.testing.assert_array_equal(got[0], np.asarray(jax.jit(fn)(qparams, scales)))
+    np.testing.assert_array_equal(got[1], np.asarray(fn(qparams, scales)))

@@ -10,8 +10,8 @@ from jaxaccel.precision.policy import (
     DTYPES, Policy, cast_output, cast_params, check_backend, conv_general_dilated, conv_kwargs, dense_kwargs,
     dot_general)
 from jaxaccel.precision.quant import (
-    absmax_scale, dequantize, dequantize_params, fake_quant, fake_quant_apply, int8_apply, int8_conv,
-    int8_conv_general_dilated, int8_dense, int8_dot_general, layer_kwargs, qmax, quant_conv_general_dilated,
+    INT8_CONV_RESULT, absmax_scale, dequantize, dequantize_params, fake_quant, fake_quant_apply, int8_apply, int8_conv,
+    int8_conv_accumulate, int8_conv_general_dilated, int8_dense, int8_dot_general, layer_kwargs, qmax, quant_conv_general_dilated,
     quant_dot_general, quantize, quantize_params)
 
 __all__ = [
@@ -20,7 +20,7 @@ __all__ = [
     "with_precision",
     "DTYPES", "Policy", "cast_output", "cast_params", "check_backend", "conv_general_dilated", "conv_kwargs",
     "dense_kwargs", "dot_general",
-    "absmax_scale", "dequantize", "dequantize_params", "fake_quant", "fake_quant_apply", "int8_apply", "int8_conv",
-    "int8_conv_general_dilated", "int8_dense", "int8_dot_general", "layer_kwargs", "qmax",
+    "INT8_CONV_RESULT", "absmax_scale", "dequantize", "dequantize_params", "fake_quant", "fake_quant_apply", "int8_apply", "int8_conv",
+    "int8_conv_accumulate", "int8_conv_general_dilated", "int8_dense", "int8_dot_general", "layer_kwargs", "qmax",
     "quant_conv_general_dilated", "quant_dot_general", "quantize", "quantize_params",
 ]

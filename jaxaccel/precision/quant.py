@@ -19,6 +19,14 @@ int32 (``preferred_element_type=jnp.int32``): ``|q_x q_w| <= Q^2``, so int32 hol
 contraction exactly. An int8 x int8 -> int8 dot is both wrong (overflows) and, on XLA:CPU, ~500x
 slower. Because ``sum_k (q_x s_x)(q_w s_w) = s_x s_w sum_k q_x q_w``, the int8 model computes the
 fake-quant model's logits up to float32 rounding of the accumulation order.
+
+Convolutions are the one int8 op whose lowering depends on the backend (:data:`INT8_CONV_RESULT`,
+resolved per platform at lowering time by ``lax.platform_dependent``): XLA:CPU and XLA:TPU compile
+s8 x s8 -> s32 convolutions; XLA:GPU lowers integer convolutions only to cuDNN's int8 kernels,
+which accumulate in int32 and write s8 or f32. There an s32 result compiles only when XLA folds the
+conversion to f32 that follows it into cuDNN's f32 form (it did for every model here; a bare s32
+result is UNIMPLEMENTED), so the GPU form asks for f32 itself: cuDNN's int32 sum converted once,
+as the CPU form converts it afterwards.
 """
 from __future__ import annotations
 
@@ -40,7 +48,7 @@ if TYPE_CHECKING:  # annotations only: config.py imports the models, which impor
 __all__ = ["qmax", "absmax_scale", "quantize", "dequantize", "fake_quant", "quant_dot_general",
            "quant_conv_general_dilated", "layer_kwargs", "quantize_params", "dequantize_params",
            "int8_dot_general", "int8_conv_general_dilated", "int8_dense", "int8_conv",
-           "fake_quant_apply", "int8_apply"]
+           "fake_quant_apply", "int8_apply", "INT8_CONV_RESULT", "int8_conv_accumulate"]
 
 Axis = Union[int, Sequence[int], None]
 
@@ -219,11 +227,39 @@ def dequantize_params(qparams: Any, scales: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 # int8 inference (int32 accumulation).
 
+# The result type of an int8 x int8 convolution on each platform (the one place that decides it).
+# "int32": the exact integer sum, converted to float32 afterwards (XLA:CPU, XLA:TPU).
+# "float32": XLA:GPU (cuDNN) cannot write an s32 convolution result ("Can't lower one or more
+# integer convolutions to idioms supported by CuDNN ... s8 or f32 output") unless it can fold the
+# conversion after it; cuDNN's int8 kernels accumulate in int32 and convert once to f32, the same
+# numbers. Other platforms get float32 too.
+INT8_CONV_RESULT: dict[str, str] = {"cpu": "int32", "tpu": "int32", "cuda": "float32", "rocm": "float32"}
+_INT8_CONV_DEFAULT = "float32"
+
+
+def _int8_dot_accumulate(x_q, w_q, *args, **kw) -> jax.Array:
+    """int8 x int8 -> int32 ``dot_general`` as float32 (every backend compiles int8 dots)."""
+    return lax.dot_general(x_q, w_q, *args, preferred_element_type=jnp.int32, **kw).astype(jnp.float32)
+
+
+def int8_conv_accumulate(x_q: jax.Array, w_q: jax.Array, *args: Any, **kw: Any) -> jax.Array:
+    """``lax.conv_general_dilated(x_q, w_q, *args, **kw)`` of int8 operands as a float32 array, in
+    the result type :data:`INT8_CONV_RESULT` gives the platform it is lowered for."""
+    def conv(result):
+        def run(x, w):
+            return lax.conv_general_dilated(x, w, *args, preferred_element_type=result, **kw).astype(jnp.float32)
+        return run
+
+    branches = {"int32": conv(jnp.int32), "float32": conv(jnp.float32)}
+    per_platform = {platform: branches[result] for platform, result in INT8_CONV_RESULT.items()}
+    return lax.platform_dependent(x_q, w_q, default=branches[_INT8_CONV_DEFAULT], **per_platform)
+
+
 def int8_dense(x_q: jax.Array, w_q: jax.Array, x_scale: jax.Array, w_scale: jax.Array,
                bias: Optional[jax.Array] = None) -> jax.Array:
     """``(x_q . w_q)_int32 * s_x * s_w + b`` for x_q [..., K], w_q [K, N] int8; float32 result."""
-    acc = lax.dot_general(x_q, w_q, (((x_q.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-    y = acc.astype(jnp.float32) * (x_scale.reshape(()) * w_scale.reshape(-1))
+    acc = _int8_dot_accumulate(x_q, w_q, (((x_q.ndim - 1,), (0,)), ((), ())))
+    y = acc * (x_scale.reshape(()) * w_scale.reshape(-1))
     return y if bias is None else y + bias
 
 
@@ -231,33 +267,34 @@ def int8_conv(x_q: jax.Array, w_q: jax.Array, x_scale: jax.Array, w_scale: jax.A
               bias: Optional[jax.Array] = None, *, strides: Sequence[int] = (1, 1),
               padding: Any = "SAME", dimension_numbers: Any = ("NHWC", "HWIO", "NHWC")) -> jax.Array:
     """int8 NHWC x HWIO convolution accumulated in int32, rescaled by ``s_x * s_w`` (per 'O')."""
-    acc = lax.conv_general_dilated(x_q, w_q, tuple(strides), padding, dimension_numbers=dimension_numbers,
-                                   preferred_element_type=jnp.int32)
-    y = acc.astype(jnp.float32) * (x_scale.reshape(()) * w_scale.reshape(-1))
+    acc = int8_conv_accumulate(x_q, w_q, tuple(strides), padding, dimension_numbers=dimension_numbers)
+    y = acc * (x_scale.reshape(()) * w_scale.reshape(-1))
     return y if bias is None else y + bias
 
 
-def _int8_op(op: Callable, w_scale: jax.Array, bits: int, activations: str) -> Callable:
+def _int8_op(op: Callable, accumulate: Callable, w_scale: jax.Array, bits: int, activations: str) -> Callable:
     """Wrap ``op`` (lax.dot_general or lax.conv_general_dilated, output features last) for a layer
     whose kernel holds int8 codes. activations="per_tensor": quantize the input (dynamic absmax),
-    accumulate in int32, rescale by ``s_x * s_w``. "none" (weight-only): float32 op on ``q_w * s_w``."""
+    ``accumulate`` the int8 op (int32 sums as float32), rescale by ``s_x * s_w``. "none"
+    (weight-only): float32 op on ``q_w * s_w``."""
     def run(lhs, rhs, *args, preferred_element_type=None, precision=None, **kw):
         if activations == "none":
             return op(lhs.astype(jnp.float32), dequantize(rhs.astype(jnp.int8), w_scale), *args, **kw)
         x_q, x_s = quantize(lhs, bits)
-        acc = op(x_q, rhs.astype(jnp.int8), *args, preferred_element_type=jnp.int32, **kw)
-        return acc.astype(jnp.float32) * (x_s.reshape(()) * w_scale.reshape(-1))
+        acc = accumulate(x_q, rhs.astype(jnp.int8), *args, **kw)
+        return acc * (x_s.reshape(()) * w_scale.reshape(-1))
     return run
 
 
 def int8_dot_general(w_scale: jax.Array, bits: int = 8, activations: str = "per_tensor") -> Callable:
     """A ``dot_general`` for an ``nn.Dense`` whose kernel holds int8 codes (``w_scale``: [..., N])."""
-    return _int8_op(lax.dot_general, w_scale, bits, activations)
+    return _int8_op(lax.dot_general, _int8_dot_accumulate, w_scale, bits, activations)
 
 
 def int8_conv_general_dilated(w_scale: jax.Array, bits: int = 8, activations: str = "per_tensor") -> Callable:
-    """The ``nn.Conv`` counterpart of :func:`int8_dot_general` (NHWC: output features last)."""
-    return _int8_op(lax.conv_general_dilated, w_scale, bits, activations)
+    """The ``nn.Conv`` counterpart of :func:`int8_dot_general` (NHWC: output features last); the
+    convolution's result type is the platform's (:data:`INT8_CONV_RESULT`)."""
+    return _int8_op(lax.conv_general_dilated, int8_conv_accumulate, w_scale, bits, activations)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,145 @@
+"""PHASE 1 of ``jaxaccel.aot``: the run's compiled functions, built outside the trainer.
+
+A first version, to be replaced by hooks in the trainer's own setup: it rebuilds what
+``setup.build``, ``StepGroups.compile`` and ``Evaluator.compile`` compile, from the same public
+pieces (``plan.make_plan`` for the target's backend, ``optim.build_optimizer``,
+``step_groups.make_step_fn``, ``step.make_train_steps`` / ``make_eval``, ``MeshParallel`` over the
+target's devices), so it can drift from the run. Differences it knows of: only
+``parallel.mode=jit``; ``init.from`` / ``init.pretrain`` are ignored (they change values, not shapes).
+
+Functions (the names in aot.json):
+
+``train_steps``              the step group the loop calls (``_nL`` per group length L when the
+                             device loop's trip count is compiled in, ``_xK`` per unrolled block K)
+``train_steps_fixed_masks``  rollback guard with a mask-changing sparsity: groups with no mask update
+``train_steps_guarded``      rollback guard: the per-step-guarded rerun of a non-finite group
+``copy_state``               rollback guard: the copy of the state each group starts from
+``eval``                     one evaluation batch
+``report_float``             the compression report's float forward (one device, batch 1000)
+``report_int8``              its int8 forward: the int8 export's inference (one device, batch 1000)
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["build_functions"]
+
+_REPORT_BATCH = 1000  # jaxaccel.compression measures each form in batches of this size
+
+
+def build_functions(cfg: Any, devices: list) -> tuple[dict[str, dict[str, Any]], dict[str, Any], Any]:
+    """``(functions, plan, state)``: each function as ``jaxaccel.aot.Function`` keyword arguments, the
+    plan the run would follow on ``devices``, and its abstract train state (with shardings). Raises
+    ConfigError (exit 2) and DataError (exit 3) as the run does. (This module imports nothing from
+    jaxaccel.aot, which calls it: no import cycle.)"""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import SingleDeviceSharding
+
+    from jaxaccel import data as data_lib
+    from jaxaccel import precision as prec
+    from jaxaccel import sparsity
+    from jaxaccel import step as step_lib
+    from jaxaccel.config import ConfigError, QuantConfig
+    from jaxaccel.models import build_model
+    from jaxaccel.optim import build_optimizer
+    from jaxaccel.parallel import MeshParallel
+    from jaxaccel.plan import make_plan, with_conv
+    from jaxaccel.setup import check_inputs
+    from jaxaccel.step_groups import make_step_fn
+
+    if cfg.parallel.mode != "jit":
+        raise ConfigError(f"parallel.mode={cfg.parallel.mode} is not compiled ahead of time yet: use parallel.mode=jit")
+    ds = data_lib.load(cfg.data.name, cfg.data.dir, cfg.data.cache_dir,
+                       data_lib.Decoding(cfg.model.vocab_size, cfg.data.max_length))
+    check_inputs(cfg, ds)
+    par = MeshParallel(cfg.parallel.fsdp, devices=devices)
+    if cfg.train.batch_size % par.size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the {par.size} "
+                          "devices it is split over")
+    backend = devices[0].platform  # "tpu" or "gpu", as jax.default_backend() names them
+    n_train, n_test = len(ds.train_labels), len(ds.test_labels)
+    plan = make_plan(cfg, n_train, backend)
+    total = plan.total_steps
+    model = build_model(with_conv(cfg.model, plan.conv), ds.num_classes, cfg.precision, cfg.quant)
+    eval_model = build_model(with_conv(cfg.model, "xla"), ds.num_classes, cfg.precision, cfg.quant)
+    tx = build_optimizer(cfg, total)
+    root = jax.random.key(cfg.seed)
+    init_key, step_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 2)
+
+    def create(key):
+        variables = dict(model.init(key, jnp.zeros((1, *ds.input_shape), ds.input_dtype)))
+        params = variables.pop("params")
+        return step_lib.TrainState.create(params, tx, model_state=variables)
+
+    abstract = jax.eval_shape(create, init_key)
+    state_sharding = par.state_sharding(abstract)
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=par.leaf_sharding(a)), abstract)
+
+    def sds(shape, dtype, sharding=par.replicated):
+        return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+    # The whole dataset is replicated on every device (the run's resident pipeline).
+    inputs, labels = sds((n_train, *ds.input_shape), ds.input_dtype), sds((n_train,), jnp.int32)
+    index = sds((), jnp.int32)
+    if plan.loop == "unroll":
+        variants = {f"_x{k}": {"unroll": k} for k in sorted({1, plan.steps_per_call})}
+    elif plan.static_trip_count:
+        variants = {f"_n{n}": {"unroll": None, "trip_count": n} for n in plan.group_lengths()}
+    else:
+        variants = {"": {"unroll": None}}
+    functions: dict[str, dict[str, Any]] = {}
+
+    def function(fn, args, out_shardings=None, donate_argnums=()) -> dict[str, Any]:
+        return {"fn": fn, "args": args, "out_shardings": out_shardings, "donate_argnums": donate_argnums}
+
+    def groups(name: str, group_tx) -> None:
+        step_fn = make_step_fn(cfg, model.apply, group_tx, total, None)
+        for suffix, variant in variants.items():
+            functions[name + suffix] = function(
+                step_lib.make_train_steps(step_fn, batch_size=cfg.train.batch_size, batch_sharding=par.batch_sharding,
+                                          step_key=step_key, **variant),
+                (state, inputs, labels, labels, index, index),
+                out_shardings=(state_sharding, par.replicated), donate_argnums=(0,))
+
+    if plan.guard == "rollback":
+        groups("train_steps", build_optimizer(cfg, total, assume_finite=True))
+        if sparsity.changes_masks(cfg.sparsity):
+            groups("train_steps_fixed_masks", build_optimizer(cfg, total, assume_finite=True, refresh=False))
+        groups("train_steps_guarded", tx)
+        functions["copy_state"] = function(lambda s: jax.tree.map(jnp.copy, s), (state,),
+                                           out_shardings=state_sharding)
+    else:
+        groups("train_steps", tx)
+
+    eval_batch = -(-cfg.train.eval_batch_size // par.size) * par.size  # as the trainer rounds it
+    padded = math.ceil(n_test / eval_batch) * eval_batch
+    test = (sds((padded, *ds.input_shape), ds.input_dtype), sds((padded,), jnp.int32), sds((padded,), jnp.float32))
+    functions["eval"] = function(step_lib.make_eval(eval_model.apply, eval_batch, par.batch_sharding),
+                                 ({"params": state.params, **state.model_state}, *test, index),
+                                 out_shardings=par.replicated)
+
+    # The compression report (and the export's inference): the plain float model, one device.
+    one = SingleDeviceSharding(devices[0])
+    plain = build_model(with_conv(cfg.model, "xla"), ds.num_classes)
+    params = jax.tree.map(lambda a: sds(a.shape, a.dtype, one), state.params)
+    quant = cfg.quant if cfg.quant.mode != "none" else QuantConfig(mode="ptq")
+    qparams, scales = jax.tree.map(lambda a: sds(a.shape, a.dtype, one),
+                                   jax.eval_shape(lambda p: prec.quantize_params(p, quant), params))
+    x = sds((min(_REPORT_BATCH, n_test), *ds.input_shape), ds.input_dtype, one)
+    functions["report_float"] = function(lambda p, x: plain.apply({"params": p}, x), (params, x))
+    functions["report_int8"] = function(lambda q, s, x: prec.int8_apply(plain, q, s, x, cfg=quant),
+                                        (qparams, scales, x))
+
+    platform = "cuda" if backend == "gpu" else backend
+    data_bytes = sum(np.dtype(a.dtype).itemsize * math.prod(a.shape) for a in (inputs, labels, labels, *test))
+    return functions, {
+        "parallel": "jit", "fsdp": cfg.parallel.fsdp, "mesh": {"data": par.size},
+        "loop": plan.loop, "steps_per_call": plan.steps_per_call, "static_trip_count": plan.static_trip_count,
+        "steps_per_epoch": plan.steps_per_epoch, "total_steps": total,
+        "conv": plan.conv if cfg.model.name in ("cnn", "small_cnn") else None, "eval_conv": "xla", "guard": plan.guard,
+        "int8_conv_result": prec.INT8_CONV_RESULT.get(platform, "float32"),
+        "batch_size": cfg.train.batch_size, "eval_batch_size": eval_batch,
+        "data_bytes_per_device": int(data_bytes)}, state
