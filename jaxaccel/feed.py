@@ -100,7 +100,7 @@ class Layout:
             self.rows = np.concatenate([np.arange(p * per, (p + 1) * per) for p in positions])
             self.local_devices = len(positions)
         else:
-            self.mesh = parallel.mesh
+            self.mesh, self.spec = parallel.mesh, parallel.batch_sharding.spec
             slices = {(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
                       for s in parallel.batch_sharding.addressable_devices_indices_map((batch_size,)).values()}
             self.rows = np.concatenate([np.arange(a, b) for a, b in sorted(slices)])
@@ -120,7 +120,7 @@ class Layout:
             sharding = NamedSharding(self.mesh, P("devices"))
         else:
             shape = (local.shape[0], self.batch_size, *rest) if stacked else (self.batch_size, *rest)
-            sharding = NamedSharding(self.mesh, P(None, "data") if stacked else P("data"))
+            sharding = NamedSharding(self.mesh, P(None, *self.spec) if stacked else self.spec)
         return jax.make_array_from_process_local_data(sharding, np.ascontiguousarray(local), shape)
 
 

@@ -110,6 +110,14 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e7 else f"{n / 1e6:.2f} MB"
 
 
+def _refuse_unsupported(cfg: Any) -> None:
+    """Combinations the stream path does not run yet, refused before anything is read."""
+    if cfg.parallel.mode == "pmap":
+        raise ConfigError("data.pipeline=stream with parallel.mode=pmap is not supported yet (its shard_map "
+                          "step takes every batch whole on each device): use parallel.mode=jit, or "
+                          "data.pipeline=resident")
+
+
 def choose_pipeline(cfg: Config, sizes: DatasetSizes | None, budget: int, budget_from: str) -> dict[str, Any]:
     """The pipeline ``cfg`` runs with, and the sizes that decided it (recorded in config.json).
 
@@ -132,6 +140,8 @@ def choose_pipeline(cfg: Config, sizes: DatasetSizes | None, budget: int, budget
             f"{_gb(record['train_bytes'])} + test {_gb(record['test_bytes'])}), more than the device budget of "
             f"{_gb(budget)} ({budget_from}): use data.pipeline=stream (or auto), or raise data.device_budget_bytes")
     choice = requested if requested != "auto" else ("resident" if need <= budget else "stream")
+    if choice == "stream":
+        _refuse_unsupported(cfg)
     return {"pipeline": choice, **record}
 
 
