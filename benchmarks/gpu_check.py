@@ -158,7 +158,7 @@ class Runner:
     def train(self, exp: str, overrides: list[str], env: dict | None = None, workdir: Path | None = None) -> dict:
         self.count += 1
         workdir = workdir or self.root / f"run{self.count}"
-        size = (["train.steps=20", "train.log_every_steps=10"] if self.quick else [])
+        size = (["train.steps=6", "train.log_every_steps=3"] if self.quick else [])
         if self.quick and any(o.startswith("model.features") for o in overrides):
             overrides = [o for o in overrides if not o.startswith(("model.features", "train.batch_size"))]
             overrides += ["model.features=[64,64]", "train.batch_size=256"]
@@ -235,33 +235,35 @@ def check(runner: Runner) -> list[tuple[str, str, str, str, str]]:
                  "bf16 not slower (a small CNN is not matmul-bound)", _verdict(r and r >= 0.95, q)))
 
     # guard kinds, precision, N:M (a matmul-heavy MLP)
+    mlp = "MLP 784-64x2-10, batch 256" if q else "MLP 784-4096x3-10, batch 1024"
     mlp_rollback = runner.train("mnist_mlp", [*BIG_MLP, "precision.guard=rollback", *steps_mlp])
     mlp_step = runner.train("mnist_mlp", [*BIG_MLP, "precision.guard=step", *steps_mlp])
     r = _ratio(mlp_rollback, mlp_step)
     more = (mlp_rollback.get("peak_bytes") or 0) > (mlp_step.get("peak_bytes") or 0)
-    rows.append(("guard kinds", "MLP 784-4096x3-10, batch 1024: guard=rollback vs step",
+    rows.append(("guard kinds", f"{mlp}: guard=rollback vs step",
                  f"rollback {_ms(mlp_rollback)}, {_gib(mlp_rollback)}; step {_ms(mlp_step)}, {_gib(mlp_step)}",
                  "rollback holds one more copy of the state and is not faster off CPU: step is the GPU default",
                  _verdict((r is not None and r >= 0.95 and more) if r else None, q)))
     mlp_bf16 = runner.train("mnist_mlp", [*BIG_MLP, "precision.guard=step", *BF16, *steps_mlp])
     r = _ratio(mlp_step, mlp_bf16)
-    rows.append(("precision", "MLP 784-4096x3-10, batch 1024, guard=step: fp32 vs bf16",
+    rows.append(("precision", f"{mlp}, guard=step: fp32 vs bf16",
                  f"fp32 {_ms(mlp_step)}, bf16 {_ms(mlp_bf16)}" + (f" (fp32/bf16 {r:.2f}x)" if r else ""),
                  "bf16 at least 1.5x faster (tensor cores; fp32 may already use TF32)", _verdict(r and r >= 1.5, q)))
     nm = ["sparsity.method=magnitude", "sparsity.structure=nm", "sparsity.n=2", "sparsity.m=4",
-          "sparsity.schedule=one_shot", "sparsity.start_step=0"]
+          "sparsity.schedule=one_shot", "sparsity.start=0"]
     mlp_nm = runner.train("mnist_mlp", [*BIG_MLP, "precision.guard=step", *nm, *steps_mlp])
     r = _ratio(mlp_nm, mlp_step)
-    rows.append(("N:M masks", "MLP 784-4096x3-10, guard=step: 2:4 masked vs dense",
+    rows.append(("N:M masks", f"{mlp}, guard=step: 2:4 masked vs dense",
                  f"2:4 {_ms(mlp_nm)}, dense {_ms(mlp_step)}" + (f" (overhead {100 * (r - 1):+.1f}%)" if r else ""),
                  "masked steps cost at most 10% more (dense math, no 2:4 kernels)", _verdict(r and r <= 1.10, q)))
 
     # resume determinism
     env = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {DETERMINISTIC}".strip()}
-    short = ["model.conv=xla", f"train.steps={40 if q else 300}", "train.log_every_steps=50", f"checkpoint.every_steps={20 if q else 100}"]
+    short = ["model.conv=xla", f"train.steps={8 if q else 300}", "train.log_every_steps=50",
+             f"checkpoint.every_steps={4 if q else 100}"]
     whole, cut = runner.root / "resume_whole", runner.root / "resume_cut"
     first = runner.child("train", {"exp": "mnist_cnn", "overrides": short, "workdir": str(whole)}, env)
-    at = 20 if q else 200
+    at = 4 if q else 200
     killed = runner.child("train", {"exp": "mnist_cnn", "overrides": short, "workdir": str(cut)},
                           {**env, "JAXACCEL_FAULT": f"save@{at}"})
     resumed = runner.child("train", {"exp": "mnist_cnn", "overrides": short, "workdir": str(cut)}, env)

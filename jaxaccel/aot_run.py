@@ -2,10 +2,12 @@
 
 A first version, to be replaced by hooks in the trainer's own setup: it rebuilds what
 ``setup.build``, ``StepGroups.compile`` and ``Evaluator.compile`` compile, from the same public
-pieces (``plan.make_plan`` for the target's backend, ``optim.build_optimizer``,
-``step_groups.make_step_fn``, ``step.make_train_steps`` / ``make_eval``, ``MeshParallel`` over the
-target's devices), so it can drift from the run. Differences it knows of: only
-``parallel.mode=jit``; ``init.from`` / ``init.pretrain`` are ignored (they change values, not shapes).
+pieces (``plan.make_plan`` for the target's backend, ``durations.resolve``,
+``optim.build_optimizer``, ``step_groups.make_step_fn``, ``step.make_train_steps`` / ``make_eval``,
+``MeshParallel`` over the target's devices), so it can drift from the run. The dataset's shapes come
+from its prepared files' JSON (``streaming.read_sizes``), nothing is decoded. Differences it knows
+of: only ``parallel.mode=jit`` and the resident pipeline; ``init.from`` / ``init.pretrain`` are
+ignored (they change values, not shapes).
 
 Functions (the names in aot.json):
 
@@ -33,44 +35,54 @@ def build_functions(cfg: Any, devices: list) -> tuple[dict[str, dict[str, Any]],
     plan the run would follow on ``devices``, and its abstract train state (with shardings). Raises
     ConfigError (exit 2) and DataError (exit 3) as the run does. (This module imports nothing from
     jaxaccel.aot, which calls it: no import cycle.)"""
+    import types
+
     import jax
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import SingleDeviceSharding
 
-    from jaxaccel import data as data_lib
+    from jaxaccel import durations
     from jaxaccel import precision as prec
     from jaxaccel import sparsity
     from jaxaccel import step as step_lib
+    from jaxaccel import streaming
     from jaxaccel.config import ConfigError, QuantConfig
     from jaxaccel.models import build_model
     from jaxaccel.optim import build_optimizer
     from jaxaccel.parallel import MeshParallel
     from jaxaccel.plan import make_plan, with_conv
-    from jaxaccel.setup import check_inputs
+    from jaxaccel.setup import check_inputs, decoding_of
     from jaxaccel.step_groups import make_step_fn
 
     if cfg.parallel.mode != "jit":
         raise ConfigError(f"parallel.mode={cfg.parallel.mode} is not compiled ahead of time yet: use parallel.mode=jit")
-    ds = data_lib.load(cfg.data.name, cfg.data.dir, cfg.data.cache_dir,
-                       data_lib.Decoding(cfg.model.vocab_size, cfg.data.max_length))
-    check_inputs(cfg, ds)
-    par = MeshParallel(cfg.parallel.fsdp, devices=devices)
+    if cfg.data.pipeline == "stream":
+        raise ConfigError("data.pipeline=stream is not compiled ahead of time yet: the AOT compile builds the "
+                          "resident pipeline (data.pipeline=resident or auto)")
+    # The dataset's shapes from its prepared files' JSON: nothing is decoded.
+    sizes = streaming.read_sizes(cfg.data.name, cfg.data.dir, decoding_of(cfg))
+    if sizes is None:
+        raise ConfigError(f"{cfg.data.name}: no prepared files to read the shapes from (tfds mock data?)")
+    input_dtype = np.dtype(sizes.input_dtype)
+    check_inputs(cfg, types.SimpleNamespace(input_dtype=input_dtype, input_shape=sizes.input_shape))
+    par = MeshParallel(cfg.parallel.fsdp, cfg.parallel.fsdp_size, devices=devices)
     if cfg.train.batch_size % par.size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the {par.size} "
                           "devices it is split over")
     backend = devices[0].platform  # "tpu" or "gpu", as jax.default_backend() names them
-    n_train, n_test = len(ds.train_labels), len(ds.test_labels)
+    n_train, n_test = sizes.num_train, sizes.num_test
     plan = make_plan(cfg, n_train, backend)
+    cfg = durations.resolve(cfg, plan.steps_per_epoch, plan.total_steps)
     total = plan.total_steps
-    model = build_model(with_conv(cfg.model, plan.conv), ds.num_classes, cfg.precision, cfg.quant)
-    eval_model = build_model(with_conv(cfg.model, "xla"), ds.num_classes, cfg.precision, cfg.quant)
+    model = build_model(with_conv(cfg.model, plan.conv), sizes.num_classes, cfg.precision, cfg.quant)
+    eval_model = build_model(with_conv(cfg.model, "xla"), sizes.num_classes, cfg.precision, cfg.quant)
     tx = build_optimizer(cfg, total)
     root = jax.random.key(cfg.seed)
     init_key, step_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 2)
 
     def create(key):
-        variables = dict(model.init(key, jnp.zeros((1, *ds.input_shape), ds.input_dtype)))
+        variables = dict(model.init(key, jnp.zeros((1, *sizes.input_shape), input_dtype)))
         params = variables.pop("params")
         return step_lib.TrainState.create(params, tx, model_state=variables)
 
@@ -81,8 +93,8 @@ def build_functions(cfg: Any, devices: list) -> tuple[dict[str, dict[str, Any]],
     def sds(shape, dtype, sharding=par.replicated):
         return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
 
-    # The whole dataset is replicated on every device (the run's resident pipeline).
-    inputs, labels = sds((n_train, *ds.input_shape), ds.input_dtype), sds((n_train,), jnp.int32)
+    # The resident pipeline: the whole dataset replicated on every device.
+    inputs, labels = sds((n_train, *sizes.input_shape), input_dtype), sds((n_train,), jnp.int32)
     index = sds((), jnp.int32)
     if plan.loop == "unroll":
         variants = {f"_x{k}": {"unroll": k} for k in sorted({1, plan.steps_per_call})}
@@ -116,30 +128,29 @@ def build_functions(cfg: Any, devices: list) -> tuple[dict[str, dict[str, Any]],
 
     eval_batch = -(-cfg.train.eval_batch_size // par.size) * par.size  # as the trainer rounds it
     padded = math.ceil(n_test / eval_batch) * eval_batch
-    test = (sds((padded, *ds.input_shape), ds.input_dtype), sds((padded,), jnp.int32), sds((padded,), jnp.float32))
+    test = (sds((padded, *sizes.input_shape), input_dtype), sds((padded,), jnp.int32), sds((padded,), jnp.float32))
     functions["eval"] = function(step_lib.make_eval(eval_model.apply, eval_batch, par.batch_sharding),
                                  ({"params": state.params, **state.model_state}, *test, index),
                                  out_shardings=par.replicated)
 
     # The compression report (and the export's inference): the plain float model, one device.
     one = SingleDeviceSharding(devices[0])
-    plain = build_model(with_conv(cfg.model, "xla"), ds.num_classes)
+    plain = build_model(with_conv(cfg.model, "xla"), sizes.num_classes)
     params = jax.tree.map(lambda a: sds(a.shape, a.dtype, one), state.params)
     quant = cfg.quant if cfg.quant.mode != "none" else QuantConfig(mode="ptq")
     qparams, scales = jax.tree.map(lambda a: sds(a.shape, a.dtype, one),
                                    jax.eval_shape(lambda p: prec.quantize_params(p, quant), params))
-    x = sds((min(_REPORT_BATCH, n_test), *ds.input_shape), ds.input_dtype, one)
+    x = sds((min(_REPORT_BATCH, n_test), *sizes.input_shape), input_dtype, one)
     functions["report_float"] = function(lambda p, x: plain.apply({"params": p}, x), (params, x))
     functions["report_int8"] = function(lambda q, s, x: prec.int8_apply(plain, q, s, x, cfg=quant),
                                         (qparams, scales, x))
 
     platform = "cuda" if backend == "gpu" else backend
-    data_bytes = sum(np.dtype(a.dtype).itemsize * math.prod(a.shape) for a in (inputs, labels, labels, *test))
     return functions, {
-        "parallel": "jit", "fsdp": cfg.parallel.fsdp, "mesh": {"data": par.size},
+        "parallel": "jit", "fsdp": cfg.parallel.fsdp, "mesh": dict(par.mesh.shape),
         "loop": plan.loop, "steps_per_call": plan.steps_per_call, "static_trip_count": plan.static_trip_count,
         "steps_per_epoch": plan.steps_per_epoch, "total_steps": total,
-        "conv": plan.conv if cfg.model.name in ("cnn", "small_cnn") else None, "eval_conv": "xla", "guard": plan.guard,
+        "conv": plan.conv if hasattr(cfg.model, "conv") else None, "eval_conv": "xla", "guard": plan.guard,
         "int8_conv_result": prec.INT8_CONV_RESULT.get(platform, "float32"),
         "batch_size": cfg.train.batch_size, "eval_batch_size": eval_batch,
-        "data_bytes_per_device": int(data_bytes)}, state
+        "pipeline": "resident", "data_bytes_per_device": int(sizes.resident_bytes)}, state

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from jaxaccel import aot, export
-from jaxaccel.config import ModelConfig, QuantConfig
+from jaxaccel.config import QuantConfig, model_config
 from jaxaccel.models import build_model
 from jaxaccel.precision import int8_apply, int8_conv, int8_dense, quantize_params
 
@@ -38,7 +38,7 @@ def int8_functions(devices: list, workdir: Path) -> dict[str, aot.Function]:
     one = SingleDeviceSharding(devices[0])
     mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
     batch = NamedSharding(mesh, P("data"))
-    cnn = build_model(ModelConfig(name="cnn", conv="xla"), 10)
+    cnn = build_model(model_config(name="cnn", conv="xla"), 10)
     params = jax.eval_shape(cnn.init, jax.random.key(0), jnp.zeros((1, *_SHAPE), jnp.uint8))["params"]
     qparams, scales = jax.eval_shape(lambda p: quantize_params(p, PTQ), params)
     x_one = jax.ShapeDtypeStruct((8, *_SHAPE), jnp.uint8, sharding=one)
@@ -48,7 +48,7 @@ def int8_functions(devices: list, workdir: Path) -> dict[str, aot.Function]:
     infer = jax.jit(lambda q, s, x: int8_apply(cnn, q, s, x, cfg=PTQ))
 
     # QAT on a one-conv model (XLA:TPU took 20 s for the CNN's gradient on this machine).
-    qat = build_model(ModelConfig(name="small_cnn", channels=[8], conv="xla"), 10, quant=QAT)
+    qat = build_model(model_config(name="small_cnn", channels=[8], conv="xla"), 10, quant=QAT)
     qat_params = jax.eval_shape(qat.init, jax.random.key(0), jnp.zeros((1, *_SHAPE), jnp.uint8))["params"]
 
     def qat_loss(params, x):
@@ -64,7 +64,7 @@ def int8_functions(devices: list, workdir: Path) -> dict[str, aot.Function]:
     # The int8 export's own inference function, on a real (tiny, random) export.
     rng = np.random.default_rng(0)
     host = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), params)
-    export.save(workdir / "export", host, model=ModelConfig(name="cnn").model_dump(), num_classes=10,
+    export.save(workdir / "export", host, model=model_config(name="cnn", conv="xla").model_dump(), num_classes=10,
                 image_shape=_SHAPE, quant=PTQ.model_dump())
     loaded = export.load(workdir / "export")
     fns["export_int8"] = aot.Function(loaded._apply, (_abstract(loaded.params, one), _abstract(loaded.scales, one),

@@ -61,6 +61,7 @@ def test_malformed_targets_are_refused(topology, extra, message):
 
 
 def test_a_missing_compiler_exits_3_naming_the_extra(monkeypatch, capsys):
+    import jax  # noqa: F401 - first: importing jax imports an installed libtpu, which sets TPU_LIBRARY_PATH
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name.split(".")[0] in ("libtpu", "jax_cuda12_plugin",
@@ -197,7 +198,7 @@ def test_cli_writes_aot_json_for_an_fsdp_run(tmp_path):
     report = json.loads((tmp_path / "aot.json").read_text())
     assert {"topology", "devices", "plan", "state_bytes_per_device", "functions"} <= set(report)
     assert list(report["functions"]) == ["train_steps_n100"] and report["devices"] == 4
-    assert report["plan"]["fsdp"] and report["plan"]["mesh"] == {"data": 4}
+    assert report["plan"]["fsdp"] and report["plan"]["mesh"] == {"data": 1, "fsdp": 4}
     # Biases of 10 classes and the step counters stay whole; everything else is split in 4.
     assert report["state_bytes_per_device"] < 0.26 * report["state_bytes_replicated"]
     assert set(report["replicated_leaves"]) == {".params['Dense_2']['bias']", ".opt_state.inner_state[0].mu['Dense_2']['bias']",
