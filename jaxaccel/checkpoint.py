@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxaccel.parallel import checksum
+
 __all__ = ["Checkpointer", "CheckpointMismatch", "CheckpointUnreadable", "CheckpointCorrupt", "checksums"]
 
 
@@ -33,38 +35,11 @@ class CheckpointCorrupt(RuntimeError):
     """A restored leaf does not match the checksum written with it (handled as unreadable)."""
 
 
-def _fmix32(h: jax.Array) -> jax.Array:
-    """MurmurHash3's 32-bit finalizer: every input bit flips about half the output bits."""
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def _words(leaf: jax.Array) -> jax.Array:
-    """The leaf's bytes as uint32 words (one per element of up to 4 bytes; two for 8 bytes)."""
-    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        leaf = jax.random.key_data(leaf)
-    if leaf.dtype == jnp.bool_:
-        leaf = leaf.astype(jnp.uint8)
-    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[leaf.dtype.itemsize]
-    return jax.lax.bitcast_convert_type(leaf, unsigned).astype(jnp.uint32)
-
-
 @jax.jit
 def _leaf_sums(leaves: list[jax.Array]) -> jax.Array:
-    """[leaves, 2] uint32: per leaf, the wrapping sum of a hash of (word, position) and the sum
-    of the words. Integer sums are exact in any order, so the result is the same however the
-    leaf is sharded (FSDP) or reduced; only these few bytes per leaf leave the device."""
-    rows = []
-    for leaf in leaves:
-        words = _words(leaf)
-        position = jnp.arange(words.size, dtype=jnp.uint32).reshape(words.shape)
-        rows.append(jnp.stack([jnp.sum(_fmix32(words ^ _fmix32(position * jnp.uint32(0x9E3779B9) + 1)),
-                                       dtype=jnp.uint32),
-                               jnp.sum(words, dtype=jnp.uint32)]))
-    return jnp.stack(rows) if rows else jnp.zeros((0, 2), jnp.uint32)
+    """[leaves, 2] uint32: each leaf's :func:`jaxaccel.parallel.checksum` (integer sums, exact in
+    any order, so the same however the leaf is sharded); only these bytes leave the device."""
+    return jnp.stack([checksum(leaf) for leaf in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
 
 
 def checksums(tree: Any) -> dict[str, str]:
