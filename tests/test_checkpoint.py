@@ -27,13 +27,16 @@ def test_flipped_bytes_are_caught_and_fallback_restores_the_previous_checkpoint(
     result = run_cli(*ARGS, "train.steps=300", f"workdir={tmp_path}")
     assert result.returncode == 0, result.stderr[-2000:]
     _flip_bytes(tmp_path / "checkpoints" / "300")
-    # Orbax reads these bytes back without complaint: only the checksums see them.
     result = run_cli(*ARGS, "train.steps=400", f"workdir={tmp_path}")
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     err = result.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert f"checkpoint step 300 in {tmp_path / 'checkpoints'} is corrupt" in err
-    assert "differ from the checksums written with them" in err and "checkpoint.fallback=true" in err
+    # Mostly the flipped bytes are array bytes, which orbax reads back as if nothing happened and
+    # only the checksums catch; where they land in OCDBT's own structures (the file layout varies
+    # from run to run) orbax fails first. Either way: the same one line, exit 1, and the fallback.
+    corrupt = f"checkpoint step 300 in {tmp_path / 'checkpoints'} is corrupt" in err
+    assert corrupt or f"checkpoint step 300 in {tmp_path / 'checkpoints'} cannot be read" in err, err
+    assert (not corrupt or "differ from the checksums written with them" in err) and "checkpoint.fallback=true" in err
     result = run_cli(*ARGS, "train.steps=400", "checkpoint.fallback=true", f"workdir={tmp_path}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "checkpoint step 300 in" in result.stdout and "resuming from checkpoint step 200" in result.stdout
