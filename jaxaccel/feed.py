@@ -34,7 +34,7 @@ from jaxaccel import streaming
 from jaxaccel.evaluation import Evaluator
 
 __all__ = ["ResidentFeed", "StreamFeed", "StreamEvaluator", "Layout", "WorkerDied", "default_device_budget",
-           "make_feed", "call_sizes", "stream_plan", "STREAM_GROUP_BYTES"]
+           "make_feed", "stream_plan", "STREAM_GROUP_BYTES"]
 
 # A streamed step group holds at most this many bytes of batches on the device (longer groups are
 # split: plan.steps_per_call); DEPTH groups wait on the device ahead of the running one.
@@ -67,21 +67,12 @@ def default_device_budget(backend: str) -> tuple[int, str]:
 
 def stream_plan(plan: Any, batch_bytes: int) -> Any:
     """``plan`` for streamed batches: each device-loop call takes its batches stacked, so its trip
-    count is compiled in (one executable per group length), and a group holds at most
+    count is compiled in (one executable per call length, Plan.call_lengths), and a group holds at most
     ``STREAM_GROUP_BYTES`` of batches (``batch_bytes`` each) on the device."""
     if plan.loop != "device_loop":
         return plan
     cap = max(1, STREAM_GROUP_BYTES // max(batch_bytes, 1))
     return dataclasses.replace(plan, steps_per_call=min(plan.steps_per_call or cap, cap), static_trip_count=True)
-
-
-def call_sizes(plan: Any, count: int) -> list[int]:
-    """The steps of each compiled call of a group of ``count`` steps, in order: one device loop,
-    or unrolled blocks of ``plan.steps_per_call`` then single steps (as StepGroups runs them)."""
-    if plan.loop == "device_loop":
-        return [count]
-    k = plan.steps_per_call
-    return [k] * (count // k) + [1] * (count % k)
 
 
 class Layout:
@@ -227,7 +218,7 @@ class StreamFeed:
                 end = self.plan.next_boundary(step)
                 self._reading = (step, end)
                 calls, offset = {}, 0
-                for n in call_sizes(self.plan, end - step):
+                for n in self.plan.call_lengths(end - step):
                     parts = [next(self._iterator) for _ in range(n)]
                     self.examples_read += sum(len(p["index"]) for p in parts)
                     inputs = self.layout.put(np.stack([p["inputs"] for p in parts]), stacked=True)

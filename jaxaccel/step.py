@@ -170,9 +170,13 @@ def make_train_steps(step_fn: Callable, *, batch_size: int, batch_sharding: Any,
 
     Runs ``count`` steps starting at batch ``position`` of the epoch whose order is ``perm``.
     ``unroll=None``: a device loop, ``count`` may vary without recompiling, unless ``trip_count``
-    compiles the loop's length in (``count`` must then equal it). ``unroll=K``: K steps unrolled,
-    ``count`` must equal K. The step's RNG is ``fold_in(step_key, state.step)``, so a step's
-    randomness depends only on (seed, step), however the steps are grouped or resumed.
+    compiles the loop's length in (``count`` must then equal it); such a loop takes the sums to
+    add its measurements to as one more argument, so a group run as several calls (see
+    ``Plan.call_lengths``) sums them in the order one loop would; ``initial_sums(state, *data,
+    position)``, an attribute of the returned function, gives the zeros to start a group with.
+    ``unroll=K``: K steps unrolled, ``count`` must equal K. The step's RNG is
+    ``fold_in(step_key, state.step)``, so a step's randomness depends only on (seed, step), however
+    the steps are grouped or resumed.
 
     ``streamed=True`` (the streaming pipeline): ``(state, inputs, labels, position, count)``, the
     call's batches passed in, stacked ``[n, B, ...]`` (pmap: ``[n, B / devices, ...]`` per device);
@@ -189,10 +193,17 @@ def make_train_steps(step_fn: Callable, *, batch_size: int, batch_sharding: Any,
         batch = batch_at(data, position)
         return step_fn(state, dict(zip(("inputs", "labels"), batch)), jax.random.fold_in(step_key, state.step))
 
+    def initial_sums(state, *args):
+        *data, position = args
+        shapes = jax.eval_shape(lambda: one_step(state, data, position)[1])
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
     def run(state, *args):
-        *data, position, count = args
-        zeros = jax.eval_shape(lambda: one_step(state, data, position)[1])
-        sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+        if trip_count is None:
+            *data, position, count = args
+            sums = initial_sums(state, *data, position)
+        else:
+            *data, position, count, sums = args
         if unroll is None:
             def body(i, carry):
                 state, sums = carry
@@ -204,6 +215,7 @@ def make_train_steps(step_fn: Callable, *, batch_size: int, batch_sharding: Any,
             sums = combine_measurements(sums, measurements)
         return state, sums
 
+    run.initial_sums = initial_sums
     return run
 
 

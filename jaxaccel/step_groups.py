@@ -56,30 +56,36 @@ class StepGroups:
 
     def _variants(self) -> list[tuple[int | None, dict[str, Any]]]:
         """``(key, make_train_steps options)`` of each compiled group: the device loop (one, or one
-        per group length with a static trip count), or unrolled blocks of K and of 1 step."""
+        per call length with a static trip count), or unrolled blocks of K and of 1 step."""
         plan = self.plan
         if plan.loop == "unroll":
             return [(k, {"unroll": k}) for k in sorted({1, plan.steps_per_call})]
         if plan.static_trip_count:
-            return [(n, {"unroll": None, "trip_count": n}) for n in plan.group_lengths()]
+            return [(n, {"unroll": None, "trip_count": n}) for n in plan.compiled_lengths()]
         return [(None, {"unroll": None})]
 
     def _compile_groups(self, tx, args: Callable[[int], tuple]) -> dict[int | None, Any]:
         step_fn = make_step_fn(self.cfg, self.apply_fn, tx, self.plan.total_steps, self.parallel.axis_name)
         options = compiler_options(self.cfg, jax.default_backend())
-        return {key: self.parallel.compile(
-                    step_lib.make_train_steps(step_fn, batch_size=self.cfg.train.batch_size,
-                                              batch_sharding=self.parallel.batch_sharding,
-                                              step_key=self.step_key, axis_name=self.parallel.axis_name,
-                                              streamed=self.streamed, **variant),
-                    args(key or 1), options=options)
-                for key, variant in self._variants()}
+        compiled = {}
+        for key, variant in self._variants():
+            fn = step_lib.make_train_steps(step_fn, batch_size=self.cfg.train.batch_size,
+                                           batch_sharding=self.parallel.batch_sharding, step_key=self.step_key,
+                                           axis_name=self.parallel.axis_name, streamed=self.streamed, **variant)
+            fn_args = args(key or 1)
+            if "trip_count" in variant:  # the sums a group starts from: zeros, made on the devices once
+                if self._zero_sums is None:
+                    zeros = self.parallel.compile(fn.initial_sums, fn_args[:-1], donate=False)
+                    self._zero_sums = zeros(*fn_args[:-1])
+                fn_args = (*fn_args, self._zero_sums)
+            compiled[key] = self.parallel.compile(fn, fn_args, options=options)
+        return compiled
 
     def compile(self, state, data) -> None:
         """Ahead-of-time compile the groups the run starts with (the guarded rerun lazily).
         ``data``: the run's feed (jaxaccel.feed), or the resident ``(inputs, labels, perm)``."""
         feed = _Gathered(data) if isinstance(data, tuple) else data
-        self.streamed = getattr(feed, "streamed", False)
+        self.streamed, self._zero_sums = getattr(feed, "streamed", False), None
         if self.streamed and self.plan.loop == "device_loop" and not self.plan.static_trip_count:
             raise ValueError("streamed batches are stacked per call: the plan needs static_trip_count=True")
         args = lambda n: (state, *feed.example_args(n), np.int32(n))  # noqa: E731
@@ -133,19 +139,20 @@ class StepGroups:
         return bool(np.any(np.asarray(due)))
 
     def _run_steps(self, groups, state, data, position: int, count: int):
-        if self.plan.loop == "device_loop":
-            call = groups[count if self.plan.static_trip_count else None]
-            state, sums = call(state, *data.call_args(position, count), np.int32(count))
+        if self.plan.loop == "device_loop" and not self.plan.static_trip_count:
+            state, sums = groups[None](state, *data.call_args(position, count), np.int32(count))
             return state, self._with_guard_state(state, sums)
-        sums_all = None
-        k = self.plan.steps_per_call
-        for unroll, n in ((k, count // k), (1, count % k)):
-            for _ in range(n):
-                state, sums = groups[unroll](state, *data.call_args(position, unroll), np.int32(unroll))
-                if self.serialize_calls:
-                    jax.block_until_ready(state)
-                position += unroll
+        sums_all = self._zero_sums if self.plan.static_trip_count else None
+        for n in self.plan.call_lengths(count):
+            args = (state, *data.call_args(position, n), np.int32(n))
+            if self.plan.static_trip_count:  # one loop continued: the sums carried through the calls
+                state, sums_all = groups[n](*args, sums_all)
+            else:
+                state, sums = groups[n](*args)
                 sums_all = sums if sums_all is None else step_lib.combine_measurements(sums_all, sums)
+            if self.serialize_calls:
+                jax.block_until_ready(state)
+            position += n
         return state, self._with_guard_state(state, sums_all)
 
     @staticmethod

@@ -1,6 +1,8 @@
 """The step arithmetic: where step groups end, how long a run is, what the plan refuses."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import jaxaccel
@@ -68,8 +70,28 @@ def test_backend_defaults_are_decided_in_the_plan(backend):
     assert forced.loop == ("unroll" if cpu else "device_loop")  # XLA:CPU's convs are slow in loop bodies
 
 
-def test_group_lengths_are_what_a_static_loop_compiles():
+def test_group_lengths_are_the_distinct_groups():
     plan = Plan(steps_per_epoch=10, total_steps=25, loop="device_loop", steps_per_call=None, log_every=4,
                 checkpoint_every=7)
     assert plan.group_lengths() == sorted({b - a for a, b in zip([0] + _groups(plan), _groups(plan))})
     assert plan.group_lengths() == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("count", [1, 7, 36, 64, 68, 100, 468])
+def test_a_static_loop_runs_a_group_as_its_binary_decomposition(count):
+    """With the trip count compiled in, a group's calls are the powers of two of its length,
+    largest first; with a runtime count one call; unrolled, blocks of K then single steps."""
+    static = Plan(10, 1000, "device_loop", None, 100, 1000, static_trip_count=True)
+    calls = static.call_lengths(count)
+    assert sum(calls) == count and calls == sorted(calls, reverse=True)
+    assert all(n & (n - 1) == 0 for n in calls) and len(set(calls)) == len(calls) == bin(count).count("1")
+    assert dataclasses.replace(static, static_trip_count=False).call_lengths(count) == [count]
+    unrolled = dataclasses.replace(static, loop="unroll", steps_per_call=10, static_trip_count=False)
+    assert unrolled.call_lengths(count) == [10] * (count // 10) + [1] * (count % 10)
+
+
+def test_a_static_plan_compiles_one_loop_per_power_of_two_not_per_group_length():
+    """mnist_sparse off CPU: 15 distinct group lengths (8 ... 100 steps) need 5 loops (4 ... 64)."""
+    plan = make_plan(jaxaccel.experiments.get("mnist_sparse"), 60000, "tpu")
+    assert len(plan.group_lengths()) == 15
+    assert plan.compiled_lengths() == [4, 8, 16, 32, 64]
