@@ -5,13 +5,14 @@ A first version, to be replaced by hooks in the trainer's own setup: it rebuilds
 pieces (``plan.make_plan`` for the target's backend, ``durations.resolve``,
 ``optim.build_optimizer``, ``step_groups.make_step_fn``, ``step.make_train_steps`` / ``make_eval``,
 ``MeshParallel`` over the target's devices), so it can drift from the run. The dataset's shapes come
-from its prepared files' JSON (``streaming.read_sizes``), nothing is decoded. Differences it knows
+from its prepared files' JSON (``streaming.read_sizes``) or, for the registered experiments' datasets
+not prepared here, the TFDS catalog (``CATALOG``); nothing is decoded. Differences it knows
 of: only ``parallel.mode=jit`` and the resident pipeline; ``init.from`` / ``init.pretrain`` are
 ignored (they change values, not shapes).
 
 Functions (the names in aot.json):
 
-``train_steps``              the step group the loop calls (``_nL`` per group length L when the
+``train_steps``              the step group the loop calls (``_nL`` per call length L when the
                              device loop's trip count is compiled in, ``_xK`` per unrolled block K)
 ``train_steps_fixed_masks``  rollback guard with a mask-changing sparsity: groups with no mask update
 ``train_steps_guarded``      rollback guard: the per-step-guarded rerun of a non-finite group
@@ -25,9 +26,34 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["build_functions"]
+__all__ = ["build_functions", "dataset_sizes", "representatives", "CATALOG"]
 
 _REPORT_BATCH = 1000  # jaxaccel.compression measures each form in batches of this size
+
+# A compile needs a dataset's shapes, not its examples: for the registered experiments' datasets
+# that are not prepared on this machine, their sizes from the TFDS catalog
+# (name: kind, per-example image shape, classes, train and test examples).
+CATALOG = {
+    "cifar10": ("image", (32, 32, 3), 10, 50000, 10000),
+    "ag_news_subset": ("text", None, 4, 120000, 7600),
+    "speech_commands": ("audio", None, 12, 85511, 4890),
+}
+
+
+def dataset_sizes(name: str, data_dir: str | None, decoding: Any) -> tuple[Any, str]:
+    """``(sizes, source)``: the sizes of dataset ``name`` from its prepared files, else from
+    :data:`CATALOG` (source ``"TFDS catalog"``); DataError (exit 3) for any other absent dataset."""
+    from jaxaccel import streaming
+    from jaxaccel.data import DataError
+    try:
+        return streaming.read_sizes(name, data_dir, decoding), "prepared files"
+    except DataError:
+        if name not in CATALOG:
+            raise
+    kind, image_shape, classes, train, test = CATALOG[name]
+    shape, dtype = ((image_shape, "uint8") if kind == "image" else
+                    ((decoding.length(kind),), "int32" if kind == "text" else "int16"))
+    return streaming.DatasetSizes(name, None, kind, (), shape, dtype, classes, train, test), "TFDS catalog"
 
 
 def build_functions(cfg: Any, devices: list) -> tuple[dict[str, dict[str, Any]], dict[str, Any], Any]:
@@ -46,7 +72,6 @@ def build_functions(cfg: Any, devices: list) -> tuple[dict[str, dict[str, Any]],
     from jaxaccel import precision as prec
     from jaxaccel import sparsity
     from jaxaccel import step as step_lib
-    from jaxaccel import streaming
     from jaxaccel.config import ConfigError, QuantConfig
     from jaxaccel.models import build_model
     from jaxaccel.optim import build_optimizer
@@ -60,8 +85,8 @@ def build_functions(cfg: Any, devices: list) -> tuple[dict[str, dict[str, Any]],
     if cfg.data.pipeline == "stream":
         raise ConfigError("data.pipeline=stream is not compiled ahead of time yet: the AOT compile builds the "
                           "resident pipeline (data.pipeline=resident or auto)")
-    # The dataset's shapes from its prepared files' JSON: nothing is decoded.
-    sizes = streaming.read_sizes(cfg.data.name, cfg.data.dir, decoding_of(cfg))
+    # The dataset's shapes from its prepared files' JSON (or the catalog): nothing is decoded.
+    sizes, sizes_source = dataset_sizes(cfg.data.name, cfg.data.dir, decoding_of(cfg))
     if sizes is None:
         raise ConfigError(f"{cfg.data.name}: no prepared files to read the shapes from (tfds mock data?)")
     input_dtype = np.dtype(sizes.input_dtype)
@@ -99,7 +124,7 @@ def build_functions(cfg: Any, devices: list) -> tuple[dict[str, dict[str, Any]],
     if plan.loop == "unroll":
         variants = {f"_x{k}": {"unroll": k} for k in sorted({1, plan.steps_per_call})}
     elif plan.static_trip_count:
-        variants = {f"_n{n}": {"unroll": None, "trip_count": n} for n in plan.group_lengths()}
+        variants = {f"_n{n}": {"unroll": None, "trip_count": n} for n in plan.compiled_lengths()}
     else:
         variants = {"": {"unroll": None}}
     functions: dict[str, dict[str, Any]] = {}
@@ -110,11 +135,14 @@ def build_functions(cfg: Any, devices: list) -> tuple[dict[str, dict[str, Any]],
     def groups(name: str, group_tx) -> None:
         step_fn = make_step_fn(cfg, model.apply, group_tx, total, None)
         for suffix, variant in variants.items():
-            functions[name + suffix] = function(
-                step_lib.make_train_steps(step_fn, batch_size=cfg.train.batch_size, batch_sharding=par.batch_sharding,
-                                          step_key=step_key, **variant),
-                (state, inputs, labels, labels, index, index),
-                out_shardings=(state_sharding, par.replicated), donate_argnums=(0,))
+            fn = step_lib.make_train_steps(step_fn, batch_size=cfg.train.batch_size, batch_sharding=par.batch_sharding,
+                                           step_key=step_key, **variant)
+            args = (state, inputs, labels, labels, index, index)
+            if "trip_count" in variant:  # the measurement sums carried from call to call
+                sums = jax.eval_shape(fn.initial_sums, *args[:-1])
+                args = (*args, jax.tree.map(lambda a: sds(a.shape, a.dtype), sums))
+            functions[name + suffix] = function(fn, args, out_shardings=(state_sharding, par.replicated),
+                                                donate_argnums=(0,))
 
     if plan.guard == "rollback":
         groups("train_steps", build_optimizer(cfg, total, assume_finite=True))
@@ -153,4 +181,19 @@ def build_functions(cfg: Any, devices: list) -> tuple[dict[str, dict[str, Any]],
         "conv": plan.conv if hasattr(cfg.model, "conv") else None, "eval_conv": "xla", "guard": plan.guard,
         "int8_conv_result": prec.INT8_CONV_RESULT.get(platform, "float32"),
         "batch_size": cfg.train.batch_size, "eval_batch_size": eval_batch,
-        "pipeline": "resident", "data_bytes_per_device": int(sizes.resident_bytes)}, state
+        "pipeline": "resident", "data_bytes_per_device": int(sizes.resident_bytes),
+        "dataset_sizes_from": sizes_source}, state
+
+
+def representatives(names: list[str]) -> list[str]:
+    """``names`` with one step group per family: of the executables that differ only in their
+    compiled-in length (``train_steps_n4`` ... ``_n64``, ``_x1``/``_x10``), the longest. The others
+    are the same program with another trip count: a check that the run compiles at all need not
+    pay for each (each is a full XLA:TPU compile, ~30 s for a sparse MLP on 2 cores)."""
+    import re
+    longest: dict[str, tuple[int, str]] = {}
+    for name in names:
+        match = re.fullmatch(r"(.*)_[nx](\d+)", name)
+        family, length = (match.group(1), int(match.group(2))) if match else (name, 0)
+        longest[family] = max(longest.get(family, (-1, "")), (length, name))
+    return [name for _, name in longest.values()]

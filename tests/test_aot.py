@@ -264,3 +264,25 @@ def test_a_function_that_cannot_be_lowered_is_reported_not_raised():
     assert results["broken"]["problem"] == "does not compile"
     assert results["broken"]["error"].startswith("TypeError: cannot reshape array of shape (4,)")
     assert results["fine"]["argument_bytes"] == results["fine"]["output_bytes"] == 16
+
+
+def test_one_step_group_per_family_represents_the_run():
+    from jaxaccel import aot_run
+    names = ["train_steps_n4", "train_steps_n64", "train_steps_n16", "train_steps_guarded_x1",
+             "train_steps_guarded_x10", "copy_state", "eval", "report_float", "report_int8"]
+    assert aot_run.representatives(names) == ["train_steps_n64", "train_steps_guarded_x10", "copy_state", "eval",
+                                              "report_float", "report_int8"]
+
+
+def test_datasets_not_prepared_here_take_their_shapes_from_the_catalog(tmp_path):
+    from jaxaccel import aot_run
+    from jaxaccel.data import DataError, Decoding
+    sizes, source = aot_run.dataset_sizes("cifar10", str(tmp_path), Decoding())
+    assert source == "TFDS catalog"
+    assert (sizes.input_shape, sizes.input_dtype, sizes.num_classes, sizes.num_train) == ((32, 32, 3), "uint8", 10, 50000)
+    text, _ = aot_run.dataset_sizes("ag_news_subset", str(tmp_path), Decoding(max_length=64))
+    assert (text.input_shape, text.input_dtype) == ((64,), "int32")
+    prepared, source = aot_run.dataset_sizes("mnist", None, Decoding())
+    assert source == "prepared files" and prepared.num_train == 60000
+    with pytest.raises(DataError, match="not prepared"):
+        aot_run.dataset_sizes("imagenet2012", str(tmp_path), Decoding())
