@@ -247,3 +247,9 @@ def test_run_into_a_url_writes_there_resumes_there_and_matches_a_local_run(gcs, 
     runs = report.find_runs(["gs://bucket"])
     assert [str(r) for r in runs] == [URL]
     assert report.load_run(runs[0]).summary == summary
+
+
+def test_report_labels_runs_under_urls_like_local_ones(tmp_path):
+    urls = [storage.path("gs://bucket/sweep/a=1"), storage.path("gs://bucket/sweep/nested/a=2")]
+    local = [tmp_path / "sweep" / "a=1", tmp_path / "sweep" / "nested" / "a=2"]
+    assert report._labels(urls) == report._labels(local) == ["a=1", "nested/a=2"]
