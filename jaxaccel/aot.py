@@ -451,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(exp) != 1 or "topology" not in own:
         return _fail(2, "give exp=NAME and topology=TOPOLOGY (python -m jaxaccel.aot --help)")
     from jaxaccel import experiments
+    from jaxaccel import storage
     from jaxaccel.config import ConfigError
     from jaxaccel.data import DataError
     try:
@@ -469,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(3, str(e))
     results = compile_functions(built.functions, target.device_memory_bytes)
     report = build_report(target, devices, built.plan, built.state, results)
-    workdir = Path(cfg.workdir or f"runs/{cfg.experiment}")
+    workdir = storage.path(cfg.workdir or f"runs/{cfg.experiment}")
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "aot.json").write_text(json.dumps(report, indent=1))
     print(format_table(report))

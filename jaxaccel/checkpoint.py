@@ -10,6 +10,7 @@ as a non-finite loss thousands of steps later.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxaccel import storage
 from jaxaccel.parallel import checksum
 
 __all__ = ["Checkpointer", "CheckpointMismatch", "CheckpointUnreadable", "CheckpointCorrupt", "checksums"]
@@ -121,11 +123,14 @@ class _Manager(ocp.CheckpointManager):
 class Checkpointer:
     """Saves and restores the train state under ``directory``."""
 
-    def __init__(self, directory: str | Path, max_to_keep: int):
+    def __init__(self, directory: str | storage.StoragePath, max_to_keep: int):
         _quiet_background_failures()
+        # A URL reaches orbax as the text given: orbax picks its commit protocol from the scheme (on
+        # gs:// a commit_success file, as an object store cannot rename a directory atomically) and
+        # TensorStore its driver. A local path is made absolute, as it always was.
+        target = os.fspath(directory) if storage.is_url(directory) else Path(directory).absolute()
         self.manager = _Manager(
-            Path(directory).absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+            target, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -192,8 +197,10 @@ class Checkpointer:
         return {"shapes": {k: list(v) for k, v in _shapes(state).items()}, "checksums": checksums(state), **extra}
 
     def committed_steps(self) -> list[int]:
-        """Steps whose checkpoints are fully written, oldest first (read from the directory)."""
-        return sorted(int(p.name) for p in Path(self.manager.directory).iterdir() if p.name.isdigit())
+        """Steps whose checkpoints are fully written, oldest first (read from the directory, with
+        orbax's own test of a finished checkpoint: renamed from its temporary name on a local
+        disk, holding its commit_success file on GCS)."""
+        return sorted(ocp.step.checkpoint_steps(self.manager.directory))
 
     def meta(self, step: int) -> dict[str, Any]:
         """The JSON record saved with checkpoint ``step``."""

@@ -20,11 +20,11 @@ returns logits ``[N, num_classes]``, computed with int32 accumulation for int8 e
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from jaxaccel import storage
 
 __all__ = ["save", "load", "ExportedModel", "FORMAT_VERSION", "compress_params", "flatten_params"]
 
@@ -64,24 +64,18 @@ def _form(meta: dict[str, Any], quantized: bool) -> str:
     return "+".join(f for f, on in (("sparse", sparse), ("int8", quantized)) if on) or "dense"
 
 
-def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def save(directory: str | Path, params: Any, *, model: dict[str, Any], num_classes: int,
+def save(directory: str | storage.StoragePath, params: Any, *, model: dict[str, Any], num_classes: int,
          image_shape: tuple[int, ...], input_dtype: str = "uint8", precision: dict[str, Any] | None = None,
          quant: dict[str, Any] | None = None) -> tuple[int, str]:
     """Write the export; returns (``compressed_bytes``, the size of the compressed arrays; the form)."""
     from jaxaccel.sparsity import export as sparse_export
 
-    directory = Path(directory)
+    directory = storage.path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     arrays, tensors = compress_params(params, quant)
     quantized = bool(quant and quant["mode"] != "none")
-    _atomic_savez(directory / "params.npz", flatten_params(params))
-    _atomic_savez(directory / "compressed.npz", arrays)
+    storage.write_npz(directory / "params.npz", flatten_params(params))
+    storage.write_npz(directory / "compressed.npz", arrays)
     form = _form(tensors, quantized)
     (directory / "model.json").write_text(json.dumps({
         "format_version": FORMAT_VERSION, "form": form, "model": model,
@@ -132,11 +126,11 @@ class ExportedModel:
         return SparseMLP(self._arrays, self.meta["tensors"], route=route)
 
 
-def load(path: str | Path) -> ExportedModel:
+def load(path: str | storage.StoragePath) -> ExportedModel:
     """Load an export directory written by :func:`save` (or a run's workdir, which holds export/)."""
     from jaxaccel.sparsity import export as sparse_export
 
-    path = Path(path)
+    path = storage.path(path)
     if not (path / "model.json").exists() and (path / "export" / "model.json").exists():
         path = path / "export"
     if not (path / "model.json").exists():
@@ -145,8 +139,7 @@ def load(path: str | Path) -> ExportedModel:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"export {path} has format_version {meta.get('format_version')}; "
                          f"this jaxaccel reads {FORMAT_VERSION}: export it again with this version")
-    with np.load(path / "compressed.npz") as npz:
-        arrays = {k: npz[k] for k in npz.files}
+    arrays = storage.read_npz(path / "compressed.npz")
     scales = {k[len(_SCALE):]: v for k, v in arrays.items() if k.startswith(_SCALE)}
     params = sparse_export.decompress({k: v for k, v in arrays.items() if not k.startswith(_SCALE)},
                                       meta["tensors"])

@@ -10,7 +10,6 @@ in :mod:`jaxaccel.pipeline`.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ import orbax.checkpoint as ocp
 
 from jaxaccel import export as export_lib
 from jaxaccel import paths
+from jaxaccel import storage
 from jaxaccel.config import ConfigError
 
 __all__ = ["load_init_params"]
@@ -25,13 +25,13 @@ __all__ = ["load_init_params"]
 
 def _source_params(path: str) -> Any:
     """The parameter tree stored at ``path``: an export, or the latest checkpoint of a run."""
-    src = Path(path)
+    src = storage.path(path)
     if (src / "model.json").exists() or (src / "export" / "model.json").exists():
         return export_lib.load(src).params
     if not src.exists():
         raise ConfigError(f"init.from={path}: no such file or directory")
     ckpt_dir = src / "checkpoints" if (src / "checkpoints").exists() else src
-    with ocp.CheckpointManager(ckpt_dir.absolute()) as mngr:
+    with ocp.CheckpointManager(ckpt_dir if storage.is_url(ckpt_dir) else ckpt_dir.absolute()) as mngr:
         if mngr.latest_step() is None:
             raise ConfigError(f"init.from={path}: no checkpoint or export found there")
         restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))

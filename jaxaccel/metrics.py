@@ -5,6 +5,11 @@ each step once, as if the run had never stopped. The TensorBoard events of a res
 new event file that starts with a purge marker at the resume step + 1 (``purge_step`` of
 tensorboardX): TensorBoard then hides the older events from that step on, so its curves show each
 step once too (a raw reader of the files sees both).
+
+In a URL workdir (``gs://...``) both files go through :mod:`jaxaccel.storage`: an object store
+cannot append, so each line's flush rewrites the whole object (one upload of the file so far per
+log line; the lines written before a checkpoint are stored when it is). TensorBoard's event files
+take the same route, through a tensorboardX writer factory for the URL's scheme.
 """
 from __future__ import annotations
 
@@ -14,11 +19,11 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from jaxaccel import storage
 from jaxaccel.config import ConfigError
 
 __all__ = ["MetricsWriter", "Progress", "tensorboard_enabled"]
@@ -51,21 +56,41 @@ def _summary_writer_class():
     return SummaryWriter
 
 
+class _EventFilesThroughStorage:
+    """A tensorboardX writer factory: event files under a URL written through
+    :mod:`jaxaccel.storage`, as the run's other files are (not through tensorboardX's own GCS and S3
+    writers, which would need google-cloud-storage or boto3 besides)."""
+
+    def open(self, location: str):
+        return storage.open_write(storage.path(location), binary=True)
+
+    def directory_check(self, location: str) -> None:
+        storage.path(location).mkdir(parents=True, exist_ok=True)
+
+
+def _route_event_files(location: storage.StoragePath) -> None:
+    """Send tensorboardX's event files for ``location``'s URL scheme through :mod:`jaxaccel.storage`."""
+    from tensorboardX import record_writer
+    record_writer.register_writer_factory(os.fspath(location).split("://", 1)[0], _EventFilesThroughStorage())
+
+
 class MetricsWriter:
     """Appends one JSON object per line to ``path`` and, with ``tensorboard``, each number of it as
     a TensorBoard scalar ``<split>/<key>`` (split ``train`` for training lines) in the same folder."""
 
-    def __init__(self, path: str | Path, resume_step: int | None = None, tensorboard: bool = False):
-        self.path = Path(path)
+    def __init__(self, path: str | storage.StoragePath, resume_step: int | None = None, tensorboard: bool = False):
+        self.path = storage.path(path)
         lines = self.path.read_text().splitlines() if self.path.exists() and resume_step is not None else []
         kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= resume_step]
         self.path.write_text("".join(l + "\n" for l in kept))
         # A run resumed at a step it already logged (its last one) must not log that step twice.
         self._logged = {(r.get("step"), r.get("split", "train")) for r in map(json.loads, kept)}
-        self._file: TextIO = self.path.open("a")
+        self._file: TextIO = storage.open_append(self.path)
         self._events = None
         if tensorboard:
             SummaryWriter = _summary_writer_class()
+            if storage.is_url(self.path):
+                _route_event_files(self.path)
             # The pid keeps a quick restart from reusing the previous file's name (seconds + host).
             self._events = SummaryWriter(str(self.path.parent), filename_suffix=f".{os.getpid()}",
                                          purge_step=None if resume_step is None else resume_step + 1)

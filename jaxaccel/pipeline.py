@@ -6,17 +6,18 @@ and the run starts from it. Everything else is one run of :func:`jaxaccel.traine
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 from jaxaccel import experiments
 from jaxaccel import trainer
 from jaxaccel.config import Config, ConfigError
+from jaxaccel.setup import workdir_of
+from jaxaccel.storage import StoragePath
 
 __all__ = ["train", "with_pretraining"]
 
 
-def with_pretraining(cfg: Config, workdir: Path, message: Callable[[str], None]) -> Config:
+def with_pretraining(cfg: Config, workdir: StoragePath, message: Callable[[str], None]) -> Config:
     """``cfg`` with ``init.from`` set to the run ``init.pretrain`` describes, trained first into
     ``workdir/pretrained`` unless its summary is already there. The pretraining run shares the
     seed, data directories, parallel and distributed settings of ``cfg``."""
@@ -44,6 +45,6 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict[str, Any]:
     A run whose workdir already has checkpoints resumes from the latest one.
     """
     if cfg.init.pretrain and not cfg.init.from_:
-        cfg = with_pretraining(cfg, Path(cfg.workdir or f"runs/{cfg.experiment or 'run'}"),
+        cfg = with_pretraining(cfg, workdir_of(cfg),
                                lambda text: print(text, flush=True))
     return trainer.train(cfg, overrides)

@@ -4,7 +4,8 @@
 
 Each RUN_DIR is a run directory (it holds ``config.json``, ``metrics.jsonl`` and, once finished,
 ``summary.json``) or any directory above runs, such as the one ``python -m jaxaccel.sweep``
-writes: it is searched for the runs inside. Writes into ``--out`` (default ``report``):
+writes: it is searched for the runs inside. RUN_DIRs may be URLs (``gs://bucket/runs``, read
+through :mod:`jaxaccel.storage`). Writes into ``--out`` (a local directory, default ``report``):
 
 - ``report.md``: one row per run (experiment, test accuracy, sparsity, compressed size, examples/s,
   training seconds, steps), the failed points of a sweep, and the plots below;
@@ -23,8 +24,11 @@ import dataclasses
 import json
 import os
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+
+from jaxaccel import storage
+from jaxaccel.storage import StoragePath
 
 __all__ = ["Run", "find_runs", "load_run", "table", "failed_points", "plot", "main"]
 
@@ -35,36 +39,36 @@ _FORMS = {"dense_fp32": ("dense fp32", "o"), "sparse": ("sparse", "s"), "int8": 
 @dataclasses.dataclass
 class Run:
     """What one run directory holds; ``summary`` is empty for an unfinished run."""
-    path: Path
+    path: StoragePath
     label: str
     experiment: str
     metrics: list[dict[str, Any]]
     summary: dict[str, Any]
 
 
-def _is_run(path: Path) -> bool:
+def _is_run(path: StoragePath) -> bool:
     return (path / "config.json").exists() or (path / "metrics.jsonl").exists()
 
 
-def find_runs(paths: list[str | Path]) -> list[Path]:
-    """The run directories named by ``paths``: each one itself if it is a run, else the runs under
-    it (not descending into a run, whose ``pretrained/`` belongs to it)."""
+def find_runs(paths: list[str | StoragePath]) -> list[StoragePath]:
+    """The run directories named by ``paths`` (local or URLs, ``gs://bucket/runs``): each one
+    itself if it is a run, else the runs under it (not descending into a run, whose
+    ``pretrained/`` belongs to it)."""
     found = []
-    for path in map(Path, paths):
+    for path in map(storage.path, paths):
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no such directory")
         if _is_run(path):
             found.append(path)
             continue
-        for root, dirs, _ in os.walk(path):
-            dirs.sort()
-            if _is_run(Path(root)):
-                found.append(Path(root))
+        for root, dirs in storage.walk_dirs(path):
+            if _is_run(root):
+                found.append(root)
                 dirs.clear()
     return found
 
 
-def load_run(path: Path, label: str | None = None) -> Run:
+def load_run(path: StoragePath, label: str | None = None) -> Run:
     """Read one run directory (any of its three files may be missing)."""
     def read_json(name):
         file = path / name
@@ -76,12 +80,22 @@ def load_run(path: Path, label: str | None = None) -> Run:
     return Run(path, label or path.name, experiment, [json.loads(l) for l in lines if l.strip()], summary)
 
 
-def _labels(paths: list[Path]) -> list[str]:
+def _labels(paths: list[StoragePath]) -> list[str]:
     """Short unique names: the paths relative to their common parent."""
     if len(paths) == 1:
         return [paths[0].name or str(paths[0])]
-    common = Path(os.path.commonpath([p.resolve() for p in paths]))
-    return [str(p.resolve().relative_to(common)) or p.name for p in paths]
+    full = [_absolute(p) for p in paths]
+    common = Path(os.path.commonpath(full))
+    return [str(f.relative_to(common)) or p.name for f, p in zip(full, paths)]
+
+
+def _absolute(path: StoragePath) -> PurePosixPath:
+    """A local path resolved; a URL as the path ``/scheme/bucket/...``, so URLs and local paths
+    share one kind of common parent (``os.path.commonpath`` would fold ``gs://`` into ``gs:/``)."""
+    if storage.is_url(path):
+        scheme, rest = str(path).split("://", 1)
+        return PurePosixPath("/", scheme, rest)
+    return path.resolve()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,14 +122,14 @@ def table(runs: list[Run]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def failed_points(paths: list[str | Path]) -> str:
+def failed_points(paths: list[str | StoragePath]) -> str:
     """Markdown lines for the failed points of the sweeps (``sweep.json``) among ``paths``."""
     lines = []
-    for path in map(Path, paths):
+    for path in map(storage.path, paths):
         if (path / "sweep.json").exists():
             for point in json.loads((path / "sweep.json").read_text())["points"]:
                 if point["exit_status"]:
-                    log = Path(point["workdir"]) / "run.log"
+                    log = storage.path(point["workdir"]) / "run.log"
                     last = log.read_text().strip().splitlines()[-1:] if log.exists() else []
                     lines.append(f"- `{' '.join(point.get('swept', point['overrides']))}`: exit {point['exit_status']}: "
                                  f"{' '.join(last)} ({log})")
@@ -270,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _require_matplotlib()  # fail before reading anything
         paths = find_runs(args.runs)
-    except (ImportError, FileNotFoundError) as e:
+    except (ImportError, FileNotFoundError, storage.UnsupportedURL) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not paths:

@@ -23,6 +23,7 @@ from jaxaccel import finetune
 from jaxaccel import prepare
 from jaxaccel import streaming
 from jaxaccel import step as step_lib
+from jaxaccel import storage
 from jaxaccel.checkpoint import Checkpointer
 from jaxaccel.config import Config, ConfigError
 from jaxaccel.models import build_model, input_problem
@@ -55,9 +56,10 @@ class Setup:
     step_key: jax.Array
 
 
-def workdir_of(cfg: Config) -> Path:
-    """Where the run writes: ``workdir``, default ``runs/<experiment>``."""
-    return Path(cfg.workdir or f"runs/{cfg.experiment or 'run'}")
+def workdir_of(cfg: Config) -> storage.StoragePath:
+    """Where the run writes: ``workdir``, default ``runs/<experiment>``; a URL (``gs://bucket/run``)
+    stays one (an ``epath.Path``, see :mod:`jaxaccel.storage`)."""
+    return storage.path(cfg.workdir or f"runs/{cfg.experiment or 'run'}")
 
 
 def decoding_of(cfg: Config) -> data_lib.Decoding:

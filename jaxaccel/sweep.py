@@ -10,7 +10,8 @@ swept keys run their cartesian product. Every other ``key=value`` applies to all
 Each point runs as ``python -m jaxaccel.run`` in a subprocess (a failing point cannot take the
 others down) into ``DIR/<key>=<value>[,...]`` (default DIR: ``runs/sweep_<exp>``), with its output
 in ``run.log`` there; ``DIR/sweep.json`` lists the points and their exit status. Then
-``python -m jaxaccel.report DIR`` tabulates and plots them. All points are validated before the
+``python -m jaxaccel.report DIR`` tabulates and plots them. DIR may be a URL (``gs://bucket/sweep``):
+each ``run.log`` is then written locally and uploaded when its point ends. All points are validated before the
 first runs. Running the same sweep again resumes each point from its checkpoints (a finished point
 is only evaluated and exported again). Exit status: 0 all points done, 2 bad command line or
 config, 1 a point failed.
@@ -27,11 +28,12 @@ import sys
 import time
 import types
 import typing
-from pathlib import Path
 from typing import Any
 
 from jaxaccel import experiments
+from jaxaccel import storage
 from jaxaccel.config import ConfigError, field_info, parse_overrides
+from jaxaccel.storage import StoragePath
 
 __all__ = ["points", "main"]
 
@@ -80,16 +82,17 @@ def _dirname(swept: list[str]) -> str:
     return re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)
 
 
-def _run_point(exp: str, point: list[str], workdir: Path) -> int:
+def _run_point(exp: str, point: list[str], workdir: StoragePath) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "jaxaccel.run", f"exp={exp}", *point, f"workdir={workdir}"]
-    with (workdir / "run.log").open("w") as log:
+    # The run's output goes to a real file; in a URL workdir it is uploaded as run.log when the point ends.
+    with storage.staged(workdir / "run.log") as log_path, log_path.open("w") as log:
         log.write(" ".join(command) + "\n")
         log.flush()
         return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ).returncode
 
 
-def _tail(path: Path, lines: int = 3) -> str:
+def _tail(path: StoragePath, lines: int = 3) -> str:
     return "\n".join("    " + l for l in path.read_text().splitlines()[-lines:])
 
 
@@ -108,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         fixed, todo = points(overrides)
         for swept in todo:  # every point must be a valid config before any runs
             experiments.override(experiments.get(name), fixed + swept)
+        out = storage.path(parsed.out or f"runs/sweep_{name}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(parsed.out or f"runs/sweep_{name}")
     results = []
     for i, swept in enumerate(todo, 1):
         workdir = out / _dirname(swept)
@@ -129,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"swept": swept, "overrides": fixed + swept, "workdir": str(workdir), "exit_status": code, "seconds": seconds})
     (out / "sweep.json").write_text(json.dumps({"experiment": name, "points": results}, indent=2))
     failed = [r for r in results if r["exit_status"] != 0]
+    report_out = "report" if storage.is_url(out) else out / "report"  # the report writes locally
     print(f"{len(results) - len(failed)} of {len(results)} points done; "
-          f"report: python -m jaxaccel.report {out} --out {out / 'report'}")
+          f"report: python -m jaxaccel.report {out} --out {report_out}")
     return 1 if failed else 0
 
 

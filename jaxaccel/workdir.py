@@ -6,8 +6,13 @@ whole duration. The kernel drops the lock when the process ends however it ends 
 included), so a lock left by a killed run never blocks the restart. Each process of a
 multi-process run locks its own index, so the processes of one run share the workdir while a
 second run's processes are refused. The lock file holds who has it (pid, host, command) while
-it is held, and is removed when released. URL workdirs (``gs://...``) are not locked: object
-stores have no such locks.
+it is held, and is removed when released.
+
+A URL workdir (``gs://...``) is not held: object stores have no locks a dead process gives back.
+An object created only-if-absent (GCS can) would be one, but a killed run could not remove it, and
+it would then refuse the very restart a preempted run relies on; a lease renewed while the run
+lives is more machinery than the case is worth. So two runs into one URL workdir are not detected,
+and the run says so in one warning line rather than silently.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from jaxaccel import storage
 from jaxaccel.config import ConfigError
 
 __all__ = ["WorkdirError", "WorkdirBusy", "held", "check_writable", "lock_path"]
@@ -109,14 +115,22 @@ def _record(fd: int) -> None:
 
 
 @contextlib.contextmanager
-def held(workdir: str | Path, process_index: int = 0) -> Iterator[Path]:
+def held(workdir: str | storage.StoragePath, process_index: int = 0) -> Iterator[storage.StoragePath]:
     """Hold ``workdir`` for process ``process_index`` of a run for the duration of the block.
 
     Raises :class:`WorkdirError` if it is not a writable directory and :class:`WorkdirBusy`
     (naming the holder's pid, host and command) if another live run holds it; both exit 2.
+    A URL workdir is not held (see the module's docstring): process 0 prints a warning instead,
+    after checking that the package its scheme needs is installed
+    (:class:`jaxaccel.storage.StorageUnavailable`, exit 3).
     """
-    if "://" in str(workdir):  # an object store (gs://...) has no OS locks: such workdirs are not held
-        yield Path(workdir)
+    if storage.is_url(workdir):
+        workdir = storage.path(workdir)
+        storage.check_reachable(workdir)
+        if process_index == 0:
+            print(f"warning: workdir={workdir} is a URL: object stores have no locks, so another run writing "
+                  "the same workdir is not detected; start one run per URL workdir", flush=True)
+        yield workdir
         return
     workdir = Path(workdir)
     check_writable(workdir)
