@@ -143,7 +143,8 @@ def test_path_regexes_select_exactly_the_intended_ops():
     wrapped = intercept.wrap_apply(apply_and_score, precision=BF16, include=["Conv_1", "^Dense"], exclude=["Dense_1"])
     assert _ops(jax.make_jaxpr(wrapped)({"params": params}, x).jaxpr) == [F32, B16, B16, F32, F32]
     # precision.include is over parameter names, as for our layers: Conv_0's kernel only
-    only_conv0 = intercept.wrap_apply(UserCNN().apply, precision=BF16.model_copy(update={"include": ["^Conv_0/kernel$"]}))
+    conv0 = BF16.model_copy(update={"include": ["^Conv_0/kernel$"]})
+    only_conv0 = intercept.wrap_apply(UserCNN().apply, precision=conv0)
     assert _ops(jax.make_jaxpr(only_conv0)({"params": params}, x).jaxpr) == [B16, F32, F32, F32]
     assert _untouched()
 
@@ -200,7 +201,8 @@ def test_einsum_model_qat_equals_our_dense_qat_and_leaves_unselected_einsums_alo
     x = _normal((3, 6))
     params = {"params": _init(EinsumNet(), x)}
     user = intercept.wrap_apply(EinsumNet().apply, quant=QAT, include=["^Proj"])
-    y, y_ref, plain = jax.jit(lambda v: (user(v, x), EinsumNet(dense=True).apply(v, x), EinsumNet().apply(v, x)))(params)
+    y, y_ref, plain = jax.jit(lambda v: (user(v, x), EinsumNet(dense=True).apply(v, x),
+                                         EinsumNet().apply(v, x)))(params)
     np.testing.assert_array_equal(y, y_ref)  # and the attention einsums stayed unquantized (else they'd differ)
     assert float(jnp.abs(y - plain).max()) > 0
     grads = jax.jit(jax.grad(lambda v: jnp.sum(user(v, x) ** 2)))(params)
@@ -275,7 +277,8 @@ def test_nnx_mlp_qat_is_our_qat_mlp_bit_for_bit(nnx_mlp):
     def run(state, linen, flag):
         user_loss = lambda s: jnp.sum(user({"params": s}, x, quant_enabled=flag) ** 2)  # noqa: E731
         our_loss = lambda p: jnp.sum(ours.apply({"params": p}, images, quant_enabled=flag) ** 2)  # noqa: E731
-        return (user({"params": state}, x, quant_enabled=flag), ours.apply({"params": linen}, images, quant_enabled=flag),
+        return (user({"params": state}, x, quant_enabled=flag),
+                ours.apply({"params": linen}, images, quant_enabled=flag),
                 jax.grad(user_loss)(state), jax.grad(our_loss)(linen))
 
     y, y_ref, grads, grads_ref = run(state, linen, jnp.array(True))
@@ -323,6 +326,43 @@ def test_nnx_prepare_changes_nothing_outside_interception_and_is_required(nnx_ml
         jax.eval_shape(intercept.wrap_apply(_nnx_apply(lgraph), quant=QAT), {"params": _fill(lstate)},
                        jnp.zeros((2, 3)))
     assert _untouched()
+
+
+class NNXCNN(nnx.Module):
+    """nnx.Conv and nnx.Einsum hold their jax op too (bound at construction)."""
+
+    def __init__(self, *, rngs):
+        self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+        self.head = nnx.Einsum("bi,io->bo", (6 * 6 * 4, 10), (10,), rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.conv(x)).reshape(x.shape[0], -1))
+
+
+def test_nnx_conv_and_einsum_layers_are_reached_after_prepare():
+    graphdef, state = nnx.split(intercept.prepare_nnx(nnx.eval_shape(lambda: NNXCNN(rngs=nnx.Rngs(0)))))
+    state, x = _fill(state), jnp.zeros((2, 6, 6, 1))
+    for cfg, expected in ((dict(precision=BF16), [B16, B16]),
+                          (dict(precision=BF16, exclude=["^head$"]), [B16, ("float32",) * 3])):
+        wrapped = intercept.wrap_apply(_nnx_apply(graphdef), **cfg)
+        assert _ops(jax.make_jaxpr(wrapped)({"params": state}, x).jaxpr) == expected
+    assert _untouched()
+
+
+def test_linen_model_state_passes_through_and_only_the_output_is_cast():
+    class WithBatchNorm(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=True):
+            x = nn.BatchNorm(use_running_average=not train)(nn.Dense(4)(x))
+            return nn.Dense(3, use_bias=False)(x)  # bf16 result: cast to precision.output
+
+    x = jnp.zeros((2, 5))
+    variables = jax.eval_shape(WithBatchNorm().init, jax.random.key(0), x)
+    wrapped = intercept.wrap_apply(WithBatchNorm().apply, precision=BF16)
+    logits, state = jax.eval_shape(lambda v: wrapped(v, x, mutable=["batch_stats"]), variables)
+    assert logits.dtype == jnp.float32 and state["batch_stats"]["BatchNorm_0"]["mean"].dtype == jnp.float32
+    out16 = intercept.wrap_apply(WithBatchNorm().apply, precision=BF16.model_copy(update={"output": "bfloat16"}))
+    assert jax.eval_shape(lambda v: out16(v, x, train=False), variables).dtype == jnp.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------

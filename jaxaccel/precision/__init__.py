@@ -12,9 +12,8 @@ from jaxaccel.precision.policy import (
     dot_general)
 from jaxaccel.precision.quant import (
     INT8_CONV_RESULT, absmax_scale, dequantize, dequantize_params, fake_quant, fake_quant_apply, fake_quant_operands,
-    int8_apply, int8_conv,
-    int8_conv_accumulate, int8_conv_general_dilated, int8_dense, int8_dot_general, layer_kwargs, qmax, quant_conv_general_dilated,
-    quant_dot_general, quantize, quantize_params)
+    int8_apply, int8_conv, int8_conv_accumulate, int8_conv_general_dilated, int8_dense, int8_dot_general,
+    layer_kwargs, qmax, quant_conv_general_dilated, quant_dot_general, quantize, quantize_params)
 from jaxaccel.precision import intercept  # noqa: E402  (after policy/quant, which it uses)
 from jaxaccel.precision.intercept import prepare_nnx, wrap_apply
 

@@ -48,7 +48,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
 
 from jaxaccel.paths import matches
 from jaxaccel.precision import policy
