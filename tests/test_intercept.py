@@ -170,6 +170,38 @@ def test_a_selection_that_intercepts_nothing_is_an_error():
     assert _untouched()
 
 
+def test_the_train_step_runs_a_wrapped_user_model_with_quant_start_and_bf16():
+    """Through jaxaccel.step.train_step as the trainer calls it: params cast by the step, the
+    quant_enabled flag from quant.start, the loss-scale / guard wrapper around the optimizer."""
+    import optax
+
+    from jaxaccel.precision import with_precision
+    from jaxaccel.step import TrainState, train_step
+
+    images, labels = _images(8), jnp.asarray(np.arange(8) % 10, jnp.int32)
+    params = _init(UserCNN(), to_float(images))
+
+    def user_apply(variables, inputs, **kw):  # the user's model takes floats in [0, 1]
+        return UserCNN().apply(variables, to_float(inputs), **kw)
+
+    cfg = BF16.model_copy(update={"include": ["kernel$"]})
+    tx = with_precision(optax.sgd(0.1), cfg)
+    apply_fn = intercept.wrap_apply(user_apply, cfg, QAT)
+    # quant.start as a traced step number: one compiled step for every start (100: never within this test)
+    step = jax.jit(lambda state, start: train_step(state, {"inputs": images, "labels": labels}, jax.random.key(0),
+                                                   apply_fn=apply_fn, tx=tx, precision=cfg, quant_start_step=start))
+    state0 = TrainState.create(params, tx)
+    (state1, m0), (_, never0), (_, always0) = step(state0, 1), step(state0, 100), step(state0, 0)
+    (state2, m1), (_, always1) = step(state1, 1), step(state1, 0)
+    assert float(m0["loss"]) == float(never0["loss"]) != float(always0["loss"])  # step 0: not yet
+    assert float(m1["loss"]) == float(always1["loss"])                             # step 1: QAT on
+    assert float(m1["finite_steps"]) == 1.0 and float(m1["grad_norm"]) > 0
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state2.params))  # float32 master weights
+    ops = _ops(jax.make_jaxpr(lambda s: step(s, 1))(state0).jaxpr)
+    assert ops[:4] == [B16] * 4  # the forward pass (the convolutions' backward stays jax's, as in our layers)
+    assert _untouched()
+
+
 # ---------------------------------------------------------------------------------------------
 # einsum, and ops in the top-level module that are not selected.
 
