@@ -357,7 +357,9 @@ def wrap_apply(apply_fn: Callable, precision: Optional[PrecisionConfig] = None,
     The returned function takes the same arguments plus ``quant_enabled`` (bool or traced bool,
     default True: the trainer passes ``step >= quant.start``), which it does not pass on.
     Parameters and their pytree are untouched (the step's ``cast_params`` does the params cast).
-    With nothing to do (float32 policy, no QAT) ``apply_fn`` itself is returned.
+    With nothing to do (float32 policy, no QAT) ``apply_fn`` itself is returned. Our own models
+    take the policy and QAT through their layers: they are not wrapped (their custom ops call
+    ``lax.dot_general`` and would get ours on top).
     The first call raises :class:`~jaxaccel.schema.ConfigError` if the selection intercepts nothing
     or an ``include`` pattern matches no module that calls one of the ops.
     """
