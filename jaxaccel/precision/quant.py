@@ -45,8 +45,8 @@ from jaxaccel.precision import policy
 if TYPE_CHECKING:  # annotations only: config.py imports the models, which import this module
     from jaxaccel.config import PrecisionConfig, QuantConfig
 
-__all__ = ["qmax", "absmax_scale", "quantize", "dequantize", "fake_quant", "quant_dot_general",
-           "quant_conv_general_dilated", "layer_kwargs", "quantize_params", "dequantize_params",
+__all__ = ["qmax", "absmax_scale", "quantize", "dequantize", "fake_quant", "fake_quant_operands",
+           "quant_dot_general", "quant_conv_general_dilated", "layer_kwargs", "quantize_params", "dequantize_params",
            "int8_dot_general", "int8_conv_general_dilated", "int8_dense", "int8_conv",
            "fake_quant_apply", "int8_apply", "INT8_CONV_RESULT", "int8_conv_accumulate"]
 
@@ -135,7 +135,11 @@ def _gate(enabled: Union[bool, jax.Array], quantized: jax.Array, x: jax.Array) -
     return jnp.where(enabled, quantized, x)  # a traced flag (step >= start_step): no recompilation
 
 
-def _operands(cfg: QuantConfig, lhs, rhs, w_channels: tuple[int, ...], enabled):
+def fake_quant_operands(cfg: QuantConfig, lhs: jax.Array, rhs: jax.Array, w_channels: tuple[int, ...],
+                        enabled: Union[bool, jax.Array] = True) -> tuple[jax.Array, jax.Array]:
+    """QAT's two operands of a dot or convolution: the weight (``rhs``) fake-quantized per channel
+    over the axes ``w_channels`` (or per tensor), the activation (``lhs``) per tensor (or left
+    alone with ``activations: none``); ``enabled`` gates both (see :func:`quant_dot_general`)."""
     w_axis = w_channels if cfg.weights == "per_channel" else None
     rhs = _gate(enabled, fake_quant(rhs, cfg.bits, w_axis), rhs)
     if cfg.activations == "per_tensor":
@@ -154,7 +158,7 @@ def quant_dot_general(cfg: QuantConfig, base: Optional[Callable] = None,
     def dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
         (_, rc), _ = dimension_numbers
         w_channels = tuple(i for i in range(rhs.ndim) if i not in rc)
-        lhs, rhs = _operands(cfg, lhs, rhs, w_channels, enabled)
+        lhs, rhs = fake_quant_operands(cfg, lhs, rhs, w_channels, enabled)
         return base(lhs, rhs, dimension_numbers, precision=precision,
                     preferred_element_type=preferred_element_type, **kw)
 
@@ -169,7 +173,7 @@ def quant_conv_general_dilated(cfg: QuantConfig, base: Optional[Callable] = None
 
     def conv(lhs, rhs, window_strides, padding, *args, dimension_numbers=None, **kw):
         dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        lhs, rhs = _operands(cfg, lhs, rhs, (dn.rhs_spec[0],), enabled)
+        lhs, rhs = fake_quant_operands(cfg, lhs, rhs, (dn.rhs_spec[0],), enabled)
         return base(lhs, rhs, window_strides, padding, *args, dimension_numbers=dimension_numbers, **kw)
 
     return conv
