@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import difflib
 import re
+from collections.abc import Hashable
 from typing import Annotated, Any, Callable, Optional, Union
 
 import pydantic
@@ -54,14 +55,19 @@ class _Union:
     default: str
     member_key: Callable[[Any], Any] = lambda value: value  # key value -> its members key
 
+    def tag_of(self, value: Any) -> Any:
+        """The members key of the key value ``value`` (a value YAML made a list or map: its text)."""
+        key = self.member_key(value)
+        return key if isinstance(key, Hashable) else str(key)
+
     def member(self, value: Any) -> type[Section] | None:
         """The class the key value ``value`` selects (None: none)."""
-        return self.members.get(self.member_key(value))
+        return self.members.get(self.tag_of(value))
 
     def annotation(self) -> Any:
         def tag(value: Any) -> Any:
             raw = value.get(self.key, self.default) if isinstance(value, dict) else getattr(value, self.key, None)
-            return self.member_key(raw)
+            return self.tag_of(raw)
         return Annotated[Union[tuple(Annotated[cls, Tag(name)] for name, cls in self.members.items())],
                          Discriminator(tag)]
 

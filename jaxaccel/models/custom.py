@@ -129,8 +129,8 @@ def is_user_model(model: Any) -> bool:
 def _accepts(fn: Callable, name: str) -> bool:
     """Whether ``fn`` has a parameter called ``name`` (``**kwargs`` alone does not count: a factory
     is given only what it names)."""
-    try:
-        return name in inspect.signature(fn).parameters
+    try:  # a class: its __init__ (NNX's metaclass hides it behind *args, **kwargs)
+        return name in inspect.signature(fn.__init__ if isinstance(fn, type) else fn).parameters
     except (TypeError, ValueError):
         return False
 
@@ -178,7 +178,7 @@ def _pure(state: nnx.State) -> dict[str, Any]:
 
 def _state(template: list[tuple[tuple, Any]], pure: dict[str, Any]) -> nnx.State:
     flat = traverse_util.flatten_dict(pure) if pure else {}
-    return nnx.State.from_flat_path({p: v.replace(flat[tuple(map(str, p))]) for p, v in template})
+    return nnx.from_flat_state({p: v.copy(flat[tuple(map(str, p))]) for p, v in template})
 
 
 def _fresh_rngs(template: list[tuple[tuple, Any]], key: jax.Array) -> nnx.State:
@@ -188,10 +188,10 @@ def _fresh_rngs(template: list[tuple[tuple, Any]], key: jax.Array) -> nnx.State:
         if isinstance(v, nnx.RngKey):
             k = jax.random.fold_in(key, i)
             shape = tuple(v.get_value().shape)
-            out[p] = v.replace(jax.random.split(k, shape) if shape else k)
+            out[p] = v.copy(jax.random.split(k, shape) if shape else k)
         else:
-            out[p] = v.replace(jnp.zeros(v.get_value().shape, v.get_value().dtype))
-    return nnx.State.from_flat_path(out)
+            out[p] = v.copy(jnp.zeros(v.get_value().shape, v.get_value().dtype))
+    return nnx.from_flat_state(out)
 
 
 def _lower_nnx_convs(module: nnx.Module) -> None:
