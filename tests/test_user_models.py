@@ -228,6 +228,21 @@ def test_nnx_model_with_batch_statistics_resumes_bitwise(tmp_path, mnist):
             np.testing.assert_array_equal(again[key], arrays[key])
 
 
+def test_nm_sparsity_names_a_layer_too_small_and_refuses_an_inexact_axis(tmp_path, capsys):
+    """exp=mnist_nm on user models: the first conv (1 input channel < m=4) is named in the run's
+    output and left dense; a hidden width of 10 (not a multiple of 4) is refused, exit 2."""
+    short = ["sparsity.start=5", "train.steps=10", "train.log_every_steps=5"]
+    summary = jaxaccel.train(_override("mnist_nm", *short, f"workdir={tmp_path / 'cnn'}"), model=um.NNXCNN)
+    out = capsys.readouterr().out
+    assert "warning: conv/kernel [3, 3, 1, 4]: its contracting axis has 1 < m=4 entries, so 2:4 leaves it dense" in out
+    assert summary["steps"] == 10
+    result = run_cli("exp=mnist_nm", "model.name=tests.user_models:NNXMLP", "model.kwargs={hidden: 10}", *short,
+                     f"workdir={tmp_path / 'mlp'}", env={"PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "layers/1/kernel [10, 10]: contracting axis of 10, not a multiple of m=4, would get sparsity 0.4000" \
+        in result.stderr and "Traceback" not in result.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # Sweep and report.
 

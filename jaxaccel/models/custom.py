@@ -52,7 +52,7 @@ _FALSE_WHEN_TRAINING = ("deterministic", "use_running_average")
 
 
 class ImportedModelConfig(ModelConfig):
-    """A linen or NNX model named by its import path ``package.module:Attribute``."""
+    """Your own linen or NNX model, named by its import path (README: "Your own model")."""
     name: str = Field(..., pattern=_PATH.pattern,
                       description="package.module:Attribute of a linen/NNX module class, instance or factory.")
     kwargs: dict[str, Any] = Field({}, description="Keyword arguments of the class or factory.")
