@@ -228,14 +228,18 @@ def test_nnx_model_with_batch_statistics_resumes_bitwise(tmp_path, mnist):
             np.testing.assert_array_equal(again[key], arrays[key])
 
 
-def test_nm_sparsity_names_a_layer_too_small_and_refuses_an_inexact_axis(tmp_path, capsys):
+def test_nm_sparsity_names_a_layer_too_small_and_refuses_an_inexact_axis(tmp_path):
     """exp=mnist_nm on user models: the first conv (1 input channel < m=4) is named in the run's
     output and left dense; a hidden width of 10 (not a multiple of 4) is refused, exit 2."""
     short = ["sparsity.start=5", "train.steps=10", "train.log_every_steps=5"]
-    summary = jaxaccel.train(_override("mnist_nm", *short, f"workdir={tmp_path / 'cnn'}"), model=um.NNXCNN)
-    out = capsys.readouterr().out
-    assert "warning: conv/kernel [3, 3, 1, 4]: its contracting axis has 1 < m=4 entries, so 2:4 leaves it dense" in out
-    assert summary["steps"] == 10
+    result = run_cli("exp=mnist_nm", "model.name=tests.user_models:NNXCNN", *short, f"workdir={tmp_path / 'cnn'}",
+                     env={"PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "warning: conv/kernel [3, 3, 1, 4]: its contracting axis has 1 < m=4 entries, so 2:4 leaves it dense" \
+        in result.stdout
+    summary = json.loads((tmp_path / "cnn" / "summary.json").read_text())
+    dense_conv = 36 / (36 + 784 * 10)  # the conv's share of the prunable weights stays dense
+    assert summary["sparsity"] == pytest.approx(0.5 * (1 - dense_conv), abs=1e-6)
     result = run_cli("exp=mnist_nm", "model.name=tests.user_models:NNXMLP", "model.kwargs={hidden: 10}", *short,
                      f"workdir={tmp_path / 'mlp'}", env={"PYTHONPATH": str(ROOT)})
     assert result.returncode == 2, result.stderr[-2000:]
