@@ -21,14 +21,15 @@ import copy
 import dataclasses
 import difflib
 import re
-from typing import Annotated, Any, Optional, Union
+from collections.abc import Hashable
+from typing import Annotated, Any, Callable, Optional, Union
 
 import pydantic
 import yaml
 from pydantic import BaseModel, Discriminator, Field, StrictInt, Tag
 
 from jaxaccel.models import REGISTRY as MODELS
-from jaxaccel.models import MLPConfig, ModelConfig
+from jaxaccel.models import MLPConfig, ModelConfig, registry_key
 from jaxaccel.schema import ConfigError, Section
 from jaxaccel.sections import (AugmentConfig, CheckpointConfig, DataConfig, DistributedConfig, InitConfig,
                                OptimConfig, ParallelConfig, PrecisionConfig, QuantConfig, TrainConfig)
@@ -52,10 +53,21 @@ class _Union:
     key: str
     members: dict[str, type[Section]]  # key value -> its class
     default: str
+    member_key: Callable[[Any], Any] = lambda value: value  # key value -> its members key
+
+    def tag_of(self, value: Any) -> Any:
+        """The members key of the key value ``value`` (a value YAML made a list or map: its text)."""
+        key = self.member_key(value)
+        return key if isinstance(key, Hashable) else str(key)
+
+    def member(self, value: Any) -> type[Section] | None:
+        """The class the key value ``value`` selects (None: none)."""
+        return self.members.get(self.tag_of(value))
 
     def annotation(self) -> Any:
         def tag(value: Any) -> Any:
-            return value.get(self.key, self.default) if isinstance(value, dict) else getattr(value, self.key, None)
+            raw = value.get(self.key, self.default) if isinstance(value, dict) else getattr(value, self.key, None)
+            return self.tag_of(raw)
         return Annotated[Union[tuple(Annotated[cls, Tag(name)] for name, cls in self.members.items())],
                          Discriminator(tag)]
 
@@ -66,7 +78,7 @@ class _Union:
         return list(dict.fromkeys(f for cls in self.members.values() for f in self.fields(cls)))
 
 
-_UNIONS = {u.section: u for u in (_Union("model", "name", MODELS, "mlp"),
+_UNIONS = {u.section: u for u in (_Union("model", "name", MODELS, "mlp", registry_key),
                                    _Union("sparsity", "method", SPARSITY_METHODS, "none"))}
 
 
@@ -121,7 +133,7 @@ def from_saved(section: str, fields: dict[str, Any]) -> Section:
                 fields[new] = value
     if section in _UNIONS:
         union = _UNIONS[section]
-        chosen = union.members.get(fields.get(union.key, union.default))
+        chosen = union.member(fields.get(union.key, union.default))
         if chosen is not None:
             fields = {k: v for k, v in fields.items() if k == union.key or k in union.fields(chosen)}
         return _member(section, fields)
@@ -262,7 +274,7 @@ def apply_overrides(tree: dict[str, Any], pairs: list[tuple[str, Any]]) -> dict[
         node[parts[-1]] = value
     for union in _UNIONS.values():
         node = tree.get(union.section)
-        chosen = union.members.get(node.get(union.key)) if isinstance(node, dict) else None
+        chosen = union.member(node.get(union.key)) if isinstance(node, dict) else None
         if chosen is None or all(k != f"{union.section}.{union.key}" for k, _ in pairs):
             continue
         given = {k.split(".", 2)[1] for k, _ in pairs if k.startswith(union.section + ".")}
@@ -310,9 +322,6 @@ def _describe(error: dict[str, Any], key: str) -> str:
     if error["type"] == "union_tag_invalid":
         union = _UNIONS[key]
         tag = error["ctx"]["tag"]
-        if union.section == "model" and ":" in str(tag):
-            return (f"model.name={tag!r}: a model given by import path is not supported yet; "
-                    f"choose one of {', '.join(union.members)}")
         close = difflib.get_close_matches(str(tag), list(union.members), n=1)
         return (f"{key}.{union.key}={tag!r} is invalid: choose one of {', '.join(union.members)}"
                 + (f" (did you mean {close[0]}?)" if close else ""))

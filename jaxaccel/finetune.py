@@ -24,10 +24,11 @@ __all__ = ["load_init_params"]
 
 
 def _source_params(path: str) -> Any:
-    """The parameter tree stored at ``path``: an export, or the latest checkpoint of a run."""
+    """The parameter tree stored at ``path``: an export (its float parameters: no model is built,
+    nothing it names is imported), or the latest checkpoint of a run."""
     src = storage.path(path)
     if (src / "model.json").exists() or (src / "export" / "model.json").exists():
-        return export_lib.load(src).params
+        return export_lib.load_params(src)
     if not src.exists():
         raise ConfigError(f"init.from={path}: no such file or directory")
     ckpt_dir = src / "checkpoints" if (src / "checkpoints").exists() else src

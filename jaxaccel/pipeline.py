@@ -14,7 +14,7 @@ from jaxaccel.config import Config, ConfigError
 from jaxaccel.setup import workdir_of
 from jaxaccel.storage import StoragePath
 
-__all__ = ["train", "with_pretraining"]
+__all__ = ["train", "with_pretraining", "with_model"]
 
 
 def with_pretraining(cfg: Config, workdir: StoragePath, message: Callable[[str], None]) -> Config:
@@ -38,12 +38,25 @@ def with_pretraining(cfg: Config, workdir: StoragePath, message: Callable[[str],
     return cfg.model_copy(update={"init": cfg.init.model_copy(update={"from_": str(target)})})
 
 
-def train(cfg: Config, overrides: list[str] | None = None) -> dict[str, Any]:
+def with_model(cfg: Config, model: Any) -> Config:
+    """``cfg`` training ``model`` (a linen module class, instance or factory, or an NNX module class,
+    instance or factory) instead of its ``model`` section's. config.json and model.json name it by
+    its qualified name; ``model.kwargs`` and ``model.conv`` of an import-path section carry over."""
+    from jaxaccel.models import ImportedModelConfig, object_config
+    section = cfg.model if isinstance(cfg.model, ImportedModelConfig) else None
+    chosen = object_config(model, section.kwargs if section else None, section.conv if section else "auto")
+    return cfg.model_copy(update={"model": chosen})
+
+
+def train(cfg: Config, overrides: list[str] | None = None, *, model: Any = None) -> dict[str, Any]:
     """Train the run ``cfg`` describes (after its ``init.pretrain`` run, if any); returns the summary.
 
     ``overrides`` (the command-line ``key=value`` strings, if any) are recorded in config.json.
+    ``model``: your own model instead of ``cfg.model`` (see :func:`with_model`).
     A run whose workdir already has checkpoints resumes from the latest one.
     """
+    if model is not None:
+        cfg = with_model(cfg, model)
     if cfg.init.pretrain and not cfg.init.from_:
         cfg = with_pretraining(cfg, workdir_of(cfg),
                                lambda text: print(text, flush=True))

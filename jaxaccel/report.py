@@ -7,8 +7,9 @@ Each RUN_DIR is a run directory (it holds ``config.json``, ``metrics.jsonl`` and
 writes: it is searched for the runs inside. RUN_DIRs may be URLs (``gs://bucket/runs``, read
 through :mod:`jaxaccel.storage`). Writes into ``--out`` (a local directory, default ``report``):
 
-- ``report.md``: one row per run (experiment, test accuracy, sparsity, compressed size, examples/s,
-  training seconds, steps), the failed points of a sweep, and the plots below;
+- ``report.md``: one row per run (experiment, test accuracy, measured sparsity next to the target,
+  compressed size, examples/s, training seconds, steps, model, accuracy against a dense run of the
+  same model and data when the inputs hold one), the failed points of a sweep, and the plots below;
 - ``training_curves.png``: training loss, and training and test accuracy, against the step;
 - ``accuracy_vs_sparsity.png`` and ``accuracy_vs_size.png``: final test accuracy against the
   measured sparsity, and against the size of the dense fp32 / sparse / int8 / sparse+int8 forms of
@@ -30,7 +31,7 @@ from typing import Any
 from jaxaccel import storage
 from jaxaccel.storage import StoragePath
 
-__all__ = ["Run", "find_runs", "load_run", "table", "failed_points", "plot", "main"]
+__all__ = ["Run", "find_runs", "load_run", "table", "dense_reference", "failed_points", "plot", "main"]
 
 _FORMS = {"dense_fp32": ("dense fp32", "o"), "sparse": ("sparse", "s"), "int8": ("int8", "^"),
           "sparse_int8": ("sparse+int8", "D")}
@@ -44,6 +45,30 @@ class Run:
     experiment: str
     metrics: list[dict[str, Any]]
     summary: dict[str, Any]
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)  # config.json's resolved "config"
+
+    @property
+    def model(self) -> str:
+        """``model.name`` (an import path for your own model), '' when unknown."""
+        return self.config.get("model", {}).get("name", "")
+
+    @property
+    def target_sparsity(self) -> float | None:
+        """The sparsity the run aimed at: ``sparsity.target`` (1 - n/m for N:M), 0 for a dense
+        run, None when it has none (a penalty with a threshold) or is unknown."""
+        sp = self.config.get("sparsity")
+        if not sp:
+            return None
+        if sp.get("structure") == "nm":
+            return 1 - sp["n"] / sp["m"]
+        if "target" in sp:
+            return sp["target"]
+        return 0.0 if sp.get("method", "none") == "none" and not sp.get("threshold") else None
+
+    @property
+    def dense(self) -> bool:
+        """A dense reference point: finished, no sparsity asked for."""
+        return bool(self.summary) and self.target_sparsity == 0.0
 
 
 def _is_run(path: StoragePath) -> bool:
@@ -75,9 +100,10 @@ def load_run(path: StoragePath, label: str | None = None) -> Run:
         return json.loads(file.read_text()) if file.exists() else {}
     metrics_file = path / "metrics.jsonl"
     lines = metrics_file.read_text().splitlines() if metrics_file.exists() else []
-    summary = read_json("summary.json")
-    experiment = read_json("config.json").get("experiment") or summary.get("experiment", "")
-    return Run(path, label or path.name, experiment, [json.loads(l) for l in lines if l.strip()], summary)
+    summary, config = read_json("summary.json"), read_json("config.json")
+    experiment = config.get("experiment") or summary.get("experiment", "")
+    return Run(path, label or path.name, experiment, [json.loads(l) for l in lines if l.strip()], summary,
+               config.get("config", {}))
 
 
 def _labels(paths: list[StoragePath]) -> list[str]:
@@ -105,20 +131,48 @@ def _bytes(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
+def dense_reference(run: Run, runs: list[Run]) -> Run | None:
+    """The dense run among ``runs`` to compare ``run`` with: same model and dataset, no sparsity
+    (the first such one; None when the inputs hold none, or ``run`` is dense itself)."""
+    if run.dense:
+        return None
+    data = run.config.get("data", {}).get("name")
+    return next((r for r in runs if r.dense and r.model == run.model
+                 and r.config.get("data", {}).get("name") == data), None)
+
+
+def _sparsity_cell(run: Run) -> str:
+    target = run.target_sparsity
+    achieved = f"{100 * run.summary['sparsity']:.2f}%"
+    return achieved if target is None else f"{achieved} (target {100 * target:.2f}%)"
+
+
+def _versus_dense(run: Run, runs: list[Run]) -> str:
+    ref = dense_reference(run, runs)
+    if ref is None:
+        return "dense reference" if run.dense else "-"
+    delta = 100 * (run.summary["test_accuracy"] - ref.summary["test_accuracy"])
+    return f"{delta:+.2f} pts vs {ref.label} ({100 * ref.summary['test_accuracy']:.2f}%)"
+
+
 def table(runs: list[Run]) -> str:
-    """The Markdown table: one row per run, '-' where a finished run's summary is missing."""
-    rows = ["| run | experiment | test accuracy | sparsity | compressed size (dense fp32 / it) | examples/s | train s | steps |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """The Markdown table: one row per run, '-' where a finished run's summary is missing. The
+    sparsity column gives the measured sparsity next to the run's target; the last column compares
+    the accuracy with a dense run of the same model and data when the inputs hold one."""
+    rows = ["| run | experiment | test accuracy | sparsity (target) | compressed size (dense fp32 / it) | examples/s "
+            "| train s | steps | model | accuracy vs dense |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
         s = run.summary
         if not s:
-            rows.append(f"| {run.label} | {run.experiment} | - (unfinished: no summary.json) | - | - | - | - | - |")
+            rows.append(f"| {run.label} | {run.experiment} | - (unfinished: no summary.json) | - | - | - | - | - | "
+                        f"{run.model or '-'} | - |")
             continue
         size = (f"{_bytes(s['compressed_bytes'])} ({s['model_bytes'] / s['compressed_bytes']:.2f}x)"
                 if s.get("compressed_bytes") else "-")
         rows.append(f"| {run.label} | {run.experiment} | {100 * s['test_accuracy']:.2f}% | "
-                    f"{100 * s['sparsity']:.2f}% | {size} | {s['examples_per_second']:,.0f} | "
-                    f"{s['train_seconds']:.1f} | {s['steps']} |")
+                    f"{_sparsity_cell(run)} | {size} | {s['examples_per_second']:,.0f} | "
+                    f"{s['train_seconds']:.1f} | {s['steps']} | {run.model or '-'} | {_versus_dense(run, runs)} |")
     return "\n".join(rows) + "\n"
 
 
@@ -199,8 +253,12 @@ def _accuracy_vs_sparsity(runs: list[Run], colors: list, path: Path) -> None:
     for run, color in done:
         x, y = 100 * run.summary["sparsity"], 100 * run.summary["test_accuracy"]
         ax.scatter(x, y, color=color, edgecolor="black", s=50, zorder=2, label=run.label)
-    ax.set(xlabel="sparsity: exact zeros in the prunable weights (%)", ylabel="test accuracy (%)",
-           title="Test accuracy vs sparsity")
+        if run.target_sparsity:  # the target, hollow, on the same accuracy: the gap is what was missed
+            ax.scatter(100 * run.target_sparsity, y, facecolor="none", edgecolor=color, s=80, zorder=2)
+        if run.dense:  # a dense reference point: its accuracy across the plot
+            ax.axhline(y, color=color, linestyle="--", linewidth=1, zorder=1)
+    ax.set(xlabel="sparsity: exact zeros in the prunable weights (%); hollow: the run's target; dashed: dense",
+           ylabel="test accuracy (%)", title="Test accuracy vs sparsity")
     ax.grid(alpha=0.3)
     _legend_or_note(ax, bool(done), title="run", fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
     _save(fig, path)

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,7 +21,9 @@ from jaxaccel import data as data_lib
 from jaxaccel import durations
 from jaxaccel import feed as feed_lib
 from jaxaccel import finetune
+from jaxaccel import paths
 from jaxaccel import prepare
+from jaxaccel import sparsity
 from jaxaccel import streaming
 from jaxaccel import step as step_lib
 from jaxaccel import storage
@@ -110,6 +113,7 @@ def build(cfg: Config, overrides: list[str] | None = None) -> Setup:
         cfg=cfg, overrides=list(overrides or []), started=started,
         workdir=workdir_of(cfg),
         is_writer=jax.process_index() == 0, dataset=dataset, pipeline=pipeline, parallel=parallel, plan=plan,
+        # A model named by import path (models.custom) is imported here, when the run is built.
         model=build_model(with_conv(cfg.model, plan.conv), dataset.num_classes, cfg.precision, cfg.quant),
         eval_model=build_model(with_conv(cfg.model, "xla"), dataset.num_classes, cfg.precision, cfg.quant),
         # XLA:CPU runs each device's part of a call on a shared thread pool; with several calls in
@@ -157,6 +161,27 @@ def _create_state(model, tx, input_shape, input_dtype, key) -> step_lib.TrainSta
     return step_lib.TrainState.create(params, tx, model_state=variables)
 
 
+def _check_sparsity_paths(cfg: Config, params: Any) -> None:
+    """``sparsity.exclude`` patterns that select no parameter are typos (exit 2). Checked here, on
+    every parameter: the transformation itself sees only the trainable ones under ``init.freeze``."""
+    if cfg.sparsity.method != "none" or cfg.sparsity.threshold > 0.0:
+        paths.require_matches(params, cfg.sparsity.exclude, "sparsity.exclude", ConfigError)
+
+
+def _created(create: Callable, setup: Setup, message: Callable[[str], None]) -> step_lib.TrainState:
+    """The fresh state; what the sparsity transformation warns about while it is built (a layer too
+    small for its N:M structure, left dense) is said in the run's output."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", sparsity.SparsityWarning)
+        state = setup.parallel.create_state(create, setup.init_key)
+    for warning in caught:
+        if issubclass(warning.category, sparsity.SparsityWarning):
+            message(f"warning: {warning.message}")
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return state
+
+
 def initial_state(setup: Setup, checkpointer: Checkpointer,
                   message: Callable[[str], None]) -> tuple[step_lib.TrainState, int, dict[str, Any]]:
     """The state the run starts from, its step and the record saved with it: the latest checkpoint
@@ -166,7 +191,8 @@ def initial_state(setup: Setup, checkpointer: Checkpointer,
     tx = build_optimizer(cfg, setup.plan.total_steps)
     create = functools.partial(_create_state, setup.model, tx, ds.input_shape, ds.input_dtype)
     # The restore target carries the shardings a checkpoint is read into.
-    state = setup.parallel.create_state(create, setup.init_key)
+    state = _created(create, setup, message)
+    _check_sparsity_paths(cfg, state.params)
     latest = checkpointer.latest_step()
     if latest is not None:
         state, latest, notes = checkpointer.restore_latest(state, cfg.checkpoint.fallback)

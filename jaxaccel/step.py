@@ -101,6 +101,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
         key = jax.random.fold_in(rng, jax.lax.axis_index(axis_name)) if axis_name is not None else rng
         inputs = augment_lib.augment(augment, key, inputs)
     model_kwargs = {} if quant_start_step is None else {"quant_enabled": state.step >= quant_start_step}
+    if getattr(apply_fn, "takes_rng", False):  # user models (models.custom): dropout keys, train mode
+        dropout = jax.random.fold_in(rng, 1)
+        model_kwargs["rng"] = (jax.random.fold_in(dropout, jax.lax.axis_index(axis_name)) if axis_name is not None
+                               else dropout)
     mutable = list(state.model_state)
 
     def loss_fn(params):

@@ -104,3 +104,49 @@ def test_export_rejects_wrong_inputs(mlp_run):
     model = export.load(mlp_run[0])
     with pytest.raises(ValueError, match="uint8 images"):
         model(np.zeros((2, 28, 28, 1), np.float32))
+
+
+def test_load_params_is_the_float_tree_of_any_export(sparse_qat_run, mlp_run):
+    """load_params builds no model: the dense run's parameters as stored, and the int8 export's
+    kernels dequantized (q * s), pruned zeros kept."""
+    workdir, _, _ = mlp_run
+    with np.load(workdir / "export" / "params.npz") as npz:
+        stored = {k: npz[k] for k in npz.files}
+    flat = export.flatten_params(export.load_params(workdir))
+    assert flat.keys() == stored.keys() and all(np.array_equal(flat[k], stored[k]) for k in flat)
+    qat_dir = sparse_qat_run[0]
+    loaded = export.load(qat_dir)
+    floats = export.flatten_params(export.load_params(qat_dir))
+    for key, q in export.flatten_params(loaded.params).items():
+        if key.endswith("kernel"):
+            scale = export.flatten_params(loaded.scales)[key.rsplit("/", 1)[0] + "/kernel"]
+            np.testing.assert_array_equal(floats[key], q.astype(np.float32) * scale)
+            assert floats[key].dtype == np.float32 and np.array_equal(floats[key] == 0, q == 0)
+
+
+@pytest.mark.parametrize("params, model, message", [
+    ({"Dense_0": {0: np.zeros(2)}}, {"name": "mlp"}, "key 0"),
+    ({"a/b": {"kernel": np.zeros(2)}}, {"name": "mlp"}, "key 'a/b'"),
+    ({"Dense_0": {"kernel": "text"}}, {"name": "mlp"}, "not a numeric array"),
+    ({"Dense_0": {"kernel": np.zeros(2)}}, {"name": "no_such_model"}, "load could not read it back"),
+])
+def test_save_refuses_what_load_could_not_read(tmp_path, params, model, message):
+    with pytest.raises(ValueError, match=message):
+        export.save(tmp_path / "export", params, model=model, num_classes=10, image_shape=(28, 28, 1))
+    assert not (tmp_path / "export").exists()
+
+
+def test_an_export_naming_an_import_path_is_never_imported_by_default(tmp_path):
+    params = {"Dense_0": {"kernel": np.ones((784, 10), np.float32), "bias": np.zeros(10, np.float32)}}
+    model = {"name": "no_such_package.net:Net", "kwargs": {}, "conv": "xla", "source": "import"}
+    export.save(tmp_path, params, model=model, num_classes=10, image_shape=(28, 28, 1))
+    with pytest.raises(ValueError, match="no_such_package.net:Net.*model=.*trust_import=True"):
+        export.load(tmp_path)
+    with pytest.raises(jaxaccel.config.ConfigError, match="cannot import no_such_package.net"):
+        export.load(tmp_path, trust_import=True)  # only with consent is the import even tried
+    assert export.flatten_params(export.load_params(tmp_path)).keys() == {"Dense_0/kernel", "Dense_0/bias"}
+    # init.from reads an export's parameters without building its model either.
+    from jaxaccel import finetune
+    target = {"Dense_0": {"kernel": np.zeros((784, 10), np.float32), "bias": np.ones(10, np.float32)}}
+    loaded = finetune.load_init_params(str(tmp_path), [".*"], target, print)
+    np.testing.assert_array_equal(loaded["Dense_0"]["kernel"], params["Dense_0"]["kernel"])

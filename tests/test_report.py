@@ -55,7 +55,8 @@ def test_report_tabulates_and_plots_the_sweep(swept, tmp_path):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1] == "mnist_sparse"
         assert cells[2] == f"{100 * summary['test_accuracy']:.2f}%"
-        assert cells[3] == f"{100 * summary['sparsity']:.2f}%" and abs(summary["sparsity"] - float(target)) < 0.01
+        assert cells[3] == f"{100 * summary['sparsity']:.2f}% (target {100 * float(target):.2f}%)"
+        assert abs(summary["sparsity"] - float(target)) < 0.01
         assert cells[4].startswith(f"{summary['compressed_bytes'] / 1e3:.1f} kB")
         assert cells[7] == "40"
     table, failed = text.split("**Failed sweep points**")

@@ -238,3 +238,84 @@ def test_map_param_trees_falls_back_for_inits_that_do_arithmetic():
     assert out["count"] is state["count"]
     np.testing.assert_array_equal(out["trace"]["Dense_0"]["kernel"], 2.0 * np.eye(8))
     assert not out["trace"]["Conv_0"]["kernel"].any() and (out["trace"]["Conv_0"]["bias"] == 2.0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# NNX Variables, and selections and structures that cannot do what they say.
+
+def test_nnx_optimizer_prunes_exactly_as_on_arrays():
+    """``nnx.Optimizer(model, make_sparsity(...), wrt=nnx.Param)`` in a user's loop: the masks of a
+    tree of Variables are those of its arrays, so the parameters follow a plain-array run of the
+    same network, with exact zeros at the target."""
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden = nnx.Linear(8, 8, rngs=rngs)
+            self.out = nnx.Linear(8, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(nnx.relu(self.hidden(x)))
+
+    cfg = sparsity_config(method="magnitude", target=0.5, schedule="one_shot", start=1)
+    model = Net(nnx.Rngs(0))
+    arrays = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tx = sp.make_sparsity(cfg, optax.adam(0.05), 10)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x, y = jnp.asarray(RNG.normal(size=(16, 8)), jnp.float32), jnp.asarray(RNG.normal(size=(16, 4)), jnp.float32)
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        grads = nnx.grad(lambda m: ((m(x) - y) ** 2).mean())(model)
+        optimizer.update(model, grads)
+
+    def loss(p):  # the same network on the plain array tree
+        hidden = jax.nn.relu(x @ p["hidden"]["kernel"] + p["hidden"]["bias"])
+        return ((hidden @ p["out"]["kernel"] + p["out"]["bias"] - y) ** 2).mean()
+
+    @jax.jit
+    def array_step(params, state):
+        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(arrays)
+    for _ in range(4):
+        train_step(model, optimizer)
+        arrays, state = array_step(arrays, state)
+    got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(arrays)):
+        np.testing.assert_array_equal(np.asarray(a) == 0, np.asarray(b) == 0)  # the same masks
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        if str(path[-1]).endswith("'kernel']"):
+            assert np.mean(np.asarray(a) == 0) == 0.5
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(include=["nothing$"]), r"sparsity.include: 'nothing\$' matches no parameter; paths: "),
+    (dict(exclude=["Conv_9"]), "sparsity.exclude: 'Conv_9' matches no parameter; paths: "),
+    (dict(include=["Dense_0/kernel"], exclude=["Dense"]), "selects no parameter; paths: "),
+])
+def test_a_selection_of_nothing_is_an_error_listing_the_paths(fields, message):
+    cfg = sparsity_config(method="magnitude", target=0.5, **fields)
+    with pytest.raises(ValueError, match=message) as error:
+        sp.make_sparsity(cfg, optax.sgd(0.1), 10).init(P0)
+    assert all(name in str(error.value) for name in ("Conv_0/bias", "Conv_0/kernel", "Dense_0/bias", "Dense_0/kernel"))
+
+
+def test_nm_on_an_axis_not_a_multiple_of_m_is_refused_with_the_actual_sparsity():
+    cfg = sparsity_config(method="magnitude", structure="nm", n=2, m=4, schedule="one_shot", start=0)
+    params = {"Dense_0": {"kernel": np.ones((10, 3), np.float32)}}  # groups 4 + 4 + 2: keeps 6 of 10
+    with pytest.raises(ValueError, match=r"Dense_0/kernel \[10, 3\].*would get sparsity 0.4000 instead of 0.5000"):
+        sp.make_sparsity(cfg, optax.sgd(0.1), 10).init(params)
+
+
+def test_a_layer_too_small_for_nm_is_named_and_left_dense():
+    cfg = sparsity_config(method="magnitude", structure="nm", n=2, m=4, schedule="one_shot", start=0)
+    params = {"Conv_0": {"kernel": np.asarray(RNG.normal(size=(3, 3, 1, 8)), np.float32)},
+              "Dense_0": {"kernel": np.asarray(RNG.normal(size=(8, 8)), np.float32)}}
+    tx = sp.make_sparsity(cfg, optax.sgd(0.1), 10)
+    with pytest.warns(sp.SparsityWarning, match=r"Conv_0/kernel \[3, 3, 1, 8\]: its contracting axis has 1 < m=4"):
+        state = tx.init(params)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    new = optax.apply_updates(params, updates)
+    assert np.all(np.asarray(new["Conv_0"]["kernel"]) != 0) and np.mean(np.asarray(new["Dense_0"]["kernel"]) == 0) == 0.5

@@ -6,6 +6,8 @@
     resnet.py    model.name=resnet      CIFAR ResNet-(6n+2), group norm
     text_cnn.py  model.name=text_cnn    token embedding + 1-D convolutions
     kws_cnn.py   model.name=kws_cnn     log-mel + CNN keyword spotting
+    custom.py    model.name=package.module:Attribute   your own linen or NNX model (or
+                 jaxaccel.train(cfg, model=...)), behind the same init/apply interface
     layers.py    what they share (precision/QAT layer arguments, im2col convolution, pooling)
 
 A model's config class (:class:`~jaxaccel.models.base.ModelConfig`) declares the ``model.*``
@@ -20,19 +22,21 @@ import pkgutil
 from typing import Any
 
 # In the order --help and error messages list the models.
-from jaxaccel.models.base import REGISTRY, ModelConfig  # isort: skip
+from jaxaccel.models.base import IMPORT_PATH, REGISTRY, ModelConfig, registry_key  # isort: skip
 from jaxaccel.models.mlp import MLP, MLPConfig  # isort: skip
 from jaxaccel.models.cnn import CNN, CNNConfig, SmallCNN, SmallCNNConfig  # isort: skip
 from jaxaccel.models.resnet import ResNet, ResNetConfig  # isort: skip
 from jaxaccel.models.text_cnn import TextCNN, TextCNNConfig  # isort: skip
 from jaxaccel.models.kws_cnn import KWSCNN, KWSCNNConfig  # isort: skip
 from jaxaccel.models.layers import im2col_conv
+from jaxaccel.models.custom import ImportedModelConfig, UserModel, is_user_model, object_config  # isort: skip
 
 # Any other module of the package (a new model family) registers its models by being imported.
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["REGISTRY", "ModelConfig", "build_model", "input_problem", "im2col_conv",
+__all__ = ["REGISTRY", "ModelConfig", "build_model", "input_problem", "im2col_conv", "IMPORT_PATH", "registry_key",
+           "ImportedModelConfig", "UserModel", "is_user_model", "object_config",
            "MLP", "CNN", "SmallCNN", "ResNet", "TextCNN", "KWSCNN",
            "MLPConfig", "CNNConfig", "SmallCNNConfig", "ResNetConfig", "TextCNNConfig", "KWSCNNConfig"]
 

@@ -13,10 +13,17 @@ from typing import Any, ClassVar
 
 from jaxaccel.schema import Section
 
-__all__ = ["ModelConfig", "REGISTRY"]
+__all__ = ["ModelConfig", "REGISTRY", "IMPORT_PATH", "registry_key"]
 
 # model.name -> its config class, in the order the classes were declared.
 REGISTRY: dict[str, type["ModelConfig"]] = {}
+# The REGISTRY key of every model named by its import path (jaxaccel.models.custom).
+IMPORT_PATH = "package.module:Attribute"
+
+
+def registry_key(name: Any) -> Any:
+    """The REGISTRY key a ``model.name`` selects: itself, or :data:`IMPORT_PATH` for ``pkg.mod:Attr``."""
+    return IMPORT_PATH if isinstance(name, str) and ":" in name else name
 
 
 class ModelConfig(Section):

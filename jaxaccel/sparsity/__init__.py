@@ -9,7 +9,7 @@ The trainer needs four calls (all pure; the transform is plain optax and jittabl
 """
 from jaxaccel.sparsity.dst import drop_and_grow, drop_fraction, dst_masks, is_dst_update_step
 from jaxaccel.sparsity.masks import (
-    apply_masks, block_mask, block_masks, channel_mask, channel_masks, compute_masks,
+    apply_masks, block_mask, block_masks, channel_mask, channel_masks, compute_masks, nm_layout, unbox,
     global_unstructured_masks, keep_top, magnitude_masks, nm_mask, nm_masks,
     prunable_tree, random_masks, saliency_masks, structured_mask, unstructured_mask,
 )
@@ -19,15 +19,15 @@ from jaxaccel.sparsity.schedules import (
     erk_densities, is_update_step, layer_sparsities, polynomial_sparsity, sparsity_fraction,
 )
 from jaxaccel.sparsity.transform import (
-    SparsityState, changes_masks, find_masks, make_sparsity, map_param_trees, mask_update_due, schedule_steps,
+    SparsityState, SparsityWarning, changes_masks, find_masks, make_sparsity, map_param_trees, mask_update_due, schedule_steps,
     sparsity_count,
 )
 from jaxaccel.sparsity.methods import METHODS, DynamicSparse, NoSparsity, Pruning, SparsityConfig
 
 __all__ = [
-    "make_sparsity", "SparsityState", "find_masks", "map_param_trees", "mask_update_due", "sparsity_count",
+    "make_sparsity", "SparsityState", "SparsityWarning", "find_masks", "map_param_trees", "mask_update_due", "sparsity_count",
     "changes_masks", "penalty", "group_norms",
-    "report", "prunable_tree", "compute_masks", "apply_masks",
+    "report", "prunable_tree", "compute_masks", "apply_masks", "nm_layout", "unbox",
     "keep_top", "unstructured_mask", "nm_mask", "block_mask", "channel_mask", "structured_mask",
     "global_unstructured_masks", "magnitude_masks", "random_masks", "saliency_masks", "nm_masks",
     "block_masks", "channel_masks", "polynomial_sparsity", "sparsity_fraction", "is_update_step",

@@ -33,11 +33,12 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxaccel import paths
 
 __all__ = [
-    "prunable_tree", "ranks_desc", "keep_top", "n_keep",
+    "prunable_tree", "unbox", "nm_layout", "ranks_desc", "keep_top", "n_keep",
     "unstructured_mask", "nm_mask", "block_mask", "channel_mask", "structured_mask",
     "global_unstructured_masks", "uniform_leaves", "scores_for", "compute_masks", "magnitude_masks", "random_masks",
     "saliency_masks", "nm_masks", "block_masks", "channel_masks", "apply_masks", "tree_map_masked",
@@ -55,6 +56,36 @@ def prunable_tree(params: PyTree, include: Sequence[str] = (r"kernel$",),
     """Which leaves may be pruned: :func:`jaxaccel.paths.select` with sparsity's default include
     (paths ending in ``kernel``: Dense and Conv kernels)."""
     return paths.select(params, include, exclude)
+
+
+def unbox(tree: PyTree) -> PyTree:
+    """``tree`` with every box (NNX ``Variable``, linen metadata) replaced by its array: the masks of
+    a tree of ``nnx.Param`` are the masks of its arrays (``nnx.Optimizer`` inits with Variables and
+    updates with arrays)."""
+    return jax.tree.map(lambda x: x.get_value() if isinstance(x, nnx.Variable) else x.unbox()
+                        if paths.is_box(x) else x, tree, is_leaf=paths.is_box)
+
+
+def nm_layout(params: PyTree, prunable: PyTree, n: int, m: int) -> tuple[list[str], list[str]]:
+    """N:M groups along the contracting axis (-2) of each prunable leaf: ``(refused, too_small)``,
+    one line per leaf. A leaf whose axis is at least ``m`` long but not a multiple of it is refused:
+    its last group would be short and the layer's sparsity would not be ``1 - n/m`` (the actual
+    value is given). A leaf whose axis is shorter than ``m`` (a first conv on 1-channel images)
+    cannot hold one group: it stays dense and is named."""
+    refused, small = [], []
+    for (name, leaf), keep in zip(paths.named_leaves(params), jax.tree.leaves(prunable)):
+        if not keep:
+            continue
+        shape = jnp.shape(leaf)
+        length = shape[-2] if len(shape) >= 2 else shape[0] if shape else 1
+        if length < m:
+            small.append(f"{name} {list(shape)}: its contracting axis has {length} < m={m} entries, so {n}:{m} "
+                         "leaves it dense (put it in sparsity.exclude to leave it out of the reported sparsity)")
+        elif length % m:
+            kept = n * (length // m) + min(n, length % m)
+            refused.append(f"{name} {list(shape)}: contracting axis of {length}, not a multiple of m={m}, would "
+                           f"get sparsity {1 - kept / length:.4f} instead of {1 - n / m:.4f}")
+    return refused, small
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,7 +131,8 @@ def _contracting_back(x: jax.Array, ndim: int) -> jax.Array:
 def nm_mask(score: jax.Array, n: int = 2, m: int = 4) -> jax.Array:
     """N:M: in each group of ``m`` consecutive entries along the contracting axis (-2), for every
     fixed output unit and spatial position, keep the ``n`` highest scores. An axis length that is
-    not a multiple of ``m`` is padded with -inf, so a short last group keeps min(n, its length)."""
+    not a multiple of ``m`` is padded with -inf, so a short last group keeps min(n, its length)
+    (:func:`make_sparsity` refuses such layers, see :func:`nm_layout`)."""
     if not 0 < n < m:
         raise ValueError(f"N:M needs 0 < n < m, got n={n}, m={m}")
     x = _contracting_last(score.astype(jnp.float32))

@@ -24,6 +24,7 @@ at ``threshold_at`` the prunable weights with |w| < threshold get a frozen zero 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -37,11 +38,16 @@ from jaxaccel.sparsity import dst as dst_lib
 from jaxaccel.sparsity import masks as masks_lib
 from jaxaccel.sparsity import schedules
 
-__all__ = ["SparsityState", "make_sparsity", "find_masks", "map_param_trees", "mask_update_due",
+__all__ = ["SparsityState", "SparsityWarning", "make_sparsity", "find_masks", "map_param_trees", "mask_update_due",
            "schedule_steps", "sparsity_count", "changes_masks"]
 
 PRUNE_METHODS = ("magnitude", "random", "saliency")
 DST_METHODS = ("set", "rigl")
+
+
+class SparsityWarning(UserWarning):
+    """A choice the sparsity transformation had to make for the user (a layer too small for its
+    structure left dense); the trainer prints these in the run's output."""
 
 
 class SparsityState(NamedTuple):
@@ -180,10 +186,8 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
                             params, prunable(params))
 
     def init_fn(params):
-        # An include pattern that selects nothing is a typo: refuse it rather than prune less. (Not
-        # exclude: under init.freeze this sees only the trainable parameters, and excluding a frozen
-        # one is how a run leaves it out of the reported sparsity.)
-        paths.require_matches(params, cfg.include, "sparsity.include", ConfigError)
+        params = masks_lib.unbox(params)
+        check_selection(params)
         if dst:
             # Constant sparsity from the start: random (SET) or |w| (RigL) masks at the targets.
             masks = masks_lib.compute_masks(params, prunable(params), layer_targets(params),
@@ -192,6 +196,27 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
             masks = ones(params)  # dense until the schedule's first update
         frozen = ones(params) if thresholding else None
         return SparsityState(jnp.zeros([], jnp.int32), masks, frozen, inner.init(params))
+
+    def check_selection(params):
+        # A pattern that selects nothing is a typo: refuse it rather than prune less. Exclude is
+        # checked only when every parameter is here: under init.freeze the frozen ones are masked
+        # out of this tree, and excluding one is how a run leaves it out of the reported sparsity
+        # (the trainer checks exclude against all parameters).
+        paths.require_matches(params, cfg.include, "sparsity.include", ConfigError)
+        frozen_out = any(isinstance(x, optax.MaskedNode) for x in
+                         jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, optax.MaskedNode)))
+        if not frozen_out:
+            paths.require_matches(params, cfg.exclude, "sparsity.exclude", ConfigError)
+        if not any(jax.tree.leaves(prunable(params))):
+            raise ConfigError(f"sparsity.include={list(cfg.include)} with sparsity.exclude={list(cfg.exclude)} "
+                              f"selects no parameter; paths: {', '.join(paths.leaf_paths(params))}")
+        if prune and cfg.structure == "nm":
+            refused, small = masks_lib.nm_layout(params, prunable(params), cfg.n, cfg.m)
+            if refused:
+                raise ConfigError(f"sparsity {cfg.n}:{cfg.m} is not exact on: {'; '.join(refused)}. Choose an m "
+                                  "that divides these axes, or put them in sparsity.exclude")
+            for line in small:
+                warnings.warn(line, SparsityWarning, stacklevel=2)
 
     def recompute(step, grads, state, params):
         """New (masks, frozen) at a step where some mask update is due."""
@@ -225,6 +250,7 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError("the sparsity transformation needs params: call tx.update(grads, state, params)")
+        updates, params = masks_lib.unbox(updates), masks_lib.unbox(params)
         step = state.count
         due = mask_update_due(cfg, total_steps, step)
         # Only the masks go through the conditional: passing the optimizer state through it makes
