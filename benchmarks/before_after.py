@@ -25,8 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(checkout: Path, exp: str, epochs: int) -> tuple[float, float]:
-    """(last epoch's seconds, wall seconds of the command) of one run in ``checkout``."""
+def run(checkout: Path, exp: str, epochs: int) -> tuple[float, float, float]:
+    """(last epoch's seconds, wall seconds of the command, seconds from process start to the first
+    step) of one run in ``checkout``."""
     with tempfile.TemporaryDirectory() as workdir:
         env = {**os.environ, "PYTHONPATH": str(checkout)}
         start = time.perf_counter()
@@ -37,7 +38,7 @@ def run(checkout: Path, exp: str, epochs: int) -> tuple[float, float]:
         if result.returncode:
             raise SystemExit(f"{checkout}: {exp} failed ({result.returncode}):\n{result.stderr[-2000:]}")
         summary = json.loads((Path(workdir) / "summary.json").read_text())
-        return summary["epoch_seconds"][-1], wall
+        return summary["epoch_seconds"][-1], wall, summary["seconds_to_first_step"]["from_process_start"]
 
 
 def main() -> None:
@@ -68,13 +69,14 @@ def main() -> None:
           f"changes if any), {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load "
           f"{os.getloadavg()[0]:.1f}, medians of {args.rounds} alternating rounds\n")
     print("| experiment | last epoch before | after | after / before | command before | after | after / before "
-          "| epochs (before; after) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| to first step before | after | epochs (before; after) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for exp in args.experiments:
-        (eb, wb), (ea, wa) = ([statistics.median(t[i] for t in times[(exp, w)]) for i in (0, 1)]
-                              for w in ("before", "after"))
+        (eb, wb, fb), (ea, wa, fa) = ([statistics.median(t[i] for t in times[(exp, w)]) for i in (0, 1, 2)]
+                                      for w in ("before", "after"))
         runs = "; ".join(", ".join(f"{t[0]:.2f}" for t in times[(exp, w)]) for w in ("before", "after"))
-        print(f"| {exp} | {eb:.2f} s | {ea:.2f} s | {ea / eb:.2f}x | {wb:.1f} s | {wa:.1f} s | {wa / wb:.2f}x | {runs} |")
+        print(f"| {exp} | {eb:.2f} s | {ea:.2f} s | {ea / eb:.2f}x | {wb:.1f} s | {wa:.1f} s | {wa / wb:.2f}x | "
+              f"{fb:.1f} s | {fa:.1f} s | {runs} |")
 
 
 if __name__ == "__main__":
