@@ -28,12 +28,17 @@ __all__ = ["TrainState", "cross_entropy", "train_step", "eval_step", "make_train
 Measurements = dict[str, jax.Array]
 # Measurements a step group reduces by maximum rather than by sum.
 _MAX_OVER_GROUP = ("nonfinite_run",)
+# Measurements taken at the last step of a group only (big_vision logs them at its log steps):
+# three more passes over the parameters each step cost 1.5x LeNet's epoch on CPU (benchmarks/README).
+LAST_OF_GROUP = ("grad_norm", "update_norm", "param_norm")
 
 
 def combine_measurements(a: Measurements, b: Measurements) -> Measurements:
-    """The measurements of two runs of steps as one: sums, and maxima for the longest run of
-    consecutive non-finite steps (so it does not depend on where a group ends)."""
-    return {k: jnp.maximum(a[k], b[k]) if k in _MAX_OVER_GROUP else a[k] + b[k] for k in a}
+    """The measurements of two runs of steps (``b`` after ``a``) as one: sums; maxima for the
+    longest run of consecutive non-finite steps (so it does not depend on where a group ends);
+    ``b``'s for the norms measured at a group's last step."""
+    return {k: jnp.maximum(a[k], b[k]) if k in _MAX_OVER_GROUP else b[k] if k in LAST_OF_GROUP else a[k] + b[k]
+            for k in a}
 
 
 @flax.struct.dataclass
@@ -68,7 +73,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
                tx: optax.GradientTransformation, learning_rate: optax.Schedule | None = None,
                label_smoothing: float = 0.0, axis_name: str | None = None,
                penalty: Callable[[Any], jax.Array] | None = None, precision: Any = None,
-               quant_start_step: int | None = None, augment: Any = None) -> tuple[TrainState, Measurements]:
+               quant_start_step: int | None = None, augment: Any = None,
+               measure_norms: bool | jax.Array = True) -> tuple[TrainState, Measurements]:
     """One optimizer step on ``batch`` ({"inputs": [B, ...], "labels": int32 [B]}).
 
     The model (``apply_fn``) and the optimizer (``tx``) are bound by the caller with
@@ -89,8 +95,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     skipped step leaves the model state (batch statistics) unchanged as well.
 
     Returns the new state and big_vision-style measurements: loss, accuracy, L2 norms of the
-    gradients, updates and parameters, the learning rate, the step's finiteness flags and the
-    optimizer's count of consecutive non-finite steps after it.
+    gradients, updates and parameters (zeros unless ``measure_norms``, a bool or a traced flag:
+    step groups measure them at their last step only), the learning rate, the step's finiteness
+    flags and the optimizer's count of consecutive non-finite steps after it.
     """
     chex.assert_rank(batch["labels"], 1)
     chex.assert_type(batch["labels"], jnp.int32)
@@ -123,14 +130,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     if axis_name is not None:
         grads, measurements, model_state = jax.lax.pmean((grads, measurements, model_state), axis_name)
     finite = jnp.isfinite(measurements["loss"])
-    measurements["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # The optimizer's own verdict (its consecutive-skip counter is reset by every applied step):
     # a step can be skipped for non-finite gradients even when its loss is finite.
     skipped = prec.nonfinite_steps(opt_state) > 0
     model_state = jax.tree.map(lambda new, old: jnp.where(skipped, old, new), model_state, state.model_state)
-    measurements |= {"update_norm": optax.tree.norm(updates), "param_norm": optax.tree.norm(params)}
+    measurements |= _norms(grads, state.params, params, measure_norms)
     if learning_rate is not None:
         measurements["learning_rate"] = jnp.asarray(learning_rate(state.step), jnp.float32)
     # Non-finite steps are left out of the sums (the loop averages over finite steps).
@@ -138,6 +144,21 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     measurements |= {"finite_steps": finite.astype(jnp.float32), "skipped_steps": skipped.astype(jnp.float32),
                      "nonfinite_run": prec.nonfinite_steps(opt_state).astype(jnp.float32)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state), measurements
+
+
+def _norms(grads: Any, old_params: Any, params: Any, measure: bool | jax.Array) -> Measurements:
+    """L2 norms of the gradients, the applied update (``params - old_params``) and the parameters;
+    zeros where ``measure`` is false. The update is taken from the parameters, which the step keeps
+    anyway: asking for the optimizer's ``updates`` would make XLA write them out every step."""
+    def norms(trees):
+        grads, old, new = trees
+        update = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), new, old)
+        return dict(zip(LAST_OF_GROUP, (optax.tree.norm(t).astype(jnp.float32) for t in (grads, update, new))))
+
+    zeros = {k: jnp.zeros((), jnp.float32) for k in LAST_OF_GROUP}
+    if isinstance(measure, bool):
+        return norms((grads, old_params, params)) if measure else zeros
+    return jax.lax.cond(measure, norms, lambda trees: zeros, (grads, old_params, params))
 
 
 def eval_step(variables: Any, apply_fn: Callable, inputs: jax.Array, labels: jax.Array,
@@ -193,9 +214,10 @@ def make_train_steps(step_fn: Callable, *, batch_size: int, batch_sharding: Any,
         batch = tuple(jax.lax.dynamic_index_in_dim(a, position, keepdims=False) for a in data)
         return jax.lax.with_sharding_constraint(batch, batch_sharding) if batch_sharding is not None else batch
 
-    def one_step(state, data, position):
+    def one_step(state, data, position, last=True):
         batch = batch_at(data, position)
-        return step_fn(state, dict(zip(("inputs", "labels"), batch)), jax.random.fold_in(step_key, state.step))
+        return step_fn(state, dict(zip(("inputs", "labels"), batch)), jax.random.fold_in(step_key, state.step),
+                       measure_norms=last)
 
     def initial_sums(state, *args):
         *data, position = args
@@ -209,13 +231,15 @@ def make_train_steps(step_fn: Callable, *, batch_size: int, batch_sharding: Any,
         else:
             *data, position, count, sums = args
         if unroll is None:
+            steps = count if trip_count is None else trip_count
+
             def body(i, carry):
                 state, sums = carry
-                state, measurements = one_step(state, data, position + i)
+                state, measurements = one_step(state, data, position + i, last=i == steps - 1)
                 return state, combine_measurements(sums, measurements)
-            return jax.lax.fori_loop(0, count if trip_count is None else trip_count, body, (state, sums))
+            return jax.lax.fori_loop(0, steps, body, (state, sums))
         for i in range(unroll):  # a Python loop: XLA sees one straight-line block
-            state, measurements = one_step(state, data, position + i)
+            state, measurements = one_step(state, data, position + i, last=i == unroll - 1)
             sums = combine_measurements(sums, measurements)
         return state, sums
 

@@ -23,6 +23,7 @@ from jaxaccel import outputs
 from jaxaccel import precision as prec
 from jaxaccel import setup as setup_lib
 from jaxaccel import sparsity
+from jaxaccel import step as step_lib
 from jaxaccel import workdir as workdir_lib
 from jaxaccel.checkpoint import Checkpointer
 from jaxaccel.metrics import MetricsWriter, Progress, tensorboard_enabled
@@ -195,7 +196,8 @@ def _loop(setup: setup_lib.Setup, feed, state, step: int, resumed: dict[str, Any
         raw = par.host(sums)
         finite, skipped = float(raw.pop("finite_steps")), int(raw.pop("skipped_steps"))
         scale, run_length = float(raw.pop("loss_scale")), int(raw.pop("nonfinite_run"))  # the group's longest run
-        record = {"step": end, **{k: float(v) / max(finite, 1.0) for k, v in raw.items()}}
+        record = {"step": end, **{k: float(v) if k in step_lib.LAST_OF_GROUP else float(v) / max(finite, 1.0)
+                                  for k, v in raw.items()}}
         if prec.resolve_mode(cfg.precision) != "none":
             record["loss_scale"] = scale
         if skipped:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import linen as nn
 
 import jaxaccel
@@ -90,3 +91,31 @@ def test_model_state_is_updated_and_left_alone_by_a_skipped_step():
         np.testing.assert_array_equal(a, b)
     for a, b in zip(jax.tree.leaves(skipped.params), jax.tree.leaves(good.params)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("unroll", [None, 4])
+def test_a_step_group_sums_its_steps_and_measures_the_norms_of_its_last(mnist, unroll):
+    """A compiled group of 4 steps (device loop or unrolled): loss and accuracy summed over its
+    steps, the gradient/update/parameter norms those of its last step (and only that step pays for
+    them), against the same 4 steps run one by one."""
+    model = jaxaccel.models.MLP(features=(32,), num_classes=10)
+    tx = optax.adam(1e-2)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1), jnp.uint8))["params"]
+    state = step_lib.TrainState.create(params, tx)
+    inputs, labels = jnp.asarray(mnist.train_inputs[:256]), jnp.asarray(mnist.train_labels[:256])
+    perm, key = jnp.arange(256, dtype=jnp.int32), jax.random.key(3)
+    step_fn = functools.partial(step_lib.train_step, apply_fn=model.apply, tx=tx)
+    group = step_lib.make_train_steps(step_fn, batch_size=64, batch_sharding=None, unroll=unroll, step_key=key)
+    _, sums = jax.jit(group)(state, inputs, labels, perm, np.int32(0), np.int32(4))
+    one = jax.jit(step_fn)
+    losses = []
+    for i in range(4):
+        batch = {"inputs": inputs[64 * i:64 * (i + 1)], "labels": labels[64 * i:64 * (i + 1)]}
+        state, last = one(state, batch, jax.random.fold_in(key, state.step))
+        losses.append(float(last["loss"]))
+    np.testing.assert_allclose(float(sums["loss"]), sum(losses), rtol=1e-5)
+    for name in step_lib.LAST_OF_GROUP:
+        assert float(last[name]) > 0
+        np.testing.assert_allclose(float(sums[name]), float(last[name]), rtol=1e-5)
+    jaxpr = str(jax.make_jaxpr(group)(state, inputs, labels, perm, np.int32(0), np.int32(4)))
+    assert ("cond[" in jaxpr) == (unroll is None)  # unrolled: the norms are traced for the last step only
