@@ -14,10 +14,10 @@ that ``optax.masked``, ``optax.multi_transform`` labels or a mask computation ca
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any, Callable, Sequence
 
 import jax
-from flax import nnx
 from flax.core import meta
 
 __all__ = ["name", "is_box", "named_leaves", "leaf_paths", "matches", "select", "map_with_names",
@@ -26,9 +26,27 @@ __all__ = ["name", "is_box", "named_leaves", "leaf_paths", "matches", "select", 
 PyTree = Any
 
 
+class _LazyNNX:
+    """``flax.nnx``, imported on first use: its import (~0.3 s, and IPython's where that is
+    installed) is start-up time that runs of linen models never need."""
+
+    def __getattr__(self, attr: str) -> Any:
+        from flax import nnx
+        return getattr(nnx, attr)
+
+
+nnx = _LazyNNX()
+
+
+def is_nnx_variable(x: Any) -> bool:
+    """Whether ``x`` is an NNX Variable (without importing NNX: no Variable exists before it is)."""
+    module = sys.modules.get("flax.nnx")
+    return module is not None and isinstance(x, module.Variable)
+
+
 def is_box(x: Any) -> bool:
     """Whether ``x`` wraps one array in a pytree node of its own (NNX Variable, linen metadata box)."""
-    return isinstance(x, (nnx.Variable, meta.AxisMetadata))
+    return isinstance(x, meta.AxisMetadata) or is_nnx_variable(x)
 
 
 def name(path: Sequence[Any]) -> str:

@@ -36,12 +36,13 @@ from typing import Any, Callable, ClassVar, Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import nnx, traverse_util
+from flax import traverse_util
 from jax import lax
 from pydantic import Field, PrivateAttr
 
 from jaxaccel.models.base import IMPORT_PATH, REGISTRY, ModelConfig
 from jaxaccel.models.layers import im2col_conv, to_float
+from jaxaccel.paths import nnx  # flax.nnx, imported on first use
 from jaxaccel.schema import ConfigError
 
 __all__ = ["ImportedModelConfig", "UserModel", "wrap_apply", "object_config", "resolve", "is_user_model"]

@@ -47,9 +47,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, U
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from jaxaccel.paths import matches
+from jaxaccel.paths import nnx  # flax.nnx, imported on first use
 from jaxaccel.precision import policy
 from jaxaccel.precision import quant as quant_ops
 from jaxaccel.schema import ConfigError

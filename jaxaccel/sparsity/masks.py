@@ -33,7 +33,6 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from jaxaccel import paths
 
@@ -62,7 +61,7 @@ def unbox(tree: PyTree) -> PyTree:
     """``tree`` with every box (NNX ``Variable``, linen metadata) replaced by its array: the masks of
     a tree of ``nnx.Param`` are the masks of its arrays (``nnx.Optimizer`` inits with Variables and
     updates with arrays)."""
-    return jax.tree.map(lambda x: x.get_value() if isinstance(x, nnx.Variable) else x.unbox()
+    return jax.tree.map(lambda x: x.get_value() if paths.is_nnx_variable(x) else x.unbox()
                         if paths.is_box(x) else x, tree, is_leaf=paths.is_box)
 
 
