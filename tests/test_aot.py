@@ -191,13 +191,13 @@ def test_int8_paths_compile_for_tpu(tmp_path):
 
 @needs_tpu
 def test_cli_writes_aot_json_for_an_fsdp_run(tmp_path):
-    # 100 steps in groups of 100: one step-group executable (a TPU plan compiles one per length).
+    # 64 steps in one group: one step-group executable (a TPU plan compiles one per power of two).
     result = _aot_cli("exp=mnist_mlp", "topology=v5e:2x2", "parallel.fsdp=true", "functions=train_steps",
-                      f"workdir={tmp_path}", "model.features=[64,32]", "train.steps=100", "train.log_every_steps=100")
+                      f"workdir={tmp_path}", "model.features=[64,32]", "train.steps=64", "train.log_every_steps=64")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "aot.json").read_text())
     assert {"topology", "devices", "plan", "state_bytes_per_device", "functions"} <= set(report)
-    assert list(report["functions"]) == ["train_steps_n100"] and report["devices"] == 4
+    assert list(report["functions"]) == ["train_steps_n64"] and report["devices"] == 4
     assert report["plan"]["fsdp"] and report["plan"]["mesh"] == {"data": 1, "fsdp": 4}
     # Biases of 10 classes and the step counters stay whole; everything else is split in 4.
     assert report["state_bytes_per_device"] < 0.26 * report["state_bytes_replicated"]
