@@ -300,3 +300,17 @@ def test_readme_your_own_model_examples_run_as_written(tmp_path, monkeypatch):
         assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "cli_mlp" / "summary.json").read_text())
     assert summary["sparsity"] == pytest.approx(0.9, abs=1e-3)
+
+
+def test_im2col_convolutions_of_a_user_cnn_get_the_precision_policy():
+    """On CPU a user's nn.Conv runs as our im2col dot: under a bf16 policy that dot must be the
+    intercepted mixed-precision one (bf16 inputs, f32 accumulation), like the Dense layers'."""
+    from jaxaccel.config import PrecisionConfig
+    from jaxaccel.models import UserModel
+    from tests.user_models import LinenCNN
+    model = UserModel(LinenCNN, 10, conv="im2col", precision=PrecisionConfig(params="bfloat16", compute="bfloat16"))
+    x = jnp.zeros((2, 28, 28, 1), jnp.uint8)
+    jaxpr = str(jax.make_jaxpr(lambda v, x: model.apply(v, x))(model.init(jax.random.key(0), x), x))
+    dots = jaxpr.count("dot_general[")
+    assert dots == 3  # the second conv's patches and the two Dense layers (the 9-long first conv: no dot)
+    assert jaxpr.count("preferred_element_type=float32") == dots

@@ -225,7 +225,9 @@ def _im2col_interceptor() -> Callable:
             return next_fun(*args, **kwargs)
         depth[0] += 1
         try:
-            return mod.clone(parent=None, conv_general_dilated=im2col_conv()).apply(dict(mod.variables), *args, **kwargs)
+            # lax.dot_general looked up now: inside a precision/QAT interception it is the intercepting one.
+            return mod.clone(parent=None, conv_general_dilated=im2col_conv(lax.dot_general)).apply(
+                dict(mod.variables), *args, **kwargs)
         finally:
             depth[0] -= 1
 
