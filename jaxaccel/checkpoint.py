@@ -142,7 +142,8 @@ class Checkpointer:
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
     def restore_latest(self, target: Any, fallback: bool) -> tuple[Any, int, list[str]]:
-        """Restore the newest readable checkpoint into ``target``'s structure and shardings.
+        """Restore the newest readable checkpoint into ``target``'s structure and shardings
+        (``target``: a state, or a function of a checkpoint's record returning one, see :meth:`restore`).
 
         Returns (state, step, notes). An unreadable newest checkpoint is an error naming it,
         unless ``fallback``: then older ones are tried in turn and ``notes`` says what was skipped.
@@ -170,8 +171,12 @@ class Checkpointer:
         raise CheckpointUnreadable(f"no readable checkpoint in {self.manager.directory}: " + "; ".join(notes))
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
-        """Restore checkpoint ``step`` into the structure, shapes and shardings of ``target``."""
+        """Restore checkpoint ``step`` into the structure, shapes and shardings of ``target``: a
+        state, or a function of the checkpoint's JSON record returning one (a run whose model
+        changed shapes mid-run builds the target of the model the record names)."""
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if callable(target):
+            target = target(meta)
         found = {k: tuple(v) for k, v in meta.get("shapes", {}).items()}
         problems = describe_mismatch(target, found)
         if problems:

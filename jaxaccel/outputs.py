@@ -14,20 +14,22 @@ import numpy as np
 from jaxaccel import compression
 from jaxaccel import export as export_lib
 from jaxaccel import sparsity
+from jaxaccel import surgery
 from jaxaccel.models import build_model, is_user_model
 from jaxaccel.parallel import local_copy
 from jaxaccel.plan import with_conv
 from jaxaccel.setup import Setup
 
-__all__ = ["write_config", "finish"]
+__all__ = ["write_config", "note_surgery", "finish"]
 
 
 def _versions() -> dict[str, str]:
     return {p: metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")}
 
 
-def write_config(setup: Setup, state: Any) -> None:
-    """``config.json``: the resolved config, overrides, versions, devices and the plan."""
+def write_config(setup: Setup, state: Any, changes: list[dict[str, Any]] = ()) -> None:
+    """``config.json``: the resolved config, overrides, versions, devices and the plan, and the
+    model changes so far (``changes``: :func:`jaxaccel.surgery.line` records; a resumed run's)."""
     cfg, devices = setup.cfg, jax.devices()
     record = {"experiment": cfg.experiment, "config": cfg.to_dict(), "overrides": setup.overrides,
               "versions": _versions(), "python": platform.python_version(),
@@ -38,13 +40,23 @@ def write_config(setup: Setup, state: Any) -> None:
               "data": setup.pipeline,
               "backend": jax.default_backend(), "process_count": jax.process_count(),
               "plan": dataclasses.asdict(setup.plan)}
+    if changes or setup.plan.surgery_points:
+        record["surgery"] = list(changes)
     (setup.workdir / "config.json").write_text(json.dumps(record, indent=2))
+
+
+def note_surgery(setup: Setup, changes: list[dict[str, Any]]) -> None:
+    """Record the model changes so far in ``config.json`` (its ``config`` stays the run's as given)."""
+    path = setup.workdir / "config.json"
+    record = json.loads(path.read_text())
+    record["surgery"] = list(changes)
+    path.write_text(json.dumps(record, indent=2))
 
 
 def finish(setup: Setup, state: Any, timings: dict[str, Any], last_eval: dict[str, float],
            flops_per_step: float | None) -> dict[str, Any]:
     """Export the final model and write ``summary.json`` (process 0); returns the summary."""
-    cfg, ds = setup.cfg, setup.dataset
+    cfg, ds, model_cfg = setup.cfg, setup.dataset, setup.model_cfg  # the model in force at the end
     state = setup.parallel.single(state)
     params = local_copy(state.params)
     model_state = local_copy(state.model_state)  # batch statistics of user models; {} for ours
@@ -58,6 +70,9 @@ def finish(setup: Setup, state: Any, timings: dict[str, Any], last_eval: dict[st
         "model_bytes": param_count * 4, "seconds_to_first_step": timings["startup"],
         "epoch_seconds": timings["epoch_seconds"],
     }
+    if timings.get("surgery") or setup.plan.surgery_points:
+        summary.update(model=surgery.model_record(model_cfg), surgery=timings["surgery"],
+                       surgery_compile_seconds=timings["surgery_compile_seconds"])
     # Achieved model FLOP/s: XLA's count for the compiled step (all devices) over the training time.
     if flops_per_step:
         summary["flops_per_step"] = flops_per_step * setup.parallel.size
@@ -65,11 +80,11 @@ def finish(setup: Setup, state: Any, timings: dict[str, Any], last_eval: dict[st
     if setup.is_writer:
         precision = cfg.precision.model_dump() if cfg.precision != type(cfg.precision)() else None
         summary["compressed_bytes"], summary["export_form"] = export_lib.save(
-            setup.workdir / "export", params, model=with_conv(cfg.model, setup.plan.conv).model_dump(),
+            setup.workdir / "export", params, model=with_conv(model_cfg, setup.plan.conv).model_dump(),
             num_classes=ds.num_classes,
             image_shape=ds.input_shape, input_dtype=ds.input_dtype.name, precision=precision,
             quant=cfg.quant.model_dump(), model_state=model_state)
-        plain = build_model(with_conv(cfg.model, "xla"), ds.num_classes)
+        plain = build_model(with_conv(model_cfg, "xla"), ds.num_classes)
         if is_user_model(plain):
             plain = plain.bind_state(model_state)
         summary["compression"] = compression.report(params, plain, ds.test_inputs, ds.test_labels, cfg.quant)

@@ -78,6 +78,8 @@ class Plan:
     # Device loops with the trip count compiled in (see call_lengths): off CPU a loop whose count
     # is a runtime value reads its predicate back to the host every iteration.
     static_trip_count: bool = False
+    # Steps at which a model surgeon may change the model's shapes (jaxaccel.surgery): each ends a group.
+    surgery_points: tuple[int, ...] = ()
 
     def group_lengths(self, start: int = 0) -> list[int]:
         """The distinct step-group lengths from ``start`` to the end."""
@@ -108,7 +110,7 @@ class Plan:
 
     def next_boundary(self, step: int) -> int:
         """Where the step group starting at ``step`` ends: the next log point of the epoch, epoch
-        end, checkpoint multiple or the last step. A pure function of ``step``, so a resumed run
+        end, checkpoint multiple, surgery point or the last step. A pure function of ``step``, so a resumed run
         groups its steps exactly as an uninterrupted one."""
         epoch_start = step - step % self.steps_per_epoch
         pos = step - epoch_start
@@ -118,6 +120,7 @@ class Plan:
                       self.total_steps]
         if self.loop == "device_loop" and self.steps_per_call:
             candidates.append(step + self.steps_per_call)
+        candidates += [p for p in self.surgery_points if p > step][:1]
         return min(candidates)
 
 

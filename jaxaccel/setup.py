@@ -27,15 +27,16 @@ from jaxaccel import sparsity
 from jaxaccel import streaming
 from jaxaccel import step as step_lib
 from jaxaccel import storage
+from jaxaccel import surgery
 from jaxaccel.checkpoint import Checkpointer
 from jaxaccel.config import Config, ConfigError
-from jaxaccel.models import build_model, input_problem
+from jaxaccel.models import input_problem
 from jaxaccel.optim import build_optimizer
 from jaxaccel.parallel import make_parallel
-from jaxaccel.plan import Plan, make_plan, with_conv
+from jaxaccel.plan import Plan, make_plan
 from jaxaccel.runtime import init_distributed
 
-__all__ = ["Setup", "build", "initial_state", "workdir_of", "DATA_STREAM"]
+__all__ = ["Setup", "build", "initial_state", "starting_point", "workdir_of", "DATA_STREAM"]
 
 DATA_STREAM = 1  # with (seed, epoch), seeds the data order; init and step keys are streams 0 and 2
 
@@ -52,6 +53,7 @@ class Setup:
     pipeline: dict[str, Any]   # data.pipeline resolved, and the sizes that decided it (config.json)
     parallel: Any              # jaxaccel.parallel's strategy: devices, shardings, compile
     plan: Plan
+    model_cfg: Any             # the model config in force: cfg.model, or what a surgeon made of it (jaxaccel.surgery)
     model: Any                 # the flax module trained (with the plan's conv lowering)
     eval_model: Any            # the same parameters with XLA's own convolution (faster outside loops)
     serialize_calls: bool      # CPU with several devices: one multi-device call in flight at a time
@@ -109,13 +111,14 @@ def build(cfg: Config, overrides: list[str] | None = None) -> Setup:
     if streamed:
         plan = feed_lib.stream_plan(plan, cfg.train.batch_size * dataset.sizes.example_bytes)
     cfg = durations.resolve(cfg, plan.steps_per_epoch, plan.total_steps)  # from here on, durations are steps
+    plan = dataclasses.replace(plan, surgery_points=surgery.points(surgery.surgeons(cfg), plan.total_steps))
+    # A model named by import path (models.custom) is imported here, when the run is built.
+    model, eval_model = surgery.models_for(cfg.model, cfg, plan.conv, dataset.num_classes)
     return Setup(
         cfg=cfg, overrides=list(overrides or []), started=started,
         workdir=workdir_of(cfg),
         is_writer=jax.process_index() == 0, dataset=dataset, pipeline=pipeline, parallel=parallel, plan=plan,
-        # A model named by import path (models.custom) is imported here, when the run is built.
-        model=build_model(with_conv(cfg.model, plan.conv), dataset.num_classes, cfg.precision, cfg.quant),
-        eval_model=build_model(with_conv(cfg.model, "xla"), dataset.num_classes, cfg.precision, cfg.quant),
+        model_cfg=cfg.model, model=model, eval_model=eval_model,
         # XLA:CPU runs each device's part of a call on a shared thread pool; with several calls in
         # flight, threads waiting in one call's all-reduce can starve the devices that have yet
         # to reach it (seen: a deadlock with 8 emulated devices).
@@ -184,18 +187,37 @@ def _created(create: Callable, setup: Setup, message: Callable[[str], None]) -> 
 
 def initial_state(setup: Setup, checkpointer: Checkpointer,
                   message: Callable[[str], None]) -> tuple[step_lib.TrainState, int, dict[str, Any]]:
-    """The state the run starts from, its step and the record saved with it: the latest checkpoint
-    in the workdir if there is one, else a fresh state (with ``init.from``'s parameters when set)
-    and an empty record."""
+    """:func:`starting_point` without the setup (for runs whose model never changes shape)."""
+    return starting_point(setup, checkpointer, message)[1:]
+
+
+def starting_point(setup: Setup, checkpointer: Checkpointer, message: Callable[[str], None]
+                   ) -> tuple[Setup, step_lib.TrainState, int, dict[str, Any]]:
+    """The setup and state the run starts from, its step and the record saved with it: the latest
+    checkpoint in the workdir if there is one, with the model it was written with (a surgeon may
+    have changed the shapes: :mod:`jaxaccel.surgery`), else a fresh state (with ``init.from``'s
+    parameters when set) and an empty record."""
     cfg, ds = setup.cfg, setup.dataset
     tx = build_optimizer(cfg, setup.plan.total_steps)
-    create = functools.partial(_create_state, setup.model, tx, ds.input_shape, ds.input_dtype)
+
+    def fresh(s: Setup) -> step_lib.TrainState:
+        create = functools.partial(_create_state, s.model, tx, ds.input_shape, ds.input_dtype)
+        return _created(create, s, message)
+
     # The restore target carries the shardings a checkpoint is read into.
-    state = _created(create, setup, message)
+    state = fresh(setup)
     _check_sparsity_paths(cfg, state.params)
     latest = checkpointer.latest_step()
     if latest is not None:
-        state, latest, notes = checkpointer.restore_latest(state, cfg.checkpoint.fallback)
+        original = setup
+
+        def target(meta: dict[str, Any]) -> step_lib.TrainState:
+            """The restore target of the checkpoint whose record is ``meta``: of its own model."""
+            nonlocal setup
+            setup = surgery.follow(original, meta)
+            return state if setup is original else fresh(setup)
+
+        state, latest, notes = checkpointer.restore_latest(target, cfg.checkpoint.fallback)
         for note in notes:
             message(f"warning: {note}")
         message(f"resuming from checkpoint step {latest} in {setup.workdir / 'checkpoints'}")
@@ -204,4 +226,4 @@ def initial_state(setup: Setup, checkpointer: Checkpointer,
         # Under jit, so every leaf is a fresh buffer (the train step donates them all).
         state = jax.jit(lambda s, p: s.replace(params=p, opt_state=tx.init(p)))(state, params)
     meta = checkpointer.meta(latest) if latest is not None else {}
-    return setup.parallel.put_state(state), latest or 0, meta
+    return setup, setup.parallel.put_state(state), latest or 0, meta

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from jaxaccel.models.base import ModelConfig
 
 __all__ = ["Change", "Surgeon", "surgeons", "registered", "points", "due", "operate", "rebuild", "models_for",
-           "model_record", "model_of", "follow", "param_count"]
+           "model_record", "model_of", "follow", "param_count", "line", "describe", "FlopsTally"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,3 +161,40 @@ def param_count(params: Any) -> int:
     """Number of parameter values."""
     import jax
     return int(sum(np.size(p) for p in jax.tree.leaves(params)))
+
+
+def line(step: int, change: Change, compile_seconds: float, params: Any) -> dict[str, Any]:
+    """The ``metrics.jsonl`` line of a change (``split: surgery``, so readers of training and test
+    lines pass it by), also kept in checkpoint records, config.json and summary.json."""
+    return {"step": int(step), "split": "surgery", "surgery": change.record, "compile_seconds": compile_seconds,
+            "model": model_record(change.model), "param_count": param_count(params)}
+
+
+def describe(record: dict[str, Any]) -> str:
+    """One line for the run's output about the change ``record`` (a :func:`line`)."""
+    what = json.dumps(record["surgery"], separators=(",", ":"))
+    if len(what) > 160:
+        what = what[:157] + "..."
+    return (f"model changed ({what}): {record['param_count']} parameters, new model compiled in "
+            f"{record['compile_seconds']:.1f}s")
+
+
+class FlopsTally:
+    """Model FLOPs per step averaged over the steps this process trained, when the model changed
+    on the way (each compiled model counts for the steps it ran)."""
+
+    def __init__(self, start: int):
+        self.start, self.mark, self.total = start, start, 0.0
+
+    def add(self, per_step: float | None, step: int) -> None:
+        """The model compiled so far, whose FLOPs per step are ``per_step``, ran until ``step``."""
+        self.total = None if per_step is None or self.total is None else self.total + per_step * (step - self.mark)
+        self.mark = step
+
+    def per_step(self, last: float | None, end: int) -> float | None:
+        """The average with the last model, ``last`` FLOPs per step, run until ``end``; None when
+        some count is unknown."""
+        if self.mark == self.start:  # the model never changed: its own count
+            return last
+        self.add(last, end)
+        return None if self.total is None or end == self.start else self.total / (end - self.start)

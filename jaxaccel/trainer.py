@@ -2,7 +2,8 @@
 
 Setup (runtime, data, devices, plan, models: setup.py) -> initial state (fresh, resumed or
 fine-tuned) -> compile the step groups and the evaluation -> loop over step groups, logging,
-evaluating and checkpointing on the way -> final evaluation, checkpoint, export and summary.
+changing the model's shapes where a surgeon acts (jaxaccel.surgery), evaluating and checkpointing on
+the way -> final evaluation, checkpoint, export and summary.
 Pretraining another run first (``init.pretrain``) is :mod:`jaxaccel.pipeline`'s job.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from jaxaccel import precision as prec
 from jaxaccel import setup as setup_lib
 from jaxaccel import sparsity
 from jaxaccel import step as step_lib
+from jaxaccel import surgery
 from jaxaccel import workdir as workdir_lib
 from jaxaccel.checkpoint import Checkpointer
 from jaxaccel.metrics import MetricsWriter, Progress, tensorboard_enabled
@@ -82,7 +84,8 @@ def _train(cfg, overrides: list[str] | None) -> dict[str, Any]:
             progress.close()
             checkpointer.close()
             return finished
-        state, timings, last_eval, flops = _run(setup, checkpointer, tensorboard, progress, notice)
+        # The setup comes back with the model in force at the end (a surgeon may have changed it).
+        setup, state, timings, last_eval, flops = _run(setup, checkpointer, tensorboard, progress, notice)
         fault_point("export", setup.plan.total_steps)
         summary = outputs.finish(setup, state, timings, last_eval, flops)
         if notice.received:
@@ -98,10 +101,10 @@ def _run(setup: setup_lib.Setup, checkpointer: Checkpointer, tensorboard: bool, 
     try:
         # ------------------------------------------------------------------------------------
         # Initial state: the latest checkpoint, init.from, or fresh.
-        state, step, resumed = setup_lib.initial_state(setup, checkpointer, progress.message)
+        setup, state, step, resumed = setup_lib.starting_point(setup, checkpointer, progress.message)
         if setup.is_writer:
             writer = MetricsWriter(setup.workdir / "metrics.jsonl", resume_step=step, tensorboard=tensorboard)
-            outputs.write_config(setup, state)
+            outputs.write_config(setup, state, resumed.get("surgery", []))
         with feed_lib.make_feed(setup, epoch_order) as feed:  # closed on errors and preemption too
             return _loop(setup, feed, state, step, resumed, checkpointer, writer, progress, notice)
     except jax.errors.JaxRuntimeError as e:
@@ -139,11 +142,24 @@ def _finished_summary(setup: setup_lib.Setup, checkpointer: Checkpointer) -> dic
     return json.loads(summary.read_text())
 
 
+def _compiled(setup: setup_lib.Setup, feed, state) -> tuple[StepGroups, Any]:
+    """The step groups and the evaluator of the model in force, compiled for ``state``."""
+    cfg, par = setup.cfg, setup.parallel
+    groups = StepGroups(cfg, setup.plan, par, setup.model.apply, setup.step_key, setup.serialize_calls)
+    groups.compile(state, feed)
+    # Evaluation batches split over the devices: rounded up to a multiple of them (padding weighs 0).
+    eval_batch = -(-cfg.train.eval_batch_size // par.size) * par.size
+    evaluator = feed.evaluator(setup.eval_model.apply, eval_batch, setup.serialize_calls)
+    evaluator.compile(state)
+    return groups, evaluator
+
+
 def _loop(setup: setup_lib.Setup, feed, state, step: int, resumed: dict[str, Any], checkpointer: Checkpointer,
           writer: MetricsWriter | None, progress: Progress, notice: PreemptionNotice):
-    """Compile, then train step groups to the end with evaluations and checkpoints on the way.
-    ``feed`` brings the batches (jaxaccel.feed: resident or streamed); ``resumed`` is the record of
-    the checkpoint the run resumed from: the training time so far."""
+    """Compile, then train step groups to the end with model changes, evaluations and checkpoints on
+    the way. ``feed`` brings the batches (jaxaccel.feed: resident or streamed); ``resumed`` is the
+    record of the checkpoint the run resumed from: the training time and model changes so far.
+    Returns the setup of the final model with the state, timings, last evaluation and FLOPs."""
     cfg, plan, par = setup.cfg, setup.plan, setup.parallel
     if notice.should_stop():  # a notice during start-up: nothing trained, nothing new to save
         progress.message(f"{notice.signal_name} during start-up: stopped before training (the workdir is as it "
@@ -156,12 +172,7 @@ def _loop(setup: setup_lib.Setup, feed, state, step: int, resumed: dict[str, Any
     for warning in prec.check_backend(cfg.precision):
         progress.message(f"warning: {warning}")
     t0 = time.perf_counter()
-    groups = StepGroups(cfg, plan, par, setup.model.apply, setup.step_key, setup.serialize_calls)
-    groups.compile(state, feed)
-    # Evaluation batches split over the devices: rounded up to a multiple of them (padding weighs 0).
-    eval_batch = -(-cfg.train.eval_batch_size // par.size) * par.size
-    evaluator = feed.evaluator(setup.eval_model.apply, eval_batch, setup.serialize_calls)
-    evaluator.compile(state)
+    groups, evaluator = _compiled(setup, feed, state)
     compile_seconds = time.perf_counter() - t0
     progress.message(f"compiled in {compile_seconds:.1f}s; {plan.total_steps - step} steps to run "
                      f"({plan.loop}, {plan.steps_per_call or 'any'} steps per call) on "
@@ -213,6 +224,30 @@ def _loop(setup: setup_lib.Setup, feed, state, step: int, resumed: dict[str, Any
         progress.update(end, record["loss"] if finite else float("nan"))
 
     # ----------------------------------------------------------------------------------------
+    # Model surgery: a surgeon changes the model's shapes; the new model is compiled (timed apart).
+    surgeons, changes = surgery.surgeons(cfg), list(resumed.get("surgery", []))
+    flops = surgery.FlopsTally(step)
+
+    def change_model(state, at_step):
+        """The state after the surgeons due at ``at_step`` acted, and the seconds compiling took."""
+        nonlocal setup, groups, evaluator
+        change = surgery.operate(surgeons, at_step, par.single(state), setup.model_cfg, groups.tx)
+        if change is None:
+            return state, 0.0
+        flops.add(groups.flops_per_step(), at_step)
+        setup, state = surgery.rebuild(setup, change.model), par.put_state(change.state)
+        t0 = time.perf_counter()
+        groups, evaluator = _compiled(setup, feed, state)
+        line = surgery.line(at_step, change, time.perf_counter() - t0, state.params)
+        changes.append(line)
+        if writer:
+            writer.write(line)
+            outputs.note_surgery(setup, changes)
+        progress.message(f"step {at_step}: {surgery.describe(line)}")
+        fault_point("surgery", at_step)
+        return state, line["compile_seconds"]
+
+    # ----------------------------------------------------------------------------------------
     # The loop: step groups between log points, epoch ends and checkpoints.
     last_eval, pending = None, None
     # Training time over the whole run (kept in each checkpoint's record across restarts), and the
@@ -230,11 +265,13 @@ def _loop(setup: setup_lib.Setup, feed, state, step: int, resumed: dict[str, Any
         at_epoch_end = step % plan.steps_per_epoch == 0
         preempted = notice.should_stop()
         at_checkpoint = step % plan.checkpoint_every == 0 or preempted
-        if at_epoch_end or at_checkpoint or step == plan.total_steps:
+        at_surgery = surgery.due(surgeons, step) and step < plan.total_steps
+        if at_epoch_end or at_checkpoint or at_surgery or step == plan.total_steps:
             flush(pending)  # raises on a non-finite loss before anything is checkpointed
             pending = None
             jax.block_until_ready(state)
-            train_seconds += time.perf_counter() - t_start
+            state, recompile_seconds = change_model(state, step) if at_surgery else (state, 0.0)
+            train_seconds += time.perf_counter() - t_start - recompile_seconds
             if at_epoch_end:
                 if epoch_mark is not None:
                     epoch_seconds.append(train_seconds - epoch_mark)
@@ -247,7 +284,7 @@ def _loop(setup: setup_lib.Setup, feed, state, step: int, resumed: dict[str, Any
                 single = par.single(state)
                 checkpointer.save(step, single, Checkpointer.meta_for(
                     single, step=step, train_seconds=train_seconds, timed_steps=timed_steps + step - first_step,
-                    epoch_seconds=epoch_seconds))
+                    epoch_seconds=epoch_seconds, model=surgery.model_record(setup.model_cfg), surgery=changes))
                 fault_point("save", step)  # the async write is still in flight here
             t_start = time.perf_counter()
         if preempted:
@@ -261,5 +298,6 @@ def _loop(setup: setup_lib.Setup, feed, state, step: int, resumed: dict[str, Any
         progress.message(f"data: process {jax.process_index()} of {jax.process_count()} read {feed.examples_read} "
                          f"training examples ({setup.pipeline['pipeline']} pipeline)")
     timings = {"steps_run": timed_steps + step - first_step, "train_seconds": train_seconds, "compile_seconds": compile_seconds,
-               "startup": startup, "epoch_seconds": epoch_seconds}
-    return state, timings, last_eval, groups.flops_per_step()
+               "startup": startup, "epoch_seconds": epoch_seconds, "surgery": changes,
+               "surgery_compile_seconds": sum(c["compile_seconds"] for c in changes)}
+    return setup, state, timings, last_eval, flops.per_step(groups.flops_per_step(), step)
