@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from jaxaccel.models.base import ModelConfig
 
 __all__ = ["Change", "Surgeon", "surgeons", "registered", "points", "due", "operate", "rebuild", "models_for",
-           "model_record", "model_of", "follow", "param_count", "line", "describe", "FlopsTally"]
+           "model_record", "checkpoint_record", "model_of", "follow", "param_count", "line", "describe", "FlopsTally"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,11 +141,20 @@ def model_record(model_cfg: "ModelConfig") -> dict[str, Any] | None:
         return None
 
 
+def checkpoint_record(setup: Any, changes: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a checkpoint's record says about the model: the config in force, the run's own config
+    it started from, and the changes (:func:`line` records) that led from one to the other."""
+    return {"model": model_record(setup.model_cfg), "model_at_start": model_record(setup.cfg.model),
+            "surgery": list(changes)}
+
+
 def model_of(meta: dict[str, Any], original: "ModelConfig") -> "ModelConfig":
-    """The model config a checkpoint was written with: the one its record names when that differs
-    from the run's own ``original`` (a change happened before it), else ``original`` itself."""
+    """The model config a checkpoint was written with, from its record (:func:`checkpoint_record`):
+    the changed one when changes were made to the run's own ``original``, else ``original`` (also
+    when the run now names another model than the checkpoint's run started from: the restore then
+    reports the mismatch, as for any checkpoint of another model)."""
     saved = meta.get("model")
-    if saved is None or saved == model_record(original):
+    if saved is None or not meta.get("surgery") or meta.get("model_at_start") != model_record(original):
         return original
     from jaxaccel.config import from_saved
     return from_saved("model", saved)

@@ -284,7 +284,7 @@ def _loop(setup: setup_lib.Setup, feed, state, step: int, resumed: dict[str, Any
                 single = par.single(state)
                 checkpointer.save(step, single, Checkpointer.meta_for(
                     single, step=step, train_seconds=train_seconds, timed_steps=timed_steps + step - first_step,
-                    epoch_seconds=epoch_seconds, model=surgery.model_record(setup.model_cfg), surgery=changes))
+                    epoch_seconds=epoch_seconds, **surgery.checkpoint_record(setup, changes)))
                 fault_point("save", step)  # the async write is still in flight here
             t_start = time.perf_counter()
         if preempted:

@@ -109,9 +109,13 @@ def test_surgeon_preserves_the_function_and_rebuild_serves_it(tmp_path):
     assert mu.shape == (WIDTH + EXTRA, 10) and float(mu[WIDTH:].sum()) == 0 and float(mu[:WIDTH].min()) == 1
     # Nothing due: no change. A checkpoint record of the widened model: the setup follows it.
     assert surgery.operate([Widen()], AT + 1, state, setup.model_cfg, tx) is None
-    assert surgery.follow(setup, {"model": surgery.model_record(change.model)}).model_cfg == change.model
-    assert surgery.follow(setup, {"model": surgery.model_record(setup.model_cfg)}) is setup
-    assert surgery.follow(setup, {}) is setup
+    changed = surgery.checkpoint_record(wider, [{"step": AT}])
+    assert surgery.follow(setup, changed).model_cfg == change.model
+    assert surgery.follow(setup, surgery.checkpoint_record(setup, [])) is setup
+    assert surgery.follow(setup, {}) is setup  # a checkpoint from before surgery existed
+    # The run now names another model than the checkpoint's started from: not followed (the restore
+    # then reports the mismatch).
+    assert surgery.follow(setup, {**changed, "model_at_start": {"name": "mlp", "features": [16]}}) is setup
 
 
 def test_change_happens_at_its_step_and_is_recorded(widened):
