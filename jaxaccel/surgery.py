@@ -43,7 +43,9 @@ class Change:
 
 @runtime_checkable
 class Surgeon(Protocol):
-    """One technique that changes the model's shapes during training."""
+    """One technique that changes the model's shapes during training. A run builds its surgeons
+    anew when it resumes: what they decide must follow from the config, the step and the state
+    they are given (not from what an instance saw earlier), or the resumed run would differ."""
     name: str
 
     def due(self, step: int) -> bool:

@@ -244,6 +244,7 @@ def _loop(setup: setup_lib.Setup, feed, state, step: int, resumed: dict[str, Any
             writer.write(line)
             outputs.note_surgery(setup, changes)
         progress.message(f"step {at_step}: {surgery.describe(line)}")
+        progress.restart(at_step)  # rates and ETA from here on, without the compile
         fault_point("surgery", at_step)
         return state, line["compile_seconds"]
 

@@ -19,7 +19,6 @@ from jaxaccel import export, surgery
 from jaxaccel import setup as setup_lib
 from jaxaccel import step as step_lib
 from jaxaccel.checkpoint import Checkpointer
-from jaxaccel.config import model_config
 from jaxaccel.plan import Plan
 from tests.conftest import ROOT, TINY
 
