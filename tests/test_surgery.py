@@ -106,6 +106,10 @@ def test_surgeon_preserves_the_function_and_rebuild_serves_it(tmp_path):
         np.testing.assert_allclose(model.apply({"params": change.state.params}, images), before, rtol=1e-6, atol=1e-6)
     mu = change.state.opt_state[0].mu["Dense_1"]["kernel"]  # the moments padded with the params
     assert mu.shape == (WIDTH + EXTRA, 10) and float(mu[WIDTH:].sum()) == 0 and float(mu[:WIDTH].min()) == 1
+    # Two surgeons due at one step: the second operates on the first's result, both recorded.
+    twice = surgery.operate([Widen(), Widen(extra=4)], AT, state, setup.model_cfg, tx)
+    assert twice.model.features == [WIDTH + EXTRA + 4] and [c["features"] for c in twice.record["changes"]] == [
+        [WIDTH + EXTRA], [WIDTH + EXTRA + 4]]
     # Nothing due: no change. A checkpoint record of the widened model: the setup follows it.
     assert surgery.operate([Widen()], AT + 1, state, setup.model_cfg, tx) is None
     changed = surgery.checkpoint_record(wider, [{"step": AT}])
@@ -191,15 +195,34 @@ with surgery.registered(lambda cfg: Widen()):
 """
 
 
+def _cli(workdir, *args, env=None):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {})}
+    return subprocess.run([sys.executable, "-c", _DRIVER, "exp=mnist_mlp", f"workdir={workdir}", *TINY, *ARGS, *args],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+
+
+def test_killed_right_after_the_change_resumes_bitwise(widened, tmp_path):
+    """SIGKILL at the fault point just after the change (before any checkpoint of the new model):
+    the command run again resumes from step 20, makes the change again and ends bitwise equal."""
+    reference, _ = widened
+    result = _cli(tmp_path, env={"JAXACCEL_FAULT": f"surgery@{AT}"})
+    assert result.returncode == -9, result.stderr[-3000:]
+    assert f"step {AT}: model changed" in result.stdout
+    result = _cli(tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from checkpoint step 20" in result.stdout
+    for a, b in zip(jax.tree.leaves(export.load(tmp_path).params), jax.tree.leaves(export.load(reference).params)):
+        np.testing.assert_array_equal(a, b)
+    assert _timeless(_lines(tmp_path)) == _timeless(_lines(reference))
+
+
 @pytest.mark.parametrize("parallel", [["parallel.fsdp=true"], ["parallel.mode=pmap"]], ids=["fsdp", "pmap"])
 def test_change_under_two_devices_matches_one(parallel, widened, tmp_path):
     """Two emulated devices (FSDP-sharded state, or replicas under shard_map): the change is made,
     and the run ends where the one-device run does, to float rounding."""
     reference, summary = widened
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", _DRIVER, "exp=mnist_mlp", f"workdir={tmp_path}", *TINY, *ARGS,
-                             *parallel], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    result = _cli(tmp_path, *parallel,
+                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 25: model changed" in result.stdout
     two = json.loads((tmp_path / "summary.json").read_text())
