@@ -74,13 +74,16 @@ class Run:
 
     @property
     def kind(self) -> str:
-        """How the run makes its model smaller: ``low-rank`` (a ``lowrank`` section with a rank or
-        energy), ``shrunk`` (``sparsity.shrink``), ``pruned`` (a nonzero sparsity target, or zeros
-        measured), else ``dense`` (bf16 and QAT runs included: same parameters)."""
+        """How the run makes its model smaller: ``low-rank`` (a factorization among the model
+        changes of ``summary.json``, or a ``lowrank`` section with a rank or energy), ``shrunk`` (a
+        shrink among the changes, or ``sparsity.shrink``), ``pruned`` (a nonzero sparsity target,
+        or zeros measured), else ``dense`` (bf16 and QAT runs included: same parameters)."""
+        changes = {(c.get("surgery") or {}).get("kind") for c in self.summary.get("surgery") or []
+                   if isinstance(c, dict)}
         lowrank = self.config.get("lowrank") or {}
-        if any(lowrank.get(k) for k in ("rank", "energy", "from_start")):
+        if "lowrank" in changes or any(lowrank.get(k) for k in ("rank", "energy", "from_start")):
             return "low-rank"
-        if (self.config.get("sparsity") or {}).get("shrink"):
+        if "shrink" in changes or (self.config.get("sparsity") or {}).get("shrink"):
             return "shrunk"
         if self.target_sparsity or self.summary.get("sparsity"):
             return "pruned"
