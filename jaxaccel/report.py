@@ -102,8 +102,8 @@ class Run:
 
     @property
     def dense(self) -> bool:
-        """A dense reference point: finished, no sparsity asked for."""
-        return bool(self.summary) and self.target_sparsity == 0.0
+        """A dense reference point: finished, no sparsity asked for, not shrunk or factorized."""
+        return bool(self.summary) and self.target_sparsity == 0.0 and self.kind == "dense"
 
 
 def _is_run(path: StoragePath) -> bool:

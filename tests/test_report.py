@@ -133,8 +133,11 @@ def test_time_and_parameter_plots_draw_each_run_by_its_kind(tmp_path, monkeypatc
     params_ax = figures["accuracy_vs_params"].axes[0]
     points = sorted(tuple(p) for c in params_ax.collections for p in c.get_offsets())
     assert [x for p in points for x in p] == pytest.approx([150, 96.0, 250, 95.0, 300, 95.5, 400, 96.5, 1000, 97.0])
+    assert [k for k, r in loaded.items() if r.dense] == ["dense"]  # a factorized run is no dense reference
     text = (tmp_path / "out" / "report.md").read_text()
     assert "(accuracy_vs_time.png)" in text and "(accuracy_vs_params.png)" in text
+    row = next(l for l in text.splitlines() if l.startswith("| lowrank |"))
+    assert row.endswith("| -1.50 pts vs dense (97.00%) |")
 
 
 def test_find_runs_takes_runs_and_directories_of_runs_but_not_what_a_run_holds(tmp_path):
