@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's jaxaccel and tests.user_models, also when run as a script
 
@@ -56,7 +58,6 @@ def cli(exp: str, workdir: Path, *overrides: str) -> dict:
 def check_same_architecture() -> None:
     """The user's CNN is mnist_cnn's model: same parameter tree, same logits on the same parameters."""
     import jax
-    import numpy as np
 
     import jaxaccel
     from jaxaccel import paths
@@ -105,11 +106,10 @@ def speed(rounds: int, epochs: int, extra: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Accuracy and the export.
 
-def trained_predictions(workdir: Path, cfg, inputs) -> "np.ndarray":
+def trained_predictions(workdir: Path, cfg, inputs) -> np.ndarray:
     """Class predictions of the run's evaluation model (the run's precision and QAT) with the
     parameters and model state of the run's final checkpoint."""
     import jax
-    import numpy as np
     import orbax.checkpoint as ocp
 
     from jaxaccel.models import build_model
@@ -124,10 +124,8 @@ def trained_predictions(workdir: Path, cfg, inputs) -> "np.ndarray":
     return np.concatenate([np.argmax(apply(variables, inputs[i:i + 1000]), -1) for i in range(0, len(inputs), 1000)])
 
 
-def export_predictions(workdir: Path, model_name: str, inputs) -> tuple["np.ndarray", str]:
+def export_predictions(workdir: Path, model_name: str, inputs) -> tuple[np.ndarray, str]:
     import importlib
-
-    import numpy as np
 
     from jaxaccel import export
 
@@ -137,8 +135,6 @@ def export_predictions(workdir: Path, model_name: str, inputs) -> tuple["np.ndar
 
 
 def accuracy(models: list[str], experiments: list[str], extra: list[str]) -> None:
-    import numpy as np
-
     import jaxaccel
     from jaxaccel import data as data_lib
 

@@ -136,6 +136,8 @@ def test_time_and_parameter_plots_draw_each_run_by_its_kind(tmp_path, monkeypatc
     assert [k for k, r in loaded.items() if r.dense] == ["dense"]  # a factorized run is no dense reference
     text = (tmp_path / "out" / "report.md").read_text()
     assert "(accuracy_vs_time.png)" in text and "(accuracy_vs_params.png)" in text
+    assert "| 0.00% (target 50.00%, pruned units removed) |" in next(l for l in text.splitlines()
+                                                                     if l.startswith("| shrunk |"))
     row = next(l for l in text.splitlines() if l.startswith("| lowrank |"))
     assert row.endswith("| -1.50 pts vs dense (97.00%) |")
 
