@@ -13,7 +13,13 @@ through :mod:`jaxaccel.storage`). Writes into ``--out`` (a local directory, defa
 - ``training_curves.png``: training loss, and training and test accuracy, against the step;
 - ``accuracy_vs_sparsity.png`` and ``accuracy_vs_size.png``: final test accuracy against the
   measured sparsity, and against the size of the dense fp32 / sparse / int8 / sparse+int8 forms of
-  each model (the ``compression`` entry of ``summary.json``, each with its measured accuracy).
+  each model (the ``compression`` entry of ``summary.json``, each with its measured accuracy);
+- ``accuracy_vs_time.png``: test accuracy against the training seconds at each evaluation (the
+  ``train_seconds`` of ``metrics.jsonl``'s test lines: compile and evaluation excluded), one curve
+  per run: time-to-accuracy;
+- ``accuracy_vs_params.png``: final test accuracy against the nonzero parameters of the final model
+  (``param_count`` of ``summary.json`` less the exact zeros counted at the last evaluation), marked
+  by kind: dense, pruned (masks), shrunk (channels removed), low-rank (factorized).
 
 Needs matplotlib (``pip install 'jaxaccel[report]'``). Exit status: 0 done, 2 bad arguments or
 matplotlib missing, 1 anything else.
@@ -31,10 +37,11 @@ from typing import Any
 from jaxaccel import storage
 from jaxaccel.storage import StoragePath
 
-__all__ = ["Run", "find_runs", "load_run", "table", "dense_reference", "failed_points", "plot", "main"]
+__all__ = ["Run", "find_runs", "load_run", "table", "dense_reference", "failed_points", "time_curve", "plot", "main"]
 
 _FORMS = {"dense_fp32": ("dense fp32", "o"), "sparse": ("sparse", "s"), "int8": ("int8", "^"),
           "sparse_int8": ("sparse+int8", "D")}
+_KINDS = {"dense": "o", "pruned": "s", "shrunk": "v", "low-rank": "D"}  # accuracy_vs_params markers
 
 
 @dataclasses.dataclass
@@ -66,9 +73,37 @@ class Run:
         return 0.0 if sp.get("method", "none") == "none" and not sp.get("threshold") else None
 
     @property
+    def kind(self) -> str:
+        """How the run makes its model smaller: ``low-rank`` (a factorization among the model
+        changes of ``summary.json``, or a ``lowrank`` section with a rank or energy), ``shrunk`` (a
+        shrink among the changes, or ``sparsity.shrink``), ``pruned`` (a nonzero sparsity target,
+        or zeros measured), else ``dense`` (bf16 and QAT runs included: same parameters)."""
+        changes = {(c.get("surgery") or {}).get("kind") for c in self.summary.get("surgery") or []
+                   if isinstance(c, dict)}
+        lowrank = self.config.get("lowrank") or {}
+        if "lowrank" in changes or any(lowrank.get(k) for k in ("rank", "energy", "from_start")):
+            return "low-rank"
+        if "shrink" in changes or (self.config.get("sparsity") or {}).get("shrink"):
+            return "shrunk"
+        if self.target_sparsity or self.summary.get("sparsity"):
+            return "pruned"
+        return "dense"
+
+    @property
+    def nonzero_params(self) -> int | None:
+        """Parameters of the final model that are not exact zeros: ``summary.json``'s
+        ``param_count`` (the final shapes, after any shrink or factorization) less the zeros of the
+        last evaluation line (``zero_params``, counted over the prunable weights); None unfinished."""
+        if "param_count" not in self.summary:
+            return None
+        zeros = next((m["zero_params"] for m in reversed(self.metrics)
+                      if m.get("split") == "test" and "zero_params" in m), 0)
+        return self.summary["param_count"] - zeros
+
+    @property
     def dense(self) -> bool:
-        """A dense reference point: finished, no sparsity asked for."""
-        return bool(self.summary) and self.target_sparsity == 0.0
+        """A dense reference point: finished, no sparsity asked for, not shrunk or factorized."""
+        return bool(self.summary) and self.target_sparsity == 0.0 and self.kind == "dense"
 
 
 def _is_run(path: StoragePath) -> bool:
@@ -144,7 +179,9 @@ def dense_reference(run: Run, runs: list[Run]) -> Run | None:
 def _sparsity_cell(run: Run) -> str:
     target = run.target_sparsity
     achieved = f"{100 * run.summary['sparsity']:.2f}%"
-    return achieved if target is None else f"{achieved} (target {100 * target:.2f}%)"
+    # A shrinking run reaches its target by removing the pruned units: its zeros are gone.
+    removed = ", pruned units removed" if run.kind == "shrunk" else ""
+    return achieved if target is None else f"{achieved} (target {100 * target:.2f}%{removed})"
 
 
 def _versus_dense(run: Run, runs: list[Run]) -> str:
@@ -190,6 +227,12 @@ def failed_points(paths: list[str | StoragePath]) -> str:
     return "\n**Failed sweep points**\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
+def time_curve(run: Run) -> list[tuple[float, float]]:
+    """``(train_seconds, test accuracy)`` of each test line that carries the training time."""
+    return [(m["train_seconds"], m["accuracy"]) for m in run.metrics
+            if m.get("split") == "test" and "train_seconds" in m]
+
+
 # ---------------------------------------------------------------------------------------------
 # Plots.
 
@@ -225,7 +268,7 @@ def _training_curves(runs: list[Run], colors: list, path: Path) -> None:
     fig = _figure(figsize=(12, 4.5))
     ax_loss, ax_acc = fig.subplots(1, 2)
     for run, color in zip(runs, colors):
-        train = [m for m in run.metrics if "split" not in m]
+        train = [m for m in run.metrics if "split" not in m and "loss" in m]  # not records of a model change
         test = [m for m in run.metrics if m.get("split") == "test"]
         ax_loss.plot([m["step"] for m in train], [m["loss"] for m in train], ".-", color=color, label=run.label)
         if train and "accuracy" in train[0]:
@@ -304,6 +347,51 @@ def _accuracy_vs_size(runs: list[Run], colors: list, path: Path) -> None:
     _save(fig, path)
 
 
+def _accuracy_vs_time(runs: list[Run], colors: list, path: Path) -> None:
+    fig = _figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    curves = [(r, c, time_curve(r)) for r, c in zip(runs, colors)]
+    curves = [(r, c, pts) for r, c, pts in curves if pts]
+    for run, color, points in curves:
+        seconds, accuracy = zip(*points)
+        ax.plot(seconds, [100 * a for a in accuracy], "o-", color=color, markeredgecolor="black",
+                markersize=4, label=run.label)
+    ax.set(xlabel="training seconds (compile and evaluation excluded)", ylabel="test accuracy (%)",
+           title="Time to accuracy: test accuracy at each evaluation")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(title="run", fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
+    else:
+        ax.text(0.5, 0.5, "no test line with train_seconds", transform=ax.transAxes, ha="center")
+    _save(fig, path)
+
+
+def _accuracy_vs_params(runs: list[Run], colors: list, path: Path) -> None:
+    from matplotlib.lines import Line2D
+    fig = _figure(figsize=(8, 4.8))
+    ax = fig.subplots()
+    done = [(r, c) for r, c in zip(runs, colors) if r.nonzero_params is not None]
+    for run, color in done:
+        ax.scatter(run.nonzero_params, 100 * run.summary["test_accuracy"], marker=_KINDS[run.kind], s=60,
+                   color=color, edgecolor="black", zorder=2)
+    ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis)
+    ax.set(xlabel="nonzero parameters of the final model (log scale)", ylabel="test accuracy (%)",
+           title="Test accuracy vs parameters")
+    ax.grid(alpha=0.3, which="both")
+    if not done:
+        _legend_or_note(ax, False)
+        return _save(fig, path)
+    run_handles = [Line2D([], [], marker=_KINDS[r.kind], linestyle="", color=c, markeredgecolor="black",
+                          label=r.label) for r, c in done]
+    kind_handles = [Line2D([], [], marker=m, linestyle="", markerfacecolor="none", markeredgecolor="black",
+                           label=k) for k, m in _KINDS.items()]
+    first = ax.legend(handles=run_handles, title="run", fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
+    ax.add_artist(first)
+    ax.legend(handles=kind_handles, title="kind", fontsize="small", bbox_to_anchor=(1.02, 0), loc="lower left")
+    _save(fig, path)
+
+
 def _legend_or_note(ax, any_run: bool, **legend) -> None:
     if any_run:
         ax.legend(**legend)
@@ -320,14 +408,15 @@ def _save(fig, path: Path) -> None:
 
 
 def plot(runs: list[Run], out: Path) -> list[Path]:
-    """Write the three PNGs into ``out``; returns their paths."""
+    """Write the five PNGs into ``out``; returns their paths."""
     _require_matplotlib()
     colors = _colors(len(runs))
-    files = [out / "training_curves.png", out / "accuracy_vs_sparsity.png", out / "accuracy_vs_size.png"]
-    _training_curves(runs, colors, files[0])
-    _accuracy_vs_sparsity(runs, colors, files[1])
-    _accuracy_vs_size(runs, colors, files[2])
-    return files
+    plots = {"training_curves": _training_curves, "accuracy_vs_sparsity": _accuracy_vs_sparsity,
+             "accuracy_vs_size": _accuracy_vs_size, "accuracy_vs_time": _accuracy_vs_time,
+             "accuracy_vs_params": _accuracy_vs_params}
+    for name, draw in plots.items():
+        draw(runs, colors, out / f"{name}.png")
+    return [out / f"{name}.png" for name in plots]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,10 +63,83 @@ def test_report_tabulates_and_plots_the_sweep(swept, tmp_path):
     assert "100000" not in table  # the failed points left no run to report, but are listed
     assert failed.count("train.batch_size=100000`: exit 2: error: train.batch_size=100000 is larger") == 2
     import matplotlib.image
-    for name in ("training_curves", "accuracy_vs_sparsity", "accuracy_vs_size"):
+    for name in ("training_curves", "accuracy_vs_sparsity", "accuracy_vs_size", "accuracy_vs_time",
+                 "accuracy_vs_params"):
         assert f"({name}.png)" in text
         height, width, _ = matplotlib.image.imread(tmp_path / f"{name}.png").shape
         assert width > 600 and height > 300
+
+
+def test_test_lines_carry_the_training_seconds_of_the_summary(swept):
+    """time-to-accuracy reads train_seconds off the test lines: it grows, and the last one is the
+    summary's (training loop only, compile excluded)."""
+    run = next(p for p in swept[0].iterdir() if p.name.endswith("train.batch_size=128"))
+    loaded = report.load_run(run)
+    curve = report.time_curve(loaded)
+    assert curve and [a for _, a in curve] == [m["accuracy"] for m in loaded.metrics if m.get("split") == "test"]
+    seconds = [s for s, _ in curve]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    assert seconds[-1] == loaded.summary["train_seconds"]
+    assert seconds[-1] < loaded.summary["train_seconds"] + loaded.summary["compile_seconds"]
+    assert loaded.kind == "pruned"
+    last = [m for m in loaded.metrics if m.get("split") == "test"][-1]
+    assert loaded.nonzero_params == loaded.summary["param_count"] - last["zero_params"]
+    assert 0 < last["zero_params"] < last["prunable_params"] < loaded.summary["param_count"]
+
+
+def _fake_run(root: Path, name: str, config: dict, curve: list[tuple[float, float]], param_count: int,
+              zeros: int = 0, changes: tuple[str, ...] = ()) -> Path:
+    """A finished run directory written by hand: test lines at the given (seconds, accuracy), and
+    a model change of each kind in ``changes`` (lines as jaxaccel.surgery writes them)."""
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"experiment": name, "config": config}))
+    lines = [{"step": 10 * (i + 1), "split": "test", "accuracy": a, "loss": 1.0, "train_seconds": t,
+              "zero_params": zeros} for i, (t, a) in enumerate(curve)]
+    surgery = [{"step": 15, "split": "surgery", "surgery": {"kind": kind}, "compile_seconds": 0.5,
+                "param_count": param_count} for kind in changes]
+    lines[1:1] = surgery
+    lines.insert(0, {"step": 5, "loss": 2.0, "accuracy": 0.2})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    summary = {"test_accuracy": curve[-1][1], "sparsity": 0.0, "param_count": param_count, "train_seconds": curve[-1][0],
+               "model_bytes": 4 * param_count, "examples_per_second": 1.0, "steps": 10 * len(curve),
+               **({"surgery": surgery} if surgery else {})}
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_time_and_parameter_plots_draw_each_run_by_its_kind(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    _fake_run(runs, "dense", {"sparsity": {"method": "none"}}, [(1.0, 0.9), (2.0, 0.97)], 1000)
+    _fake_run(runs, "pruned", {"sparsity": {"method": "magnitude", "target": 0.9}}, [(1.5, 0.8), (3.0, 0.96)], 1000, 850)
+    _fake_run(runs, "shrunk", {"sparsity": {"structure": "channel", "target": 0.5, "shrink": True}},
+              [(0.5, 0.85), (1.0, 0.95), (1.2, 0.965)], 400, changes=("shrink",))
+    _fake_run(runs, "lowrank", {"lowrank": {"rank": 8}}, [(0.7, 0.9), (1.4, 0.955)], 300)
+    _fake_run(runs, "factored", {"lowrank": {"at": "50%"}}, [(0.7, 0.9), (1.4, 0.95)], 250, changes=("lowrank",))
+    figures = {}
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.__setitem__(path.stem, fig))
+    assert report.main([str(runs), "--out", str(tmp_path / "out")]) == 0
+    loaded = {r.label: r for r in map(report.load_run, report.find_runs([runs]))}
+    assert {k: r.kind for k, r in loaded.items()} == {"dense": "dense", "pruned": "pruned", "shrunk": "shrunk",
+                                                      "lowrank": "low-rank", "factored": "low-rank"}
+    assert {k: r.nonzero_params for k, r in loaded.items()} == {"dense": 1000, "pruned": 150, "shrunk": 400,
+                                                                "lowrank": 300, "factored": 250}
+    # One curve per run through its test lines, in the order the runs were found (sorted names).
+    time_ax = figures["accuracy_vs_time"].axes[0]
+    drawn = {l.get_label(): [*l.get_xdata(), *l.get_ydata()] for l in time_ax.lines}
+    assert len(drawn) == 5
+    assert drawn["shrunk"] == pytest.approx([0.5, 1.0, 1.2, 85.0, 95.0, 96.5])
+    assert drawn["pruned"] == pytest.approx([1.5, 3.0, 80.0, 96.0])
+    params_ax = figures["accuracy_vs_params"].axes[0]
+    points = sorted(tuple(p) for c in params_ax.collections for p in c.get_offsets())
+    assert [x for p in points for x in p] == pytest.approx([150, 96.0, 250, 95.0, 300, 95.5, 400, 96.5, 1000, 97.0])
+    assert [k for k, r in loaded.items() if r.dense] == ["dense"]  # a factorized run is no dense reference
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "(accuracy_vs_time.png)" in text and "(accuracy_vs_params.png)" in text
+    assert "| 0.00% (target 50.00%, pruned units removed) |" in next(l for l in text.splitlines()
+                                                                     if l.startswith("| shrunk |"))
+    row = next(l for l in text.splitlines() if l.startswith("| lowrank |"))
+    assert row.endswith("| -1.50 pts vs dense (97.00%) |")
 
 
 def test_find_runs_takes_runs_and_directories_of_runs_but_not_what_a_run_holds(tmp_path):

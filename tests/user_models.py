@@ -20,6 +20,19 @@ class LinenCNN(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
+class FlaxExampleCNN(nn.Module):
+    """Exactly ``mnist_cnn``'s architecture (conv32-conv64 3x3, relu, 2x2 average pool, dense 256,
+    logits) in plain linen: the speed comparison of benchmarks/user_model.py."""
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.avg_pool(nn.relu(nn.Conv(32, (3, 3))(x)), (2, 2), strides=(2, 2))
+        x = nn.avg_pool(nn.relu(nn.Conv(64, (3, 3))(x)), (2, 2), strides=(2, 2))
+        x = nn.relu(nn.Dense(256)(x.reshape(x.shape[0], -1)))
+        return nn.Dense(self.num_classes)(x)
+
+
 class LinenBNNet(nn.Module):
     """BatchNorm and dropout: state besides parameters, and a ``train`` switch."""
     num_classes: int = 10
