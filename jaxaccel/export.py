@@ -150,9 +150,12 @@ class ExportedModel:
             module = module.bind_state(self.model_state)
         self.module = module
         if scales and isinstance(module, UserModel) and module.kind == "nnx":
-            # int8 inference of NNX models waits for the op interception (jaxaccel.models.custom.wrap_apply):
-            # until then the int8 weights run dequantized (weight-only int8).
-            self._apply = jax.jit(lambda p, s, x: module.apply({"params": prec.dequantize_params(p, s)}, x))
+            # An NNX layer holds its op as an attribute, out of reach of flax's method interception
+            # (int8_apply): the int8 weights run dequantized through the QAT forward the model was
+            # evaluated with (activations fake-quantized by the op interception), so the export
+            # predicts what the trained model predicts; the integer arithmetic is emulated in float.
+            qat = module.with_quant(from_saved("quant", meta["quant"]))
+            self._apply = jax.jit(lambda p, s, x: qat.apply({"params": prec.dequantize_params(p, s)}, x))
         elif scales:
             quant = from_saved("quant", meta["quant"])
             self._apply = jax.jit(lambda p, s, x: prec.int8_apply(module, p, s, x, cfg=quant))

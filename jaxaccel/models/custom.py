@@ -272,6 +272,12 @@ class UserModel:
         other.__dict__.update(self.__dict__, bound_state=dict(model_state or {}))
         return other
 
+    def with_quant(self, quant: Any) -> "UserModel":
+        """The same model with ``quant`` (a QuantConfig; ``mode=qat`` fake-quantizes its ops)."""
+        other = object.__new__(UserModel)
+        other.__dict__.update(self.__dict__, quant=quant)
+        return other
+
     def init(self, key: jax.Array, x: jax.Array) -> dict[str, Any]:
         """``{"params": ..., <model state>}``: fresh for a class or factory (from ``key``), the
         object's own values for an NNX instance."""
