@@ -42,7 +42,7 @@ from jaxaccel import paths
 from jaxaccel import step as step_lib
 from jaxaccel.models.layers import LowRankWarning, saves_flops
 from jaxaccel.schema import ConfigError
-from jaxaccel.surgery import Change
+from jaxaccel.surgery import Change, param_count
 
 if TYPE_CHECKING:
     from jaxaccel.config import Config, LowRankConfig, ModelConfig
@@ -85,11 +85,6 @@ def energy_rank(singular_values: Any, energy: float) -> int:
     kept = np.cumsum(squares) / total
     # A relative tolerance: energy=1.0 must not need more than every value because of rounding.
     return int(np.searchsorted(kept, energy - 1e-12) + 1)
-
-
-def param_count(params: Any) -> int:
-    """Number of parameters (array elements) in a tree."""
-    return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
 
 # ---------------------------------------------------------------------------------------------

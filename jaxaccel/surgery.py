@@ -1,48 +1,165 @@
-"""Model surgery: operations that change the model's shapes in the middle of a run.
+"""Model surgery: changing a model's shapes in the middle of a run.
 
-MINIMAL COPY of the interface agreed with helper ``surgery`` (who owns this module and the trainer
-wiring): :class:`Change`, the :class:`Surgeon` protocol and :func:`surgeons`. At merge their module
-replaces this one; the only line to keep is lowrank's registration in :func:`surgeons`.
+Structured shrinking (pruned channels removed) and low-rank factorization (a kernel replaced by
+two factors) both end with a model of other shapes than the one the run started with. They share
+this mechanism: a *surgeon* says at which steps it may act (:meth:`Surgeon.points`, where the plan
+puts a step-group boundary) and, at such a boundary, converts one unsharded copy of the train state
+into a :class:`Change`: the new model config, the converted state and a JSON record. The trainer
+then puts the state back on the devices, rebuilds the models (:func:`rebuild`), recompiles the step
+groups and the evaluator (that compile timed apart from training) and trains on.
+
+The model config in force is written into every checkpoint's record (:func:`model_record`); a
+resumed run rebuilds its model from it before restoring (:func:`follow`), so a run stopped after
+a change resumes bitwise. The export is of the final model and names its config, so
+:func:`jaxaccel.export.load` rebuilds it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import TYPE_CHECKING, Any, Protocol
+import json
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, runtime_checkable
 
+import numpy as np
 import optax
 
 from jaxaccel import step as step_lib
 
 if TYPE_CHECKING:
-    from jaxaccel.config import Config, ModelConfig
+    from jaxaccel.config import Config
+    from jaxaccel.models.base import ModelConfig
 
-__all__ = ["Change", "Surgeon", "surgeons"]
+__all__ = ["Change", "Surgeon", "surgeons", "registered", "points", "due", "operate", "rebuild", "models_for",
+           "model_record", "model_of", "follow", "param_count"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Change:
     """What one operation did: the rebuilt model's config, the converted state, and a JSON record."""
-    model: "ModelConfig"
-    state: step_lib.TrainState   # params, opt_state, model_state: all converted, one host/single copy
-    record: dict[str, Any]       # JSON-able, e.g. {"kind": "lowrank", "ranks": {...}}
+    model: "ModelConfig"          # e.g. cfg.model.model_copy(update={"features": [120, 41]})
+    state: step_lib.TrainState    # params, opt_state (masks included), model_state: all converted, one unsharded copy
+    record: dict[str, Any]        # JSON-able: {"kind": "shrink", "widths": {...}} / {"kind": "lowrank", "ranks": {...}}
 
 
+@runtime_checkable
 class Surgeon(Protocol):
-    """One kind of operation, acting at the step-group boundaries :meth:`points` asks for."""
+    """One technique that changes the model's shapes during training."""
     name: str
 
     def due(self, step: int) -> bool:
-        """Whether it may act after ``step``."""
+        """Whether it may act at the step-group boundary after ``step`` steps."""
+        ...
 
     def points(self, total_steps: int) -> list[int]:
-        """The steps the plan must put a step-group boundary at."""
+        """The steps at which the plan must end a step group (where :meth:`due` may be true)."""
+        ...
 
     def operate(self, step: int, state: step_lib.TrainState, model: "ModelConfig",
                 tx: optax.GradientTransformation) -> Change | None:
-        """The change after ``step`` (None: nothing to do this time)."""
+        """The change at ``step``, or None when there is nothing to do this time. ``state`` is one
+        unsharded copy (``parallel.single``); ``tx`` is the run's optimizer, to initialise
+        optimizer state for new parameters."""
+        ...
+
+
+# Surgeon factories added for a while by :func:`registered` (tests, plugins): each takes the
+# resolved config and returns its surgeon or None.
+_REGISTERED: list[Callable[["Config"], Surgeon | None]] = []
 
 
 def surgeons(cfg: "Config") -> list[Surgeon]:
-    """The surgeons a (duration-resolved) config asks for."""
-    from jaxaccel import lowrank
-    return [s for s in (lowrank.surgeon(cfg),) if s is not None]
+    """The surgeons the resolved config ``cfg`` asks for, in the order they operate at a shared step."""
+    found: list[Surgeon | None] = []
+    # Each technique that changes shapes adds its line here, e.g.
+    #   found.append(shrink.surgeon(cfg))     # sparsity.shrink=true (issue 19)
+    #   found.append(lowrank.surgeon(cfg))    # lowrank.* (issue 21)
+    from jaxaccel import lowrank  # imports this module
+    found.append(lowrank.surgeon(cfg))        # lowrank.at (issue 21)
+    found += [factory(cfg) for factory in _REGISTERED]
+    return [s for s in found if s is not None]
+
+
+@contextlib.contextmanager
+def registered(factory: Callable[["Config"], Surgeon | None]) -> Iterator[None]:
+    """Add the surgeon ``factory(cfg)`` to every run started inside the ``with`` (tests, plugins)."""
+    _REGISTERED.append(factory)
+    try:
+        yield
+    finally:
+        _REGISTERED.remove(factory)
+
+
+def points(active: list[Surgeon], total_steps: int) -> tuple[int, ...]:
+    """The sorted steps inside the run (0 < step < total) at which some surgeon may act."""
+    return tuple(sorted({int(p) for s in active for p in s.points(total_steps) if 0 < p < total_steps}))
+
+
+def due(active: list[Surgeon], step: int) -> bool:
+    """Whether any surgeon may act at the boundary after ``step``."""
+    return any(s.due(step) for s in active)
+
+
+def operate(active: list[Surgeon], step: int, state: step_lib.TrainState, model: "ModelConfig",
+            tx: optax.GradientTransformation) -> Change | None:
+    """Let every due surgeon operate in turn, each on the previous one's result; one Change (the
+    records of all, under ``"changes"`` when more than one acted) or None when none changed anything."""
+    records = []
+    for surgeon in active:
+        if not surgeon.due(step):
+            continue
+        change = surgeon.operate(step, state, model, tx)
+        if change is not None:
+            state, model = change.state, change.model
+            records.append({"surgeon": surgeon.name, **change.record})
+    if not records:
+        return None
+    return Change(model, state, records[0] if len(records) == 1 else {"changes": records})
+
+
+def models_for(model_cfg: "ModelConfig", cfg: "Config", conv: str, num_classes: int) -> tuple[Any, Any]:
+    """``(model, eval_model)`` of ``model_cfg`` with the run's precision and QAT: the trained one
+    with the plan's convolution lowering ``conv``, the evaluated one with XLA's own."""
+    from jaxaccel.models import build_model
+    from jaxaccel.plan import with_conv
+    return (build_model(with_conv(model_cfg, conv), num_classes, cfg.precision, cfg.quant),
+            build_model(with_conv(model_cfg, "xla"), num_classes, cfg.precision, cfg.quant))
+
+
+def rebuild(setup: Any, model_cfg: "ModelConfig") -> Any:
+    """``setup`` (a :class:`jaxaccel.setup.Setup`) with the model config ``model_cfg`` in force and
+    its models rebuilt from it; ``setup.cfg`` stays the run's config as given."""
+    model, eval_model = models_for(model_cfg, setup.cfg, setup.plan.conv, setup.dataset.num_classes)
+    return dataclasses.replace(setup, model_cfg=model_cfg, model=model, eval_model=eval_model)
+
+
+def model_record(model_cfg: "ModelConfig") -> dict[str, Any] | None:
+    """The JSON form of ``model_cfg`` written into checkpoint records (None when it has no JSON
+    form, e.g. a user model given as an object with non-JSON arguments: never operated on)."""
+    try:
+        record = model_cfg.model_dump(mode="json")
+        json.dumps(record)
+        return record
+    except (TypeError, ValueError):
+        return None
+
+
+def model_of(meta: dict[str, Any], original: "ModelConfig") -> "ModelConfig":
+    """The model config a checkpoint was written with: the one its record names when that differs
+    from the run's own ``original`` (a change happened before it), else ``original`` itself."""
+    saved = meta.get("model")
+    if saved is None or saved == model_record(original):
+        return original
+    from jaxaccel.config import from_saved
+    return from_saved("model", saved)
+
+
+def follow(setup: Any, meta: dict[str, Any]) -> Any:
+    """``setup`` with the model the checkpoint whose record is ``meta`` was written with."""
+    model_cfg = model_of(meta, setup.cfg.model)
+    return setup if model_cfg == setup.model_cfg else rebuild(setup, model_cfg)
+
+
+def param_count(params: Any) -> int:
+    """Number of parameter values."""
+    import jax
+    return int(sum(np.size(p) for p in jax.tree.leaves(params)))
