@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from jaxaccel.models.base import ModelConfig
 
 __all__ = ["Change", "Surgeon", "surgeons", "registered", "points", "due", "operate", "rebuild", "models_for",
-           "model_record", "model_of", "follow", "param_count"]
+           "model_record", "checkpoint_record", "model_of", "follow", "param_count", "line", "describe", "FlopsTally"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,11 +143,20 @@ def model_record(model_cfg: "ModelConfig") -> dict[str, Any] | None:
         return None
 
 
+def checkpoint_record(setup: Any, changes: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a checkpoint's record says about the model: the config in force, the run's own config
+    it started from, and the changes (:func:`line` records) that led from one to the other."""
+    return {"model": model_record(setup.model_cfg), "model_at_start": model_record(setup.cfg.model),
+            "surgery": list(changes)}
+
+
 def model_of(meta: dict[str, Any], original: "ModelConfig") -> "ModelConfig":
-    """The model config a checkpoint was written with: the one its record names when that differs
-    from the run's own ``original`` (a change happened before it), else ``original`` itself."""
+    """The model config a checkpoint was written with, from its record (:func:`checkpoint_record`):
+    the changed one when changes were made to the run's own ``original``, else ``original`` (also
+    when the run now names another model than the checkpoint's run started from: the restore then
+    reports the mismatch, as for any checkpoint of another model)."""
     saved = meta.get("model")
-    if saved is None or saved == model_record(original):
+    if saved is None or not meta.get("surgery") or meta.get("model_at_start") != model_record(original):
         return original
     from jaxaccel.config import from_saved
     return from_saved("model", saved)
@@ -163,3 +172,40 @@ def param_count(params: Any) -> int:
     """Number of parameter values."""
     import jax
     return int(sum(np.size(p) for p in jax.tree.leaves(params)))
+
+
+def line(step: int, change: Change, compile_seconds: float, params: Any) -> dict[str, Any]:
+    """The ``metrics.jsonl`` line of a change (``split: surgery``, so readers of training and test
+    lines pass it by), also kept in checkpoint records, config.json and summary.json."""
+    return {"step": int(step), "split": "surgery", "surgery": change.record, "compile_seconds": compile_seconds,
+            "model": model_record(change.model), "param_count": param_count(params)}
+
+
+def describe(record: dict[str, Any]) -> str:
+    """One line for the run's output about the change ``record`` (a :func:`line`)."""
+    what = json.dumps(record["surgery"], separators=(",", ":"))
+    if len(what) > 160:
+        what = what[:157] + "..."
+    return (f"model changed ({what}): {record['param_count']} parameters, new model compiled in "
+            f"{record['compile_seconds']:.1f}s")
+
+
+class FlopsTally:
+    """Model FLOPs per step averaged over the steps this process trained, when the model changed
+    on the way (each compiled model counts for the steps it ran)."""
+
+    def __init__(self, start: int):
+        self.start, self.mark, self.total = start, start, 0.0
+
+    def add(self, per_step: float | None, step: int) -> None:
+        """The model compiled so far, whose FLOPs per step are ``per_step``, ran until ``step``."""
+        self.total = None if per_step is None or self.total is None else self.total + per_step * (step - self.mark)
+        self.mark = step
+
+    def per_step(self, last: float | None, end: int) -> float | None:
+        """The average with the last model, ``last`` FLOPs per step, run until ``end``; None when
+        some count is unknown."""
+        if self.mark == self.start:  # the model never changed: its own count
+            return last
+        self.add(last, end)
+        return None if self.total is None or end == self.start else self.total / (end - self.start)
