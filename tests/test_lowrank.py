@@ -1,8 +1,12 @@
 """Low-rank factorization (jaxaccel.lowrank): the factors against NumPy's SVD, ranks by energy, the
 FLOP rule, the factorized model against its product form, the state conversion, from-start
-training with its export, and the config errors."""
+training with its export, the config errors; and through real runs (once the trainer runs
+surgeons): the change at its step, its export, bitwise resume across it, FSDP on two devices."""
 from __future__ import annotations
 
+import inspect
+import json
+import os
 import warnings
 
 import jax
@@ -13,11 +17,13 @@ import pytest
 
 import jaxaccel
 from jaxaccel import durations, export, lowrank, surgery
+from jaxaccel import trainer as trainer_lib
 from jaxaccel import step as step_lib
 from jaxaccel.config import ConfigError, LowRankConfig, model_config
 from jaxaccel.models import build_model
 from jaxaccel.models.layers import LowRankWarning, saves_flops
-from tests.conftest import run_cli, train_tiny
+from jaxaccel.plan import Plan
+from tests.conftest import ROOT, TINY, run_cli, train_tiny
 
 
 def _with_spectrum(m: int, n: int, singular_values, seed: int = 0) -> np.ndarray:
@@ -193,7 +199,7 @@ def test_factors_train_from_the_start(tmp_path):
     (["lowrank.rank=8", "lowrank.at=3", "lowrank.exclude=[Dense_7]"], "'Dense_7' matches none"),
     (["lowrank.rank=8", "lowrank.at=3", "lowrank.include=[bias]"], "select none"),
     (["lowrank.rank=8", "lowrank.at=3", "model.name=cnn"], "no factorized form"),
-    (["lowrank.rank=8", "lowrank.at=3", "sparsity.method=magnitude"], "use one of them"),
+    (["lowrank.rank=8", "lowrank.at=3", "sparsity.method=magnitude", "sparsity.target=0.5"], "use one of them"),
     (["lowrank.rank=8", "lowrank.from_start=true", "model.ranks={Dense_0: 4}"], "set the rank in one place"),
 ])
 def test_config_errors(overrides, message):
@@ -210,3 +216,77 @@ def test_a_factorization_outside_the_run_is_refused():
 def test_the_command_line_exits_2_on_a_lowrank_mistake(tmp_path):
     done = run_cli("exp=mnist_mlp", f"workdir={tmp_path}", "lowrank.rank=8")
     assert done.returncode == 2 and "lowrank.at" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Through real runs: the trainer runs the surgeon (jaxaccel.surgery's wiring in jaxaccel.trainer).
+
+_WIRED = "surgery.operate" in inspect.getsource(trainer_lib)
+needs_wiring = pytest.mark.skipif(not _WIRED, reason="the trainer does not run surgeons yet (helper surgery's branch)")
+RUN = ["train.steps=60", "checkpoint.every_steps=20", "checkpoint.max_to_keep=5", "lowrank.rank=8",
+       "lowrank.at=25", "lowrank.include=[Dense_0/kernel]"]
+
+
+@pytest.fixture(scope="module")
+def factored_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("factored")
+    return workdir, train_tiny(workdir, *RUN)
+
+
+def _lines(workdir):
+    return [{k: v for k, v in json.loads(line).items() if k not in ("train_seconds", "compile_seconds")}
+            for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@needs_wiring
+def test_a_run_factors_at_its_step_and_exports_the_factors(factored_run, mnist):
+    workdir, summary = factored_run
+    (line,) = [l for l in _lines(workdir) if l.get("split") == "surgery"]
+    assert line["step"] == 25 and line["surgery"]["ranks"] == {"Dense_0": 8}
+    assert summary["model"]["ranks"] == {"Dense_0": 8}
+    assert summary["param_count"] == 8 * (784 + 32) + 32 + 32 * 10 + 10
+    assert summary["compression"]["dense_fp32"]["bytes"] == 4 * summary["param_count"]
+    loaded = export.load(workdir)
+    assert loaded.params["Dense_0"]["U"]["kernel"].shape == (784, 8)
+    correct = np.sum(np.argmax(loaded(mnist.test_inputs), -1) == mnist.test_labels)
+    assert correct == round(summary["test_accuracy"] * len(mnist.test_labels))
+
+
+@needs_wiring
+def test_resume_across_the_factorization_is_bitwise(factored_run, tmp_path):
+    """Stopped at step 45 (after the change): resumed from the step-40 checkpoint, whose record
+    names the factorized model; parameters and every metrics line equal the uninterrupted run's."""
+    reference, _ = factored_run
+    original = Plan.next_boundary
+
+    class Stop(Exception):
+        pass
+
+    def boundary(self, step):
+        if step >= 45:
+            raise Stop()
+        return original(self, step)
+
+    Plan.next_boundary = boundary
+    try:
+        with pytest.raises(Stop):
+            train_tiny(tmp_path, *RUN)
+    finally:
+        Plan.next_boundary = original
+    train_tiny(tmp_path, *RUN)
+    for a, b in zip(jax.tree.leaves(export.load(tmp_path).params), jax.tree.leaves(export.load(reference).params)):
+        np.testing.assert_array_equal(a, b)
+    assert _lines(tmp_path) == _lines(reference)
+
+
+@needs_wiring
+def test_fsdp_on_two_devices_factors_like_one(factored_run, tmp_path):
+    reference, summary = factored_run
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = run_cli("exp=mnist_mlp", f"workdir={tmp_path}", *TINY, *RUN, "parallel.fsdp=true", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "summary.json").read_text())
+    assert two["param_count"] == summary["param_count"] and two["model"]["ranks"] == {"Dense_0": 8}
+    for a, b in zip(jax.tree.leaves(export.load(tmp_path).params), jax.tree.leaves(export.load(reference).params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
