@@ -20,7 +20,8 @@ A factorized layer costs r (m + n) multiply-adds per example instead of m n, so 
 r >= mn / (m + n) saves nothing: such a layer is left dense, with a :class:`LowRankWarning`
 (:func:`jaxaccel.models.layers.saves_flops`). A conv kernel (kh, kw, cin, cout) factors as the
 matrix (kh*kw*cin, cout): U is a conv with r output channels, V a 1x1 conv (:func:`factor`); the
-models wired for factorized layers are ``mlp`` (``model.ranks``).
+models are wired for factorized Dense layers only (``model.ranks`` of ``mlp``, ``cnn`` and
+``small_cnn``: in the CNNs the dense layers hold most parameters, the convolutions most FLOPs).
 
 **The optimizer state is re-initialised** for the new parameters (``tx.init``): moments of W say
 nothing about U and V. The learning-rate schedule's step count is carried over (the schedule
@@ -213,8 +214,8 @@ def check_config(cfg: "Config") -> None:
     if not lowrank.enabled:
         return
     if "ranks" not in type(cfg.model).model_fields:
-        raise ConfigError(f"lowrank factors the Dense layers of model.name=mlp; model.name={cfg.model.name} has "
-                          "no factorized form: remove the lowrank section or use model.name=mlp")
+        raise ConfigError(f"lowrank factors the Dense layers of model.name=mlp, cnn or small_cnn; model.name="
+                          f"{cfg.model.name} has no factorized form: remove the lowrank section or use one of those")
     if cfg.sparsity.method != "none":
         raise ConfigError(f"lowrank with sparsity.method={cfg.sparsity.method}: the factorization re-initialises "
                           "the optimizer state that holds the pruning masks; use one of them")

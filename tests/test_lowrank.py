@@ -141,6 +141,21 @@ def test_surgeons_come_from_the_resolved_config():
     assert surgery.surgeons(jaxaccel.experiments.get("mnist_mlp")) == []
 
 
+def test_the_cnns_factor_their_dense_layers():
+    images = jnp.asarray(np.random.default_rng(4).integers(0, 256, (4, 28, 28, 1)), jnp.uint8)
+    cfg = model_config(name="small_cnn", channels=[4], features=[32])
+    assert cfg.kernel_names() == ["Dense_0/kernel", "Dense_1/kernel"]
+    params = build_model(cfg, 10).init(jax.random.key(1), images)["params"]
+    tx = optax.sgd(0.1)
+    change = lowrank.factorize(step_lib.TrainState.create(params, tx), cfg, tx,
+                               LowRankConfig(rank=4, at=1, include=["Dense_0/kernel"]))
+    assert change.model.ranks == {"Dense_0": 4} and change.state.params["Dense_0"]["U"]["kernel"].shape == (784, 4)  # 14 x 14 x 4 after the pool
+    factored = build_model(change.model, 10).apply({"params": change.state.params}, images)
+    product = build_model(cfg, 10).apply({"params": lowrank.product_form(change.state.params)}, images)
+    np.testing.assert_allclose(factored, product, atol=2e-5)
+    assert model_config(name="cnn").kernel_names() == ["Dense_0/kernel", "Dense_1/kernel"]
+
+
 def test_the_default_mlp_is_unchanged():
     images = jnp.zeros((2, 28, 28, 1), jnp.uint8)
     params = build_model(model_config(name="mlp"), 10).init(jax.random.key(5), images)["params"]
@@ -198,7 +213,7 @@ def test_factors_train_from_the_start(tmp_path):
     (["lowrank.rank={Dense_0: 8}", "lowrank.at=3"], "gives no rank to Dense_1/kernel"),
     (["lowrank.rank=8", "lowrank.at=3", "lowrank.exclude=[Dense_7]"], "'Dense_7' matches none"),
     (["lowrank.rank=8", "lowrank.at=3", "lowrank.include=[bias]"], "select none"),
-    (["lowrank.rank=8", "lowrank.at=3", "model.name=cnn"], "no factorized form"),
+    (["lowrank.rank=8", "lowrank.at=3", "model.name=resnet"], "no factorized form"),
     (["lowrank.rank=8", "lowrank.at=3", "sparsity.method=magnitude", "sparsity.target=0.5"], "use one of them"),
     (["lowrank.rank=8", "lowrank.from_start=true", "model.ranks={Dense_0: 4}"], "set the rank in one place"),
 ])
