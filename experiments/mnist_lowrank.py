@@ -11,6 +11,7 @@ config = {
     "train": {"epochs": 12, "batch_size": 128},
     "optim": {"name": "adam", "learning_rate": 1e-3, "schedule": "cosine"},
     # 784x300 -> 784x48 @ 48x300 and 300x100 -> 300x48 @ 48x100; the 100x10 classifier stays dense
-    # (rank 48 would not save FLOPs there). 72,642 parameters: 0.27x the dense 266,610.
+    # (rank 48 would not save FLOPs there). 72,642 parameters: 0.27x the dense 266,610. The tuning run's
+    # int8 export (summary.json "compression"): 75,896 bytes, 14x smaller than dense fp32 (1,066,440), 98.03%.
     "lowrank": {"rank": 48, "include": [r"Dense_[01]/kernel"], "at": "3 epochs"},
 }
