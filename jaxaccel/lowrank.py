@@ -243,4 +243,6 @@ def from_start_model(model: "ModelConfig", lowrank: "LowRankConfig") -> "ModelCo
         layer, (given, wanted) = next(iter(clash.items()))
         raise ConfigError(f"model.ranks gives {layer} rank {given}, lowrank.rank gives it {wanted} "
                           "(lowrank.from_start=true): set the rank in one place")
-    return model if all(k in model.ranks for k in ranks) else model.model_copy(update={"ranks": {**model.ranks, **ranks}})
+    if all(k in model.ranks for k in ranks):
+        return model
+    return model.model_copy(update={"ranks": {**model.ranks, **ranks}})
