@@ -32,7 +32,7 @@ from jaxaccel.models import REGISTRY as MODELS
 from jaxaccel.models import MLPConfig, ModelConfig, registry_key
 from jaxaccel.schema import ConfigError, Section
 from jaxaccel.sections import (AugmentConfig, CheckpointConfig, DataConfig, DistributedConfig, InitConfig,
-                               OptimConfig, ParallelConfig, PrecisionConfig, QuantConfig, TrainConfig)
+                               LowRankConfig, OptimConfig, ParallelConfig, PrecisionConfig, QuantConfig, TrainConfig)
 from jaxaccel.sparsity.methods import METHODS as SPARSITY_METHODS
 from jaxaccel.sparsity.methods import NoSparsity, SparsityConfig
 
@@ -40,7 +40,7 @@ __all__ = [
     "Config", "ConfigError", "build_config", "parse_overrides", "apply_overrides", "valid_keys", "field_help",
     "field_info", "model_config", "sparsity_config", "from_saved", "ModelConfig", "SparsityConfig",
     "DataConfig", "TrainConfig", "OptimConfig", "AugmentConfig", "CheckpointConfig", "ParallelConfig",
-    "DistributedConfig", "InitConfig", "PrecisionConfig", "QuantConfig",
+    "DistributedConfig", "InitConfig", "PrecisionConfig", "QuantConfig", "LowRankConfig",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -99,6 +99,17 @@ class Config(Section):
     sparsity: _UNIONS["sparsity"].annotation() = Field(default_factory=NoSparsity, description="Which sparsity method.")
     precision: PrecisionConfig = PrecisionConfig()
     quant: QuantConfig = QuantConfig()
+    lowrank: LowRankConfig = LowRankConfig()
+
+    @pydantic.model_validator(mode="after")
+    def _lowrank_fits_model(self) -> "Config":
+        from jaxaccel.lowrank import check_config, from_start_model  # it imports this module's sections
+        check_config(self)
+        if self.lowrank.from_start:
+            # The factorized model is the model trained: config.json, checkpoints and the export name it.
+            # Set in place (assignment would validate again); idempotent when a saved config is read back.
+            self.__dict__["model"] = from_start_model(self.model, self.lowrank)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict with the public key names (``init.from``, not ``init.from_``)."""
@@ -326,7 +337,8 @@ def _describe(error: dict[str, Any], key: str) -> str:
         return (f"{key}.{union.key}={tag!r} is invalid: choose one of {', '.join(union.members)}"
                 + (f" (did you mean {close[0]}?)" if close else ""))
     if error["type"] == "value_error":  # a section's cross-field check: its message says it all
-        return f"{key}: {error['msg'].removeprefix('Value error, ')}"
+        message = error["msg"].removeprefix("Value error, ")
+        return f"{key}: {message}" if key else message  # no key: a check across sections
     return f"{key}={error['input']!r} is invalid: {error['msg']} (see `python -m jaxaccel.run --help`)"
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import typing
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Annotated, Any, Union
@@ -72,8 +73,10 @@ Duration = Annotated[Union[StrictInt, str], AfterValidator(_check), DURATION]
 
 
 def is_duration(field: Any) -> bool:
-    """Whether a pydantic FieldInfo is a :data:`Duration`."""
-    return any(m is DURATION for m in field.metadata)
+    """Whether a pydantic FieldInfo is a :data:`Duration` (or an ``Optional[Duration]``: None is no point)."""
+    if any(m is DURATION for m in field.metadata):
+        return True
+    return any(DURATION in getattr(arg, "__metadata__", ()) for arg in typing.get_args(field.annotation))
 
 
 def to_steps(value: Union[int, str], steps_per_epoch: int | None, total_steps: int) -> int:
@@ -113,7 +116,7 @@ def _resolve(section: BaseModel, steps_per_epoch: int, total_steps: int) -> Base
             resolved = _resolve(value, steps_per_epoch, total_steps)
             if resolved is not value:
                 updates[name] = resolved
-        elif is_duration(field):
+        elif is_duration(field) and value is not None:
             steps = to_steps(value, steps_per_epoch, total_steps)
             if steps != value:
                 updates[name] = steps

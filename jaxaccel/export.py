@@ -180,6 +180,8 @@ class ExportedModel:
         from jaxaccel.sparsity.inference import SparseMLP
         if self.scales or self.meta["model"]["name"] != "mlp":
             raise ValueError("the sparse inference path serves float MLP exports")
+        if self.meta["model"].get("ranks"):  # its Dense_i/kernel list would miss the U/V layers
+            raise ValueError("the sparse inference path serves unfactorized MLPs: call the model itself")
         return SparseMLP(self._arrays, self.meta["tensors"], route=route)
 
 

@@ -1,12 +1,13 @@
 """The config sections that are the same whatever the model and sparsity method: data, train,
-optim, augment, checkpoint, parallel, distributed, init, precision and quant.
+optim, augment, checkpoint, parallel, distributed, init, precision, quant and lowrank.
 
 :mod:`jaxaccel.config` assembles them with the ``model`` and ``sparsity`` unions into the
 :class:`~jaxaccel.config.Config` and re-exports them; import them from there.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+import re
+from typing import Literal, Optional, Union
 
 import numpy as np
 import pydantic
@@ -14,10 +15,10 @@ from pydantic import Field, StrictInt
 
 from jaxaccel.durations import MAX_STEPS, Duration, describe
 from jaxaccel.precision.loss_scale import resolve_mode
-from jaxaccel.schema import ConfigError, PositiveInt, Regexes, Section
+from jaxaccel.schema import ConfigError, PositiveInt, Regexes, Section, _compiles
 
 __all__ = ["DataConfig", "TrainConfig", "OptimConfig", "AugmentConfig", "CheckpointConfig", "ParallelConfig",
-           "DistributedConfig", "InitConfig", "PrecisionConfig", "QuantConfig"]
+           "DistributedConfig", "InitConfig", "PrecisionConfig", "QuantConfig", "LowRankConfig"]
 
 
 class DataConfig(Section):
@@ -201,3 +202,62 @@ class QuantConfig(Section):
             raise ConfigError(f"{describe('quant.start', given.start, self.start)} is at or after the end of this "
                               f"{total_steps}-step run: fake quantization would never switch on. Start earlier or "
                               "train longer")
+
+
+class LowRankConfig(Section):
+    """Low-rank factorization (jaxaccel.lowrank): selected kernels W (m x n) become U (m x r) @ V (r x n)."""
+    rank: Optional[Union[PositiveInt, dict[str, PositiveInt]]] = Field(
+        None, description="Rank r of every selected kernel, or {regex: rank} over parameter names (the first "
+                          "matching regex gives a kernel its rank).")
+    energy: Optional[float] = Field(
+        None, gt=0.0, le=1.0, description="Instead of rank: the smallest r keeping this fraction of the kernel's "
+                                          "squared singular values (e.g. 0.9).")
+    include: Regexes = Field([r"kernel$"], description="Regexes over parameter names (jaxaccel.paths) to factor.")
+    exclude: Regexes = Field([], description="Regexes excluded from factoring.")
+    at: Optional[Duration] = Field(
+        None, description="When the trained kernels are factored by truncated SVD (a duration); the optimizer "
+                          "state is re-initialised for the factors.")
+    from_start: bool = Field(False, description="Train the factors from initialisation at lowrank.rank instead.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank is not None or self.energy is not None
+
+    @pydantic.field_validator("rank")
+    @classmethod
+    def _rank_regexes(cls, rank: Union[int, dict[str, int], None]) -> Union[int, dict[str, int], None]:
+        if isinstance(rank, dict):
+            if not rank:
+                raise ValueError("rank={} gives no kernel a rank: give an integer or {regex: rank}")
+            _compiles(list(rank))
+        return rank
+
+    @pydantic.model_validator(mode="after")
+    def _one_plan(self) -> "LowRankConfig":
+        if self.rank is not None and self.energy is not None:
+            raise ValueError("rank and energy both choose the rank: set one of them")
+        when = self.at is not None or self.from_start
+        if not self.enabled and (when or self.differs_from_default("include", "exclude")):
+            raise ValueError("lowrank needs the rank of the factors: set lowrank.rank (or lowrank.energy)")
+        if self.enabled and not when:
+            raise ValueError("lowrank needs when to factor: set lowrank.at (a duration, e.g. '30%') or "
+                             "lowrank.from_start=true")
+        if self.from_start and self.at is not None:
+            raise ValueError("from_start=true trains factors from initialisation, at= factors trained kernels: "
+                             "set one of them")
+        if self.from_start and self.energy is not None:
+            raise ValueError("energy needs a trained kernel's singular values; from_start=true has none: "
+                             "use lowrank.rank with from_start=true")
+        return self
+
+    def check_run(self, total_steps: int, given: "LowRankConfig") -> None:
+        if self.at is not None and not 0 < self.at < total_steps:
+            raise ConfigError(f"{describe('lowrank.at', given.at, self.at)} leaves no training "
+                              f"{'before' if self.at == 0 else 'after'} the factorization in this {total_steps}-step "
+                              "run: factor within the run (e.g. lowrank.at='30%'), or use lowrank.from_start=true")
+
+    def rank_of(self, name: str) -> int | None:
+        """The rank ``lowrank.rank`` gives the kernel ``name`` (None: energy decides, or no regex matches)."""
+        if isinstance(self.rank, dict):
+            return next((r for pattern, r in self.rank.items() if re.search(pattern, name)), None)
+        return self.rank

@@ -75,6 +75,8 @@ def surgeons(cfg: "Config") -> list[Surgeon]:
     # Each technique that changes shapes adds its line here, e.g.
     #   found.append(shrink.surgeon(cfg))     # sparsity.shrink=true (issue 19)
     #   found.append(lowrank.surgeon(cfg))    # lowrank.* (issue 21)
+    from jaxaccel import lowrank  # imports this module
+    found.append(lowrank.surgeon(cfg))        # lowrank.at (issue 21)
     found += [factory(cfg) for factory in _REGISTERED]
     return [s for s in found if s is not None]
 

@@ -42,7 +42,7 @@ else:
 
 def test_registry_maps_each_name_to_the_class_that_reads_its_fields():
     assert REGISTRY["mlp"] is MLPConfig and REGISTRY["small_cnn"] is SmallCNNConfig
-    assert set(SmallCNNConfig.model_fields) == {"name", "conv", "channels", "features", "pool", "crop"}
+    assert set(SmallCNNConfig.model_fields) == {"name", "conv", "ranks", "channels", "features", "pool", "crop"}
     assert type(model_config(name="small_cnn", crop=20)) is SmallCNNConfig
 
 

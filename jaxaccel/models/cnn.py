@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from pydantic import Field
 
 from jaxaccel.models.base import ModelConfig
-from jaxaccel.models.layers import cast_logits, center_crop, conv_kw, layer_kw, pool2, to_float
+from jaxaccel.models.layers import cast_logits, center_crop, conv_kw, dense_layer, pool2, to_float
 from jaxaccel.schema import PositiveInt
 
 if TYPE_CHECKING:
@@ -23,6 +23,17 @@ class _ConvLowering(ModelConfig):
         "auto", description="How convolutions are lowered: im2col (patches as shifted slices + one dot; measured "
                             "fastest on XLA:CPU, also inside a device loop), xla (lax.conv: cuDNN/MXU convolutions "
                             "on accelerators) or auto (im2col on CPU, xla elsewhere).")
+    # Low-rank factorization (jaxaccel.lowrank) of the dense layers after the convolutions.
+    ranks: dict[str, PositiveInt] = Field(
+        {}, description="Dense layer name (Dense_0, ...) -> rank r: its kernel is U (m x r) @ V (r x n) "
+                        "(jaxaccel.lowrank; a rank that would not save FLOPs leaves the layer dense).")
+
+    def _dense_count(self) -> int:
+        raise NotImplementedError
+
+    def kernel_names(self) -> list[str]:
+        """The parameter names of the kernels low-rank factorization may replace (the dense layers')."""
+        return [f"Dense_{i}/kernel" for i in range(self._dense_count())]
 
 
 class CNNConfig(_ConvLowering):
@@ -30,7 +41,11 @@ class CNNConfig(_ConvLowering):
     name: Literal["cnn"] = "cnn"
 
     def build(self, num_classes: int, precision: Any = None, quant: Any = None) -> nn.Module:
-        return CNN(num_classes=num_classes, precision=precision, quant=quant, conv=self.conv)
+        return CNN(num_classes=num_classes, precision=precision, quant=quant, conv=self.conv,
+                   ranks=tuple(sorted(self.ranks.items())))
+
+    def _dense_count(self) -> int:
+        return 2
 
 
 class SmallCNNConfig(_ConvLowering):
@@ -45,7 +60,11 @@ class SmallCNNConfig(_ConvLowering):
 
     def build(self, num_classes: int, precision: Any = None, quant: Any = None) -> nn.Module:
         return SmallCNN(channels=tuple(self.channels), features=tuple(self.features), pool=self.pool, crop=self.crop,
-                        num_classes=num_classes, precision=precision, quant=quant, conv=self.conv)
+                        num_classes=num_classes, precision=precision, quant=quant, conv=self.conv,
+                        ranks=tuple(sorted(self.ranks.items())))
+
+    def _dense_count(self) -> int:
+        return len(self.features) + 1
 
     def input_problem(self, dtype: str, shape: tuple[int, ...], data: str = "the dataset") -> str | None:
         problem = super().input_problem(dtype, shape, data)
@@ -61,17 +80,17 @@ class CNN(nn.Module):
     precision: Optional[PrecisionConfig] = None
     quant: Optional[QuantConfig] = None
     conv: str = "xla"  # lowering of the convolutions: "xla" or "im2col" (same parameters)
+    ranks: tuple[tuple[str, int], ...] = ()  # (layer name, rank) of the low-rank factorized dense layers
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
-        kw = lambda kind, name: dict(name=name, **layer_kw(self, kind, name, quant_enabled))
         x = to_float(images)
         conv = lambda width, name: nn.Conv(width, (3, 3), **conv_kw(self, name, quant_enabled))
         x = nn.avg_pool(nn.relu(conv(32, "Conv_0")(x)), (2, 2), strides=(2, 2))
         x = nn.avg_pool(nn.relu(conv(64, "Conv_1")(x)), (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(256, **kw("dense", "Dense_0"))(x))
-        return cast_logits(self, nn.Dense(self.num_classes, **kw("dense", "Dense_1"))(x))
+        x = nn.relu(dense_layer(self, "Dense_0", 256, x.shape[-1], quant_enabled)(x))
+        return cast_logits(self, dense_layer(self, "Dense_1", self.num_classes, x.shape[-1], quant_enabled)(x))
 
 
 class SmallCNN(nn.Module):
@@ -85,6 +104,7 @@ class SmallCNN(nn.Module):
     precision: Optional[PrecisionConfig] = None
     quant: Optional[QuantConfig] = None
     conv: str = "im2col"
+    ranks: tuple[tuple[str, int], ...] = ()  # (layer name, rank) of the low-rank factorized dense layers
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
@@ -94,6 +114,6 @@ class SmallCNN(nn.Module):
             x = pool2(nn.relu(conv(x)), self.pool)
         x = x.reshape(x.shape[0], -1)
         for i, width in enumerate((*self.features, self.num_classes)):
-            x = nn.Dense(width, name=f"Dense_{i}", **layer_kw(self, "dense", f"Dense_{i}", quant_enabled))(x)
+            x = dense_layer(self, f"Dense_{i}", width, x.shape[-1], quant_enabled)(x)
             x = nn.relu(x) if i < len(self.features) else x
         return cast_logits(self, x)

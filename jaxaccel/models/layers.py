@@ -1,5 +1,6 @@
 """Building blocks the models share: input scaling, per-layer precision/QAT arguments, the im2col
-convolution, pooling, cropping and the classifier base of the application models.
+convolution, pooling, cropping, the low-rank factorized Dense and the classifier base of the
+application models.
 
 Inputs are uint8 images [N, H, W, C] (int32 tokens [N, L] for text_cnn, int16 audio [N, T] for
 kws_cnn); scaling to floats happens inside the model, so the dataset stays in its compact integer
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import flax.linen as nn
@@ -32,7 +34,8 @@ if TYPE_CHECKING:  # annotations only: config.py imports the models
     from jaxaccel.config import PrecisionConfig, QuantConfig
 
 __all__ = ["to_float", "layer_kw", "conv_kw", "im2col_conv", "pool2", "center_crop", "cast_logits",
-           "group_norm", "Classifier", "SMALL_CONTRACTION"]
+           "group_norm", "Classifier", "SMALL_CONTRACTION", "FactorizedDense", "LowRankWarning", "saves_flops",
+           "dense_layer"]
 
 
 def to_float(images: jnp.ndarray) -> jnp.ndarray:
@@ -214,3 +217,51 @@ class Classifier(nn.Module):
     def _head(self, x: jnp.ndarray, quant_enabled: Any) -> jnp.ndarray:
         return cast_logits(self, nn.Dense(self.num_classes, name="Dense_0",
                                           **layer_kw(self, "dense", "Dense_0", quant_enabled))(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Low-rank factorized layers (jaxaccel.lowrank).
+
+class LowRankWarning(UserWarning):
+    """A layer given a rank that would not save FLOPs, left dense."""
+
+
+def saves_flops(m: int, n: int, rank: int) -> bool:
+    """Whether ``x @ U @ V`` (U: m x r, V: r x n) costs fewer multiply-adds (and parameters) than
+    ``x @ W`` (W: m x n): r (m + n) < m n, i.e. r < mn / (m + n)."""
+    return rank * (m + n) < m * n
+
+
+class FactorizedDense(nn.Module):
+    """``x @ U @ V + b``: a Dense whose kernel is the product of U (m x rank) and V (rank x features).
+
+    Two plain nn.Dense layers, ``U`` (no bias) and ``V``, so precision, QAT, int8 export
+    (per output channel of each factor) and the compression report treat each factor as the
+    Dense layers they are; parameters ``<name>/U/kernel``, ``<name>/V/kernel``, ``<name>/V/bias``.
+    Initialised from scratch (lowrank.from_start), U and V are LeCun-normal, so U @ V has the
+    variance (1/m) of the dense kernel it replaces."""
+    features: int
+    rank: int
+    precision: Optional[PrecisionConfig] = None
+    quant: Optional[QuantConfig] = None
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
+        name = "/".join(self.scope.path)  # precision/QAT regexes see each factor's full layer name
+        x = nn.Dense(self.rank, use_bias=False, name="U", **layer_kw(self, "dense", f"{name}/U", quant_enabled))(x)
+        return nn.Dense(self.features, name="V", **layer_kw(self, "dense", f"{name}/V", quant_enabled))(x)
+
+
+def dense_layer(module: nn.Module, name: str, features: int, in_features: int, quant_enabled: Any) -> Callable:
+    """The layer ``name`` of ``module`` applied to inputs of width ``in_features``: a plain nn.Dense,
+    or a :class:`FactorizedDense` when ``module.ranks`` gives ``name`` a rank that saves FLOPs (a
+    rank that would not leaves it dense, with a :class:`LowRankWarning`)."""
+    rank = dict(getattr(module, "ranks", ())).get(name)
+    if rank is not None and saves_flops(in_features, features, rank):
+        layer = FactorizedDense(features, rank, module.precision, module.quant, name=name)
+        return functools.partial(layer, quant_enabled=quant_enabled)
+    if rank is not None:
+        warnings.warn(f"{name} ({in_features} x {features}) left dense: rank {rank} would not save FLOPs "
+                      f"(needs rank < {in_features * features / (in_features + features):.1f})",
+                      LowRankWarning, stacklevel=2)
+    return nn.Dense(features, name=name, **layer_kw(module, "dense", name, quant_enabled))

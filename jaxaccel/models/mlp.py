@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from pydantic import Field
 
 from jaxaccel.models.base import ModelConfig
-from jaxaccel.models.layers import cast_logits, layer_kw, to_float
+from jaxaccel.models.layers import cast_logits, dense_layer, to_float
 from jaxaccel.schema import PositiveInt
 
 if TYPE_CHECKING:
@@ -21,9 +21,18 @@ class MLPConfig(ModelConfig):
     """Fully connected ReLU layers on the flattened input."""
     name: Literal["mlp"] = "mlp"
     features: list[PositiveInt] = Field([300, 100], description="Hidden dense widths (300, 100: LeNet-300-100).")
+    # Low-rank factorization (jaxaccel.lowrank) writes it; empty: every layer dense.
+    ranks: dict[str, PositiveInt] = Field(
+        {}, description="Layer name (Dense_0, ...) -> rank r: that layer's kernel is U (m x r) @ V (r x n) "
+                        "(jaxaccel.lowrank; a rank that would not save FLOPs leaves the layer dense).")
 
     def build(self, num_classes: int, precision: Any = None, quant: Any = None) -> nn.Module:
-        return MLP(features=tuple(self.features), num_classes=num_classes, precision=precision, quant=quant)
+        return MLP(features=tuple(self.features), num_classes=num_classes, precision=precision, quant=quant,
+                   ranks=tuple(sorted(self.ranks.items())))
+
+    def kernel_names(self) -> list[str]:
+        """The parameter names of the kernels low-rank factorization may replace (``Dense_i/kernel``)."""
+        return [f"Dense_{i}/kernel" for i in range(len(self.features) + 1)]
 
 
 class MLP(nn.Module):
@@ -32,12 +41,12 @@ class MLP(nn.Module):
     num_classes: int = 10
     precision: Optional[PrecisionConfig] = None  # dtype policy of every layer (None: fp32)
     quant: Optional[QuantConfig] = None          # QAT fake quantization (None: off)
+    ranks: tuple[tuple[str, int], ...] = ()      # (layer name, rank) of the low-rank factorized layers
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
         x = to_float(images).reshape(images.shape[0], -1)
         for i, width in enumerate(self.features):
-            x = nn.relu(nn.Dense(width, name=f"Dense_{i}", **layer_kw(self, "dense", f"Dense_{i}", quant_enabled))(x))
+            x = nn.relu(dense_layer(self, f"Dense_{i}", width, x.shape[-1], quant_enabled)(x))
         n = len(self.features)
-        return cast_logits(self, nn.Dense(self.num_classes, name=f"Dense_{n}",
-                                          **layer_kw(self, "dense", f"Dense_{n}", quant_enabled))(x))
+        return cast_logits(self, dense_layer(self, f"Dense_{n}", self.num_classes, x.shape[-1], quant_enabled)(x))
