@@ -31,6 +31,7 @@ from jaxaccel import surgery
 from jaxaccel.checkpoint import Checkpointer
 from jaxaccel.config import Config, ConfigError
 from jaxaccel.models import input_problem
+from jaxaccel.models.layers import LowRankWarning
 from jaxaccel.optim import build_optimizer
 from jaxaccel.parallel import make_parallel
 from jaxaccel.plan import Plan, make_plan
@@ -171,14 +172,20 @@ def _check_sparsity_paths(cfg: Config, params: Any) -> None:
         paths.require_matches(params, cfg.sparsity.exclude, "sparsity.exclude", ConfigError)
 
 
+# What building the state warns about and the run's output says (a layer left as it was).
+_SAID_WARNINGS = (sparsity.SparsityWarning, LowRankWarning)
+
+
 def _created(create: Callable, setup: Setup, message: Callable[[str], None]) -> step_lib.TrainState:
-    """The fresh state; what the sparsity transformation warns about while it is built (a layer too
-    small for its N:M structure, left dense) is said in the run's output."""
+    """The fresh state; what the sparsity transformation or a factorized layer warns about while it
+    is built (a layer too small for its N:M structure, or whose rank saves no FLOPs, left dense) is
+    said in the run's output."""
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", sparsity.SparsityWarning)
+        for said in _SAID_WARNINGS:
+            warnings.simplefilter("always", said)
         state = setup.parallel.create_state(create, setup.init_key)
     for warning in caught:
-        if issubclass(warning.category, sparsity.SparsityWarning):
+        if issubclass(warning.category, _SAID_WARNINGS):
             message(f"warning: {warning.message}")
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
