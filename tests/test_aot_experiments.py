@@ -2,9 +2,11 @@
 group (the longest of its compiled-in lengths; the others are the same program with another trip
 count), evaluation, and the compression report's float and int8 inference (also the int8 export's).
 
-Needs libtpu, which is kept out of the training environment (it loads into every JAX process): run
-it from a second environment with the ``tpu`` extra (README, "Install, run, test"); ~14 CPU-minutes,
-too long for CI beside the main suite.
+Needs libtpu, which is kept out of the training environment (it loads into every JAX process): it
+runs from a second environment with the ``tpu`` extra, the tests' second part (README, "Install,
+run, test"; CI runs it, ``.ci/run``), on two workers: ~14 CPU-minutes of XLA:TPU compiles.
+The starting model of a run that changes its model mid-run (``lowrank.at``, ``sparsity.shrink``) is
+the one compiled.
 Datasets not prepared here (CIFAR-10, AG News, Speech Commands) take their shapes from the TFDS
 catalog (``jaxaccel.aot_run.CATALOG``): a compile needs shapes, not examples."""
 from __future__ import annotations
