@@ -38,9 +38,11 @@ def _override(exp: str, *overrides: str):
 
 
 def _correct(workdir: Path, model, mnist) -> int:
-    """Test images the export at ``workdir``, served by ``model``, classifies right."""
+    """Test images the export at ``workdir``, served by ``model``, classifies right, in the run's
+    evaluation batches (int8's per-tensor activation scales are taken over the batch)."""
     served = export.load(workdir, model=model)
-    logits = np.concatenate([served(mnist.test_inputs[i:i + 2000]) for i in range(0, len(mnist.test_labels), 2000)])
+    batch = 1000  # train.eval_batch_size
+    logits = np.concatenate([served(mnist.test_inputs[i:i + batch]) for i in range(0, len(mnist.test_labels), batch)])
     return int(np.sum(np.argmax(logits, -1) == mnist.test_labels))
 
 
