@@ -22,14 +22,14 @@ from jaxaccel.surgery import surgeons
 START = 2  # the one-shot mask update happens in step 2 (after two dense steps)
 MODELS = {
     "mlp": {"name": "mlp", "features": [24, 12]},
-    "cnn": {"name": "cnn", "conv": "im2col", "channels": [8, 12], "features": [16]},
+    "cnn": {"name": "cnn", "conv": "im2col", "widths": [8, 12, 16]},
     "small_cnn": {"name": "small_cnn", "channels": [6, 8], "features": [10], "pool": "max", "crop": 20},
 }
 TARGET = 0.5
 
 
 def make_cfg(model: dict, **sparse) -> config_lib.Config:
-    logits = f"Dense_{len(model['features'])}" if model["name"] != "cnn" else "Dense_1"
+    logits = f"Dense_{len(model.get('features', [0]))}"
     fields = dict(method="magnitude", structure="channel", target=TARGET, schedule="one_shot", start=START,
                   shrink=True, exclude=[f"^{logits}/"])
     return config_lib.Config(model=model, sparsity={**fields, **sparse})
@@ -109,7 +109,8 @@ def test_shrunk_model_computes_the_masked_wide_models_logits(name, mnist):
         dead = np.setdiff1d(np.arange(wide.shape[-1]), kept)
         assert not wide[..., dead].any() and not np.asarray(state.params[layer]["bias"])[dead].any()
     widths = [change.record["widths"][n] for n, _ in chain[:-1]]
-    assert widths == [*getattr(change.model, "channels", []), *change.model.features]
+    assert widths == (change.model.widths if name == "cnn" else [*getattr(change.model, "channels", []),
+                                                                 *change.model.features])
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -28,14 +28,15 @@ class _ConvLowering(ModelConfig):
 class CNNConfig(_ConvLowering):
     """The flax-example CNN: conv32-conv64 (3x3, relu, 2x2 average pool), dense 256, logits."""
     name: Literal["cnn"] = "cnn"
-    # Widths are fields so that channel shrinking (jaxaccel.sparsity.shrink) can narrow the model;
-    # the defaults are the flax example's.
-    channels: list[PositiveInt] = Field([32, 64], min_length=2, max_length=2, description="The two conv widths.")
-    features: list[PositiveInt] = Field([256], min_length=1, max_length=1, description="The hidden dense width.")
+    # A field so that channel shrinking (jaxaccel.sparsity.shrink) can narrow the model; the default is
+    # the flax example's. Its own name: a ``features`` or ``channels`` of another model, kept when
+    # model.name switches to cnn, would otherwise change this one.
+    widths: list[PositiveInt] = Field([32, 64, 256], min_length=3, max_length=3,
+                                      description="Widths of the two convs and the hidden dense layer.")
 
     def build(self, num_classes: int, precision: Any = None, quant: Any = None) -> nn.Module:
         return CNN(num_classes=num_classes, precision=precision, quant=quant, conv=self.conv,
-                   channels=tuple(self.channels), features=tuple(self.features))
+                   widths=tuple(self.widths))
 
 
 class SmallCNNConfig(_ConvLowering):
@@ -66,18 +67,17 @@ class CNN(nn.Module):
     precision: Optional[PrecisionConfig] = None
     quant: Optional[QuantConfig] = None
     conv: str = "xla"  # lowering of the convolutions: "xla" or "im2col" (same parameters)
-    channels: Sequence[int] = (32, 64)
-    features: Sequence[int] = (256,)
+    widths: Sequence[int] = (32, 64, 256)  # the two convs, the hidden dense layer
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
         kw = lambda kind, name: dict(name=name, **layer_kw(self, kind, name, quant_enabled))
         x = to_float(images)
         conv = lambda width, name: nn.Conv(width, (3, 3), **conv_kw(self, name, quant_enabled))
-        x = nn.avg_pool(nn.relu(conv(self.channels[0], "Conv_0")(x)), (2, 2), strides=(2, 2))
-        x = nn.avg_pool(nn.relu(conv(self.channels[1], "Conv_1")(x)), (2, 2), strides=(2, 2))
+        x = nn.avg_pool(nn.relu(conv(self.widths[0], "Conv_0")(x)), (2, 2), strides=(2, 2))
+        x = nn.avg_pool(nn.relu(conv(self.widths[1], "Conv_1")(x)), (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(self.features[0], **kw("dense", "Dense_0"))(x))
+        x = nn.relu(nn.Dense(self.widths[2], **kw("dense", "Dense_0"))(x))
         return cast_logits(self, nn.Dense(self.num_classes, **kw("dense", "Dense_1"))(x))
 
 

@@ -50,7 +50,9 @@ def layer_chain(model: Any) -> list[tuple[str, str]]:
     dense = lambda n: [(f"Dense_{i}", "dense") for i in range(n)]
     if model.name == "mlp":
         return dense(len(model.features) + 1)
-    if model.name in ("cnn", "small_cnn"):
+    if model.name == "cnn":
+        return [("Conv_0", "conv"), ("Conv_1", "conv"), *dense(2)]
+    if model.name == "small_cnn":
         convs = [(f"Conv_{i}", "conv") for i in range(len(model.channels))]
         return convs + dense(len(model.features) + 1)
     raise ConfigError(f"sparsity.shrink works for model.name in {', '.join(SHRINKABLE)}, not {model.name}"
@@ -63,7 +65,9 @@ def new_model(model: Any, widths: dict[str, int]) -> Any:
     chain = layer_chain(model)[:-1]
     convs = [widths[n] for n, kind in chain if kind == "conv"]
     dense = [widths[n] for n, kind in chain if kind == "dense"]
-    return model.model_copy(update={"features": dense, **({"channels": convs} if model.name != "mlp" else {})})
+    update = {"mlp": {"features": dense}, "cnn": {"widths": convs + dense},
+              "small_cnn": {"channels": convs, "features": dense}}[model.name]
+    return model.model_copy(update=update)
 
 
 def kept_units(masks: Any, chain: list[tuple[str, str]], min_width: int = 1) -> dict[str, np.ndarray]:
