@@ -21,6 +21,10 @@ The state is a :class:`SparsityState` (count, masks, frozen, inner_state); :func
 pulls the masks out of any optimizer state that contains one. Thresholding (cfg.threshold > 0):
 at ``threshold_at`` the prunable weights with |w| < threshold get a frozen zero mask
 (``frozen``) that every later mask update respects.
+
+With ``shrink`` (structure=channel) the biases of the masked layers get masks too
+(:func:`unit_masks`): a pruned unit's bias is a frozen 0, so the unit outputs exactly 0 and
+:mod:`jaxaccel.sparsity.shrink` can remove it without changing the model's function.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from jaxaccel.sparsity import masks as masks_lib
 from jaxaccel.sparsity import schedules
 
 __all__ = ["SparsityState", "SparsityWarning", "make_sparsity", "find_masks", "map_param_trees", "mask_update_due",
-           "schedule_steps", "sparsity_count", "changes_masks"]
+           "schedule_steps", "sparsity_count", "changes_masks", "unit_masks"]
 
 PRUNE_METHODS = ("magnitude", "random", "saliency")
 DST_METHODS = ("set", "rigl")
