@@ -45,8 +45,5 @@ class Surgeon(Protocol):
 
 def surgeons(cfg: Any) -> list[Surgeon]:
     """The surgeons the config asks for (``sparsity.shrink=true``: channel shrinking)."""
-    out: list[Surgeon] = []
-    if getattr(cfg.sparsity, "shrink", False):
-        from jaxaccel.sparsity.shrink import ShrinkSurgeon
-        out.append(ShrinkSurgeon(cfg))
-    return out
+    from jaxaccel.sparsity import shrink
+    return [s for s in (shrink.surgeon(cfg),) if s is not None]

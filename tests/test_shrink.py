@@ -168,7 +168,7 @@ def test_min_width_keeps_pruned_units_and_no_change_is_none():
 
 
 def test_surgeon_points_follow_the_mask_update_and_it_is_registered():
-    cfg = make_cfg(MODELS["cnn"], start="10%")
+    cfg = make_cfg(MODELS["cnn"], start=20)  # as resolved: durations are steps
     [surgeon] = surgeons(cfg)
     assert surgeon.name == "shrink" and surgeon.points(200) == [21]  # the update in step 20, after it
     assert surgeon.due(21) and not surgeon.due(20)

@@ -37,7 +37,7 @@ from jaxaccel.schema import ConfigError
 from jaxaccel.sparsity import transform
 from jaxaccel.surgery import Change
 
-__all__ = ["SHRINKABLE", "layer_chain", "kept_units", "shrink", "ShrinkSurgeon"]
+__all__ = ["SHRINKABLE", "layer_chain", "kept_units", "shrink", "ShrinkSurgeon", "surgeon"]
 
 SHRINKABLE = ("mlp", "cnn", "small_cnn")
 
@@ -178,14 +178,19 @@ def _cut_collection(tree: Any, cut: Callable[[Any, str], Any]) -> Any:
     return jax.tree.map(cut, tree, _path_tree(tree))
 
 
+def surgeon(cfg: Any) -> "ShrinkSurgeon | None":
+    """The shrink surgeon of the resolved config ``cfg`` (None unless ``sparsity.shrink``)."""
+    return ShrinkSurgeon(cfg) if getattr(cfg.sparsity, "shrink", False) else None
+
+
 class ShrinkSurgeon:
     """The :class:`jaxaccel.surgery.Surgeon` of ``sparsity.shrink``: after each scheduled mask
-    update, removes what it pruned."""
+    update, removes what it pruned. Built from the resolved config (its durations are steps), it
+    decides from the step alone, so a resumed run's surgeon decides as the first run's did."""
     name = "shrink"
 
     def __init__(self, cfg: Any):
-        self.sparsity, self.total_steps = cfg.sparsity, None
-        self._points: set[int] = set()
+        self.sparsity = cfg.sparsity
         chain = layer_chain(cfg.model)
         logits = f"{chain[-1][0]}/kernel"
         if paths.matches(logits, self.sparsity.include, self.sparsity.exclude):
@@ -195,11 +200,11 @@ class ShrinkSurgeon:
     def points(self, total_steps: int) -> list[int]:
         """The step counts just after a mask update (the update numbered s happens in step s)."""
         due = np.asarray(transform.mask_update_due(self.sparsity, total_steps, np.arange(total_steps)))
-        self._points = {int(s) + 1 for s in np.flatnonzero(due)}
-        return sorted(self._points)
+        return [int(s) + 1 for s in np.flatnonzero(due)]
 
     def due(self, step: int) -> bool:
-        return step in self._points
+        # Resolved durations are step counts: the run's length is not needed (step + 1 stands in).
+        return step >= 1 and bool(transform.mask_update_due(self.sparsity, step + 1, step - 1))
 
     def operate(self, step: int, state: step_lib.TrainState, model: Any,
                 tx: optax.GradientTransformation) -> Change | None:
