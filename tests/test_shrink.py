@@ -167,6 +167,27 @@ def test_min_width_keeps_pruned_units_and_no_change_is_none():
     assert shrink_lib.shrink(full.state, full.model, tx) is None
 
 
+def test_gradual_pruning_shrinks_at_every_update_to_the_schedules_widths():
+    """Polynomial schedule (updates in steps 1, 3, 5): each update prunes the fraction of the shrunk
+    layer that leaves round((1 - r(t) s) * original) units, and the surgeon shrinks after each."""
+    cfg = make_cfg(MODELS["mlp"], schedule="polynomial", start=1, end=5, update_every=2)
+    [surgeon] = surgeons(cfg)
+    model_cfg, model = cfg.model, build_model(cfg.model, 10)
+    tx = sparsity.make_sparsity(cfg.sparsity, optax.adam(3e-2), 100)
+    x, y = batches()
+    state = step_lib.TrainState.create(model.init(jax.random.key(0), x[0])["params"], tx)
+    widths = []
+    for i in range(6):
+        state = adam_step(model, tx, state, x[i], y[i])
+        if surgeon.due(i + 1) and (change := shrink_lib.shrink(state, model_cfg, tx)) is not None:
+            model_cfg, state, model = change.model, change.state, build_model(change.model, 10)
+            widths.append((i + 1, list(model_cfg.features)))
+    assert surgeon.points(6) == [2, 4, 6]
+    r = [1 - (1 - (t - 1) / 4) ** 3 for t in (3, 5)]  # the cubic schedule's fraction at steps 3 and 5
+    want = [[round((1 - q * TARGET) * w) for w in (24, 12)] for q in r]
+    assert widths == [(4, want[0]), (6, want[1])] == [(4, [14, 7]), (6, [12, 6])]
+
+
 def test_surgeon_points_follow_the_mask_update_and_it_is_registered():
     cfg = make_cfg(MODELS["cnn"], start=20)  # as resolved: durations are steps
     [surgeon] = surgeons(cfg)
@@ -185,7 +206,8 @@ def test_default_cnn_widths_are_the_flax_example():
 
 @pytest.mark.parametrize("fields, message", [
     (dict(structure="unstructured"), "shrink removes whole output units: it needs structure=channel"),
-    (dict(schedule="polynomial"), "shrink needs schedule=one_shot"),
+    (dict(schedule="polynomial", end=8, update_every=2, distribution="erk"),
+     "shrink with schedule=polynomial needs distribution=uniform"),
     (dict(shrink=False, min_width=4), "min_width does nothing without shrink"),
     (dict(threshold=0.01), "shrink with a threshold"),
 ])

@@ -168,13 +168,11 @@ class Pruning(_Scheduled):
         if self.structure != "channel":
             raise ValueError(f"shrink removes whole output units: it needs structure=channel, not "
                              f"structure={self.structure}")
-        if self.schedule != "one_shot":
-            # The masks are recomputed from the target fraction of the layer as it is at each update:
-            # after a shrink that is a fraction of the already narrowed layer, so later updates would
-            # compound (polynomial: every update removes its fraction of what is left) and miss the target.
-            raise ValueError(f"shrink needs schedule=one_shot (got schedule={self.schedule}): each later mask "
-                             "update would prune its fraction of the already narrowed layers, not of the "
-                             "original ones")
+        if self.schedule != "one_shot" and self.distribution != "uniform":
+            # Each update after the first prunes a fraction of the layer the last shrink left (the
+            # transformation's cut_fraction); ERK's per-layer fractions depend on the shapes, which change.
+            raise ValueError(f"shrink with schedule={self.schedule} needs distribution=uniform (ERK's per-layer "
+                             "sparsities change with the shrunk shapes); use schedule=one_shot for erk")
         if self.threshold > 0.0:
             raise ValueError("shrink with a threshold: the threshold makes single zeros, which shrinking cannot "
                              "remove; leave threshold at 0")

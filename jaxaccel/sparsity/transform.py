@@ -239,13 +239,22 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
             for line in small:
                 warnings.warn(line, SparsityWarning, stacklevel=2)
 
+    def cut_fraction(step, r, s):
+        """The fraction of a shrunk layer to prune now: the shrink after the previous update left
+        1 - r_prev * s of its original units, and r * s of those are to be gone after this one."""
+        prev = start + jnp.maximum((step - 1 - start) // every, 0) * every  # the previous update's step
+        r_prev = jnp.where(step > start, schedules.sparsity_fraction(cfg.schedule, prev, start, end, every,
+                                                                     cfg.power), 0.0)
+        return 1.0 - (1.0 - r * s) / (1.0 - r_prev * s)
+
     def recompute(step, grads, state, params):
         """New (masks, frozen) at a step where some mask update is due."""
         old, new, frozen = state.masks, state.masks, state.frozen
         if prune:
             r = schedules.sparsity_fraction(cfg.schedule, step, start, end, every, cfg.power)
             target = (r * cfg.target if cfg.scope == "global"
-                      else {k: r * s for k, s in layer_targets(params).items()})
+                      else {k: cut_fraction(step, r, s) if shrink else r * s
+                            for k, s in layer_targets(params).items()})
             cand = masks_lib.compute_masks(params, prunable(params), target, method=cfg.method,
                                            grads=grads, key=keys()["score"], **kw)
             cand = unit_masks(cand, params) if shrink else cand
