@@ -241,7 +241,9 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
 
     def cut_fraction(step, r, s):
         """The fraction of a shrunk layer to prune now: the shrink after the previous update left
-        1 - r_prev * s of its original units, and r * s of those are to be gone after this one."""
+        1 - r_prev * s of its original units, and r * s of those are to be gone after this one.
+        Each shrink rounds to whole units, so after several the width can be a unit or two off
+        round((1 - r * s) * original) (LeNet's 300 units, four updates to 50%: 149)."""
         prev = start + jnp.maximum((step - 1 - start) // every, 0) * every  # the previous update's step
         r_prev = jnp.where(step > start, schedules.sparsity_fraction(cfg.schedule, prev, start, end, every,
                                                                      cfg.power), 0.0)
