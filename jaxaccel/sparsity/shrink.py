@@ -14,11 +14,12 @@ unit outputs exactly 0 and can be removed with everything that reads or stores i
                                found as the mask reset finds them (:func:`~jaxaccel.sparsity.map_param_trees`)
     model state                leaves at a param's path with its shape, cut as the param
 
-and the model config gets the new widths. The surgeon shrinks after every scheduled mask update
+and the model config gets the new widths. The narrower model computes the same logits as the
+masked wide one (tests/test_shrink.py). The surgeon shrinks after every scheduled mask update
 (one_shot: once; polynomial/periodic: each time, the transformation pruning at each update the
-fraction of the shrunk layer that leaves the schedule's share of the original units). The narrower model computes the same logits as the
-masked wide one (tests/test_shrink.py). ``sparsity.min_width`` units stay in every layer (pruned
-ones, lowest index first, when fewer are kept), so no layer vanishes.
+fraction of the shrunk layer that leaves the schedule's share of the original units).
+``sparsity.min_width`` units stay in every layer (pruned ones, lowest index first, when fewer are
+kept: they stay masked, at zero), so no layer vanishes.
 
 Models: ``mlp``, ``cnn`` and ``small_cnn`` (a chain of layers, each read by the next). Not yet
 ``resnet``: its group norm normalises over groups of channels, so removing one channel changes the
