@@ -137,7 +137,8 @@ class Pruning(_Scheduled):
     shrink: bool = Field(False, description="structure=channel: remove the pruned units from the model (and the "
                                             "matching inputs of the next layer) when they are pruned, so the "
                                             "rest of the run trains a narrower dense model (jaxaccel.sparsity.shrink).")
-    min_width: PositiveInt = Field(1, description="shrink: units every shrunk layer keeps at least, so no layer vanishes.")
+    min_width: PositiveInt = Field(1, description="shrink: units every shrunk layer keeps at least, so no "
+                                                  "layer vanishes.")
 
     def _uses(self) -> tuple[str, ...]:
         return {"one_shot": ("start",), "periodic": ("start", "update_every")}.get(self.schedule, super()._uses())

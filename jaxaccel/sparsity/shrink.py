@@ -132,8 +132,8 @@ def _cutter(table: dict[str, list[Cut]], shapes: dict[str, tuple[int, ...]]) -> 
 
 
 def _path_tree(tree: Any) -> Any:
-    flat, treedef = jax.tree_util.tree_flatten(tree)
-    return jax.tree_util.tree_unflatten(treedef, paths.leaf_paths(tree))
+    """``tree`` with every leaf replaced by its name (``Dense_0/kernel``)."""
+    return jax.tree_util.tree_unflatten(jax.tree.structure(tree), paths.leaf_paths(tree))
 
 
 def _cut_masks(opt_state: Any, cut: Callable[[Any, str], Any], names: Any) -> Any:
