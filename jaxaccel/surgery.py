@@ -72,10 +72,10 @@ _REGISTERED: list[Callable[["Config"], Surgeon | None]] = []
 def surgeons(cfg: "Config") -> list[Surgeon]:
     """The surgeons the resolved config ``cfg`` asks for, in the order they operate at a shared step."""
     found: list[Surgeon | None] = []
-    # Each technique that changes shapes adds its line here, e.g.
-    #   found.append(shrink.surgeon(cfg))     # sparsity.shrink=true (issue 19)
-    #   found.append(lowrank.surgeon(cfg))    # lowrank.* (issue 21)
-    from jaxaccel import lowrank  # imports this module
+    # Each technique that changes shapes adds its line here (imported here: both import this module).
+    from jaxaccel import lowrank
+    from jaxaccel.sparsity import shrink
+    found.append(shrink.surgeon(cfg))         # sparsity.shrink (issue 19)
     found.append(lowrank.surgeon(cfg))        # lowrank.at (issue 21)
     found += [factory(cfg) for factory in _REGISTERED]
     return [s for s in found if s is not None]

@@ -39,10 +39,15 @@ class _ConvLowering(ModelConfig):
 class CNNConfig(_ConvLowering):
     """The flax-example CNN: conv32-conv64 (3x3, relu, 2x2 average pool), dense 256, logits."""
     name: Literal["cnn"] = "cnn"
+    # A field so that channel shrinking (jaxaccel.sparsity.shrink) can narrow the model; the default is
+    # the flax example's. Its own name: a ``features`` or ``channels`` of another model, kept when
+    # model.name switches to cnn, would otherwise change this one.
+    widths: list[PositiveInt] = Field([32, 64, 256], min_length=3, max_length=3,
+                                      description="Widths of the two convs and the hidden dense layer.")
 
     def build(self, num_classes: int, precision: Any = None, quant: Any = None) -> nn.Module:
         return CNN(num_classes=num_classes, precision=precision, quant=quant, conv=self.conv,
-                   ranks=tuple(sorted(self.ranks.items())))
+                   ranks=tuple(sorted(self.ranks.items())), widths=tuple(self.widths))
 
     def _dense_count(self) -> int:
         return 2
@@ -81,15 +86,16 @@ class CNN(nn.Module):
     quant: Optional[QuantConfig] = None
     conv: str = "xla"  # lowering of the convolutions: "xla" or "im2col" (same parameters)
     ranks: tuple[tuple[str, int], ...] = ()  # (layer name, rank) of the low-rank factorized dense layers
+    widths: Sequence[int] = (32, 64, 256)  # the two convs, the hidden dense layer
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
         x = to_float(images)
         conv = lambda width, name: nn.Conv(width, (3, 3), **conv_kw(self, name, quant_enabled))
-        x = nn.avg_pool(nn.relu(conv(32, "Conv_0")(x)), (2, 2), strides=(2, 2))
-        x = nn.avg_pool(nn.relu(conv(64, "Conv_1")(x)), (2, 2), strides=(2, 2))
+        x = nn.avg_pool(nn.relu(conv(self.widths[0], "Conv_0")(x)), (2, 2), strides=(2, 2))
+        x = nn.avg_pool(nn.relu(conv(self.widths[1], "Conv_1")(x)), (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(dense_layer(self, "Dense_0", 256, x.shape[-1], quant_enabled)(x))
+        x = nn.relu(dense_layer(self, "Dense_0", self.widths[2], x.shape[-1], quant_enabled)(x))
         return cast_logits(self, dense_layer(self, "Dense_1", self.num_classes, x.shape[-1], quant_enabled)(x))
 
 

@@ -6,6 +6,9 @@ The trainer needs four calls (all pure; the transform is plain optax and jittabl
     loss = task_loss + penalty(cfg.sparsity, params)        # 0.0 unless cfg.sparsity.penalty is set
     report(params, cfg.sparsity)                            # {'sparsity': ..., 'sparsity/<path>': ...}
     find_masks(state.opt_state)                             # the masks, for export (or None)
+
+``sparsity.shrink`` (structure=channel) removes fully pruned units from the model mid-run:
+:mod:`jaxaccel.sparsity.shrink` (its surgeon is registered in :func:`jaxaccel.surgery.surgeons`).
 """
 from jaxaccel.sparsity.dst import drop_and_grow, drop_fraction, dst_masks, is_dst_update_step
 from jaxaccel.sparsity.masks import (
@@ -20,13 +23,14 @@ from jaxaccel.sparsity.schedules import (
 )
 from jaxaccel.sparsity.transform import (
     SparsityState, SparsityWarning, changes_masks, find_masks, make_sparsity, map_param_trees, mask_update_due, schedule_steps,
-    sparsity_count,
+    sparsity_count, unit_masks,
 )
 from jaxaccel.sparsity.methods import METHODS, DynamicSparse, NoSparsity, Pruning, SparsityConfig
+from jaxaccel.sparsity.shrink import ShrinkSurgeon, kept_units, layer_chain
 
 __all__ = [
     "make_sparsity", "SparsityState", "SparsityWarning", "find_masks", "map_param_trees", "mask_update_due", "sparsity_count",
-    "changes_masks", "penalty", "group_norms",
+    "changes_masks", "unit_masks", "ShrinkSurgeon", "kept_units", "layer_chain", "penalty", "group_norms",
     "report", "prunable_tree", "compute_masks", "apply_masks", "nm_layout", "unbox",
     "keep_top", "unstructured_mask", "nm_mask", "block_mask", "channel_mask", "structured_mask",
     "global_unstructured_masks", "magnitude_masks", "random_masks", "saliency_masks", "nm_masks",

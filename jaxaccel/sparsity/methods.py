@@ -134,6 +134,11 @@ class Pruning(_Scheduled):
         "polynomial", description="one_shot at start; polynomial (Zhu & Gupta cubic) from start to end; "
                                   "periodic re-pruning every update_every from start on.")
     power: float = Field(3.0, gt=0.0, description="schedule=polynomial: exponent.")
+    shrink: bool = Field(False, description="structure=channel: remove the pruned units from the model (and the "
+                                            "matching inputs of the next layer) when they are pruned, so the "
+                                            "rest of the run trains a narrower dense model (jaxaccel.sparsity.shrink).")
+    min_width: PositiveInt = Field(1, description="shrink: units every shrunk layer keeps at least, so no "
+                                                  "layer vanishes.")
 
     def _uses(self) -> tuple[str, ...]:
         return {"one_shot": ("start",), "periodic": ("start", "update_every")}.get(self.schedule, super()._uses())
@@ -154,7 +159,24 @@ class Pruning(_Scheduled):
             _does_nothing(self, ["target"], "for structure=nm (its sparsity is 1 - n/m)")
         if self.structure != "block":
             _does_nothing(self, ["block"], f"for structure={self.structure}")
+        self._check_shrink()
         return self
+
+    def _check_shrink(self) -> None:
+        if not self.shrink:
+            _does_nothing(self, ["min_width"], "without shrink")
+            return
+        if self.structure != "channel":
+            raise ValueError(f"shrink removes whole output units: it needs structure=channel, not "
+                             f"structure={self.structure}")
+        if self.schedule != "one_shot" and self.distribution != "uniform":
+            # Each update after the first prunes a fraction of the layer the last shrink left (the
+            # transformation's cut_fraction); ERK's per-layer fractions depend on the shapes, which change.
+            raise ValueError(f"shrink with schedule={self.schedule} needs distribution=uniform (ERK's per-layer "
+                             "sparsities change with the shrunk shapes); use schedule=one_shot for erk")
+        if self.threshold > 0.0:
+            raise ValueError("shrink with a threshold: the threshold makes single zeros, which shrinking cannot "
+                             "remove; leave threshold at 0")
 
     def check_run(self, total_steps: int, given: "Pruning") -> None:
         super().check_run(total_steps, given)
