@@ -26,11 +26,12 @@ from jaxaccel.sparsity.transform import (
     sparsity_count, unit_masks,
 )
 from jaxaccel.sparsity.methods import METHODS, DynamicSparse, NoSparsity, Pruning, SparsityConfig
-from jaxaccel.sparsity.shrink import ShrinkSurgeon, kept_units, layer_chain
+# jaxaccel.sparsity.shrink (the channel-shrinking surgeon) is imported where it is used: it needs
+# jaxaccel.surgery, which needs the config, which needs this package.
 
 __all__ = [
     "make_sparsity", "SparsityState", "SparsityWarning", "find_masks", "map_param_trees", "mask_update_due", "sparsity_count",
-    "changes_masks", "unit_masks", "ShrinkSurgeon", "kept_units", "layer_chain", "penalty", "group_norms",
+    "changes_masks", "unit_masks", "penalty", "group_norms",
     "report", "prunable_tree", "compute_masks", "apply_masks", "nm_layout", "unbox",
     "keep_top", "unstructured_mask", "nm_mask", "block_mask", "channel_mask", "structured_mask",
     "global_unstructured_masks", "magnitude_masks", "random_masks", "saliency_masks", "nm_masks",
