@@ -1,19 +1,22 @@
-"""LeNet-300-100 with channel shrinking: half the units of both hidden layers pruned (L2 norm of
-their weights) half an epoch in, then removed; the rest of the run trains a 784-150-50-10 MLP.
+"""LeNet-300-100 with channel shrinking: 60% of the first hidden layer's units pruned (L2 norm of
+their weights) half an epoch in, then removed; the rest of the run trains a 784-120-100-10 MLP
+(0.40x the parameters), with a one-cycle learning rate and label smoothing.
 
 Command:  python -m jaxaccel.run exp=mnist_mlp_shrink
-Runtime:  to be measured (target: <= 0.6x mnist_mlp's training time on the same machine)
-Accuracy: >= 97.5% test (measured 97.68%, one seed, on a shared 2-core CPU, with the masks alone: the
-          trainer did not shrink yet, and the shrunk model computes what the masked one does; below
-          issue 19's 98.0% target: a 150-50 MLP needs a better recipe or wider layers)
+Runtime:  RUNTIME
+Accuracy: >= 98.0% test (measured 98.37%, mean of 3 seeds: 98.34, 98.35, 98.42)
+
+Only the first layer shrinks: it holds 88% of the MLP's multiply-adds. The recipe is not
+mnist_mlp's (cosine Adam 1e-3): with it, 784-150-50 reached 97.69% and 784-150-100 98.00%;
+benchmarks/time_to_accuracy.py separates what the shrink buys from what the recipe buys.
 """
 
 config = {
     "data": {"name": "mnist"},
     "model": {"name": "mlp", "features": [300, 100]},
-    "train": {"epochs": 8, "batch_size": 128},
-    "optim": {"name": "adam", "learning_rate": 1e-3, "schedule": "cosine"},
-    # One mask update (one_shot) half an epoch in, then the shrink; the logits layer keeps its 10 units.
-    "sparsity": {"method": "magnitude", "structure": "channel", "target": 0.5, "schedule": "one_shot",
-                 "start": "0.5 epochs", "shrink": True, "exclude": ["^Dense_2/"]},
+    "train": {"epochs": 10, "batch_size": 128, "label_smoothing": 0.1},
+    "optim": {"name": "adam", "learning_rate": 3e-3, "schedule": "onecycle"},
+    # One mask update (one_shot) half an epoch in, then the shrink of Dense_0 alone.
+    "sparsity": {"method": "magnitude", "structure": "channel", "target": 0.6, "schedule": "one_shot",
+                 "start": "0.5 epochs", "shrink": True, "exclude": ["^Dense_[12]/"]},
 }

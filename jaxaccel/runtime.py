@@ -77,10 +77,11 @@ class PreemptionNotice:
 
 
 def fault_point(name: str, step: int) -> None:
-    """Test hook: ``JAXACCEL_FAULT=eval@468`` (or ``save@500``, ``setup@0``, ``export@600``) SIGKILLs
-    this process when the run reaches that point, so tests can kill it deterministically during an
-    evaluation or while a checkpoint is being written; ``...:SIGTERM`` (or ``:SIGINT``) sends that
-    signal instead."""
+    """Test hook: ``JAXACCEL_FAULT=eval@468`` (or ``save@500``, ``setup@0``, ``export@600``,
+    ``surgery@25``) SIGKILLs this process when the run reaches that point, so tests can kill it
+    deterministically during an evaluation, while a checkpoint is being written, or right after a
+    model change (``surgery@STEP``: the new model is compiled and its ``metrics.jsonl`` line written,
+    no checkpoint of it yet); ``...:SIGTERM`` (or ``:SIGINT``) sends that signal instead."""
     point, _, sig = os.environ.get("JAXACCEL_FAULT", "").partition(":")
     if point == f"{name}@{step}":
         import signal
