@@ -234,9 +234,9 @@ def _loop(setup: setup_lib.Setup, feed, state, step: int, resumed: dict[str, Any
         change = surgery.operate(surgeons, at_step, par.single(state), setup.model_cfg, groups.tx)
         if change is None:
             return state, 0.0
-        flops.add(groups.flops_per_step(), at_step)
         setup, state = surgery.rebuild(setup, change.model), par.put_state(change.state)
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # from here to the new model's first step: not training time
+        flops.add(groups.flops_per_step(), at_step)  # the old model's XLA cost analysis
         groups, evaluator = _compiled(setup, feed, state)
         line = surgery.line(at_step, change, time.perf_counter() - t0, state.params)
         changes.append(line)

@@ -4,7 +4,6 @@ training with its export, the config errors; and through real runs (once the tra
 surgeons): the change at its step, its export, bitwise resume across it, FSDP on two devices."""
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import warnings
@@ -17,7 +16,6 @@ import pytest
 
 import jaxaccel
 from jaxaccel import durations, export, lowrank, surgery
-from jaxaccel import trainer as trainer_lib
 from jaxaccel import step as step_lib
 from jaxaccel.config import ConfigError, LowRankConfig, model_config
 from jaxaccel.models import build_model
@@ -236,8 +234,6 @@ def test_the_command_line_exits_2_on_a_lowrank_mistake(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Through real runs: the trainer runs the surgeon (jaxaccel.surgery's wiring in jaxaccel.trainer).
 
-_WIRED = "surgery.operate" in inspect.getsource(trainer_lib)
-needs_wiring = pytest.mark.skipif(not _WIRED, reason="the trainer does not run surgeons yet (helper surgery's branch)")
 RUN = ["train.steps=60", "checkpoint.every_steps=20", "checkpoint.max_to_keep=5", "lowrank.rank=8",
        "lowrank.at=25", "lowrank.include=[Dense_0/kernel]"]
 
@@ -253,7 +249,6 @@ def _lines(workdir):
             for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-@needs_wiring
 def test_a_run_factors_at_its_step_and_exports_the_factors(factored_run, mnist):
     workdir, summary = factored_run
     (line,) = [l for l in _lines(workdir) if l.get("split") == "surgery"]
@@ -267,7 +262,6 @@ def test_a_run_factors_at_its_step_and_exports_the_factors(factored_run, mnist):
     assert correct == round(summary["test_accuracy"] * len(mnist.test_labels))
 
 
-@needs_wiring
 def test_resume_across_the_factorization_is_bitwise(factored_run, tmp_path):
     """Stopped at step 45 (after the change): resumed from the step-40 checkpoint, whose record
     names the factorized model; parameters and every metrics line equal the uninterrupted run's."""
@@ -294,7 +288,6 @@ def test_resume_across_the_factorization_is_bitwise(factored_run, tmp_path):
     assert _lines(tmp_path) == _lines(reference)
 
 
-@needs_wiring
 def test_fsdp_on_two_devices_factors_like_one(factored_run, tmp_path):
     reference, summary = factored_run
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",

@@ -30,7 +30,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -91,15 +90,17 @@ def kept_units(masks: Any, chain: list[tuple[str, str]], min_width: int = 1) -> 
     return out
 
 
+# The cuts run in NumPy on the host copy of the state: an eager jnp.take compiles one small XLA
+# program per leaf shape, at every shrink, inside the timed training loop.
 def _take(idx: np.ndarray, axis: int) -> Cut:
-    return lambda x: jnp.take(x, idx, axis=axis)
+    return lambda x: np.take(np.asarray(x), idx, axis=axis)
 
 
 def _flat_rows(idx: np.ndarray, channels: int) -> Cut:
     """The rows of a Dense kernel [h*w*c, out] after a flatten that belong to channels ``idx``."""
     def cut(x):
-        rows = x.reshape(-1, channels, x.shape[-1])
-        return jnp.take(rows, idx, axis=1).reshape(-1, x.shape[-1])
+        rows = np.asarray(x).reshape(-1, channels, x.shape[-1])
+        return np.take(rows, idx, axis=1).reshape(-1, x.shape[-1])
     return cut
 
 
