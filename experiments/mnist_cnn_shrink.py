@@ -4,7 +4,7 @@ narrower dense CNN (conv16-conv32-dense128: 0.25x the parameters), with a one-cy
 and one-pixel shifts, for 2 epochs.
 
 Command:  python -m jaxaccel.run exp=mnist_cnn_shrink
-Runtime:  RUNTIME
+Runtime:  training 25.5 s on a 2-core CPU (median of 3; mnist_cnn 104.7 s side by side: 0.24x; benchmarks/surgery_speed.py)
 Accuracy: >= 99.0% test (measured 99.12%, mean of 3 seeds: 99.17, 99.09, 99.10)
 
 The shrink removes exactly what the masks zeroed (biases are masked with their units), so the

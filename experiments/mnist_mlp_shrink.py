@@ -3,7 +3,7 @@ their weights) half an epoch in, then removed; the rest of the run trains a 784-
 (0.40x the parameters), with a one-cycle learning rate and label smoothing, for 7 epochs.
 
 Command:  python -m jaxaccel.run exp=mnist_mlp_shrink
-Runtime:  RUNTIME
+Runtime:  training 5.1 s on a 2-core CPU (median of 3; mnist_mlp 9.8 s side by side: 0.52x; benchmarks/surgery_speed.py)
 Accuracy: >= 98.0% test (measured 98.32%, mean of 3 seeds: 98.34, 98.32, 98.31; 98.36% in 8 epochs,
           98.37% in 10)
 

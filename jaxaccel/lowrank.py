@@ -40,12 +40,12 @@ import optax
 from flax import traverse_util
 
 from jaxaccel import paths
-from jaxaccel import step as step_lib
 from jaxaccel.models.layers import LowRankWarning, saves_flops
 from jaxaccel.schema import ConfigError
 from jaxaccel.surgery import Change, param_count
 
 if TYPE_CHECKING:
+    from jaxaccel import step as step_lib  # annotations only: the config imports this module
     from jaxaccel.config import Config, LowRankConfig, ModelConfig
 
 __all__ = ["factor", "energy_rank", "saves_flops", "LowRankWarning", "factor_params", "product_form",

@@ -28,13 +28,14 @@ from jaxaccel import streaming
 from jaxaccel import step as step_lib
 from jaxaccel import storage
 from jaxaccel import surgery
+from jaxaccel.surgeons import surgeons
 from jaxaccel.checkpoint import Checkpointer
 from jaxaccel.config import Config, ConfigError
-from jaxaccel.models import input_problem
+from jaxaccel.models import ModelConfig, build_model, input_problem
 from jaxaccel.models.layers import LowRankWarning
 from jaxaccel.optim import build_optimizer
 from jaxaccel.parallel import make_parallel
-from jaxaccel.plan import Plan, make_plan
+from jaxaccel.plan import Plan, make_plan, with_conv
 from jaxaccel.runtime import init_distributed
 
 __all__ = ["Setup", "build", "initial_state", "starting_point", "workdir_of", "DATA_STREAM"]
@@ -71,6 +72,26 @@ def workdir_of(cfg: Config) -> storage.StoragePath:
 def decoding_of(cfg: Config) -> data_lib.Decoding:
     """How text and audio examples become arrays for the model ``cfg`` names."""
     return data_lib.Decoding(getattr(cfg.model, "vocab_size", data_lib.Decoding.vocab_size), cfg.data.max_length)
+
+
+def models_for(model_cfg: ModelConfig, cfg: Config, conv: str, num_classes: int) -> tuple[Any, Any]:
+    """``(model, eval_model)`` of ``model_cfg`` with the run's precision and QAT: the trained one
+    with the plan's convolution lowering ``conv``, the evaluated one with XLA's own."""
+    return (build_model(with_conv(model_cfg, conv), num_classes, cfg.precision, cfg.quant),
+            build_model(with_conv(model_cfg, "xla"), num_classes, cfg.precision, cfg.quant))
+
+
+def rebuild(setup: Setup, model_cfg: ModelConfig) -> Setup:
+    """``setup`` with the model config ``model_cfg`` in force (a model surgery's result, or the
+    model a checkpoint names) and its models rebuilt from it; ``setup.cfg`` stays the run's config."""
+    model, eval_model = models_for(model_cfg, setup.cfg, setup.plan.conv, setup.dataset.num_classes)
+    return dataclasses.replace(setup, model_cfg=model_cfg, model=model, eval_model=eval_model)
+
+
+def follow(setup: Setup, meta: dict[str, Any]) -> Setup:
+    """``setup`` with the model the checkpoint whose record is ``meta`` was written with."""
+    model_cfg = surgery.model_of(meta, setup.cfg.model)
+    return setup if model_cfg == setup.model_cfg else rebuild(setup, model_cfg)
 
 
 def _enable_compilation_cache() -> None:
@@ -112,9 +133,9 @@ def build(cfg: Config, overrides: list[str] | None = None) -> Setup:
     if streamed:
         plan = feed_lib.stream_plan(plan, cfg.train.batch_size * dataset.sizes.example_bytes)
     cfg = durations.resolve(cfg, plan.steps_per_epoch, plan.total_steps)  # from here on, durations are steps
-    plan = dataclasses.replace(plan, surgery_points=surgery.points(surgery.surgeons(cfg), plan.total_steps))
+    plan = dataclasses.replace(plan, surgery_points=surgery.points(surgeons(cfg), plan.total_steps))
     # A model named by import path (models.custom) is imported here, when the run is built.
-    model, eval_model = surgery.models_for(cfg.model, cfg, plan.conv, dataset.num_classes)
+    model, eval_model = models_for(cfg.model, cfg, plan.conv, dataset.num_classes)
     return Setup(
         cfg=cfg, overrides=list(overrides or []), started=started,
         workdir=workdir_of(cfg),
@@ -221,7 +242,7 @@ def starting_point(setup: Setup, checkpointer: Checkpointer, message: Callable[[
         def target(meta: dict[str, Any]) -> step_lib.TrainState:
             """The restore target of the checkpoint whose record is ``meta``: of its own model."""
             nonlocal setup
-            setup = surgery.follow(original, meta)
+            setup = follow(original, meta)
             return state if setup is original else fresh(setup)
 
         state, latest, notes = checkpointer.restore_latest(target, cfg.checkpoint.fallback)

@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, runtime_che
 import numpy as np
 import optax
 
-from jaxaccel import step as step_lib
 
 if TYPE_CHECKING:
+    from jaxaccel import step as step_lib  # annotations only: the config imports the low-rank surgeon
     from jaxaccel.config import Config
     from jaxaccel.models.base import ModelConfig
 
-__all__ = ["Change", "Surgeon", "surgeons", "registered", "points", "due", "operate", "rebuild", "models_for",
-           "model_record", "checkpoint_record", "model_of", "follow", "param_count", "line", "describe", "FlopsTally"]
+__all__ = ["Change", "Surgeon", "registered", "registered_factories", "points", "due", "operate", "model_record",
+           "checkpoint_record", "model_of", "param_count", "line", "describe", "FlopsTally"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,16 +69,9 @@ class Surgeon(Protocol):
 _REGISTERED: list[Callable[["Config"], Surgeon | None]] = []
 
 
-def surgeons(cfg: "Config") -> list[Surgeon]:
-    """The surgeons the resolved config ``cfg`` asks for, in the order they operate at a shared step."""
-    found: list[Surgeon | None] = []
-    # Each technique that changes shapes adds its line here (imported here: both import this module).
-    from jaxaccel import lowrank
-    from jaxaccel.sparsity import shrink
-    found.append(shrink.surgeon(cfg))         # sparsity.shrink (issue 19)
-    found.append(lowrank.surgeon(cfg))        # lowrank.at (issue 21)
-    found += [factory(cfg) for factory in _REGISTERED]
-    return [s for s in found if s is not None]
+def registered_factories() -> tuple[Callable[["Config"], Surgeon | None], ...]:
+    """The factories :func:`registered` holds now (:func:`jaxaccel.surgeons.surgeons` adds them)."""
+    return tuple(_REGISTERED)
 
 
 @contextlib.contextmanager
@@ -118,22 +111,6 @@ def operate(active: list[Surgeon], step: int, state: step_lib.TrainState, model:
     return Change(model, state, records[0] if len(records) == 1 else {"changes": records})
 
 
-def models_for(model_cfg: "ModelConfig", cfg: "Config", conv: str, num_classes: int) -> tuple[Any, Any]:
-    """``(model, eval_model)`` of ``model_cfg`` with the run's precision and QAT: the trained one
-    with the plan's convolution lowering ``conv``, the evaluated one with XLA's own."""
-    from jaxaccel.models import build_model
-    from jaxaccel.plan import with_conv
-    return (build_model(with_conv(model_cfg, conv), num_classes, cfg.precision, cfg.quant),
-            build_model(with_conv(model_cfg, "xla"), num_classes, cfg.precision, cfg.quant))
-
-
-def rebuild(setup: Any, model_cfg: "ModelConfig") -> Any:
-    """``setup`` (a :class:`jaxaccel.setup.Setup`) with the model config ``model_cfg`` in force and
-    its models rebuilt from it; ``setup.cfg`` stays the run's config as given."""
-    model, eval_model = models_for(model_cfg, setup.cfg, setup.plan.conv, setup.dataset.num_classes)
-    return dataclasses.replace(setup, model_cfg=model_cfg, model=model, eval_model=eval_model)
-
-
 def model_record(model_cfg: "ModelConfig") -> dict[str, Any] | None:
     """The JSON form of ``model_cfg`` written into checkpoint records (None when it has no JSON
     form, e.g. a user model given as an object with non-JSON arguments: never operated on)."""
@@ -160,14 +137,7 @@ def model_of(meta: dict[str, Any], original: "ModelConfig") -> "ModelConfig":
     saved = meta.get("model")
     if saved is None or not meta.get("surgery") or meta.get("model_at_start") != model_record(original):
         return original
-    from jaxaccel.config import from_saved
-    return from_saved("model", saved)
-
-
-def follow(setup: Any, meta: dict[str, Any]) -> Any:
-    """``setup`` with the model the checkpoint whose record is ``meta`` was written with."""
-    model_cfg = model_of(meta, setup.cfg.model)
-    return setup if model_cfg == setup.model_cfg else rebuild(setup, model_cfg)
+    return type(original).model_validate(saved)  # changes keep the model's class (its name)
 
 
 def param_count(params: Any) -> int:

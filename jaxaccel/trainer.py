@@ -26,6 +26,7 @@ from jaxaccel import setup as setup_lib
 from jaxaccel import sparsity
 from jaxaccel import step as step_lib
 from jaxaccel import surgery
+from jaxaccel.surgeons import surgeons
 from jaxaccel import workdir as workdir_lib
 from jaxaccel.checkpoint import Checkpointer
 from jaxaccel.metrics import MetricsWriter, Progress, tensorboard_enabled
@@ -225,16 +226,16 @@ def _loop(setup: setup_lib.Setup, feed, state, step: int, resumed: dict[str, Any
 
     # ----------------------------------------------------------------------------------------
     # Model surgery: a surgeon changes the model's shapes; the new model is compiled (timed apart).
-    surgeons, changes = surgery.surgeons(cfg), list(resumed.get("surgery", []))
+    active, changes = surgeons(cfg), list(resumed.get("surgery", []))
     flops = surgery.FlopsTally(step)
 
     def change_model(state, at_step):
         """The state after the surgeons due at ``at_step`` acted, and the seconds compiling took."""
         nonlocal setup, groups, evaluator
-        change = surgery.operate(surgeons, at_step, par.single(state), setup.model_cfg, groups.tx)
+        change = surgery.operate(active, at_step, par.single(state), setup.model_cfg, groups.tx)
         if change is None:
             return state, 0.0
-        setup, state = surgery.rebuild(setup, change.model), par.put_state(change.state)
+        setup, state = setup_lib.rebuild(setup, change.model), par.put_state(change.state)
         t0 = time.perf_counter()  # from here to the new model's first step: not training time
         flops.add(groups.flops_per_step(), at_step)  # the old model's XLA cost analysis
         groups, evaluator = _compiled(setup, feed, state)
@@ -266,7 +267,7 @@ def _loop(setup: setup_lib.Setup, feed, state, step: int, resumed: dict[str, Any
         at_epoch_end = step % plan.steps_per_epoch == 0
         preempted = notice.should_stop()
         at_checkpoint = step % plan.checkpoint_every == 0 or preempted
-        at_surgery = surgery.due(surgeons, step) and step < plan.total_steps
+        at_surgery = surgery.due(active, step) and step < plan.total_steps
         if at_epoch_end or at_checkpoint or at_surgery or step == plan.total_steps:
             flush(pending)  # raises on a non-finite loss before anything is checkpointed
             pending = None

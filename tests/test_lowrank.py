@@ -16,6 +16,7 @@ import pytest
 
 import jaxaccel
 from jaxaccel import durations, export, lowrank, surgery
+from jaxaccel.surgeons import surgeons
 from jaxaccel import step as step_lib
 from jaxaccel.config import ConfigError, LowRankConfig, model_config
 from jaxaccel.models import build_model
@@ -134,9 +135,9 @@ def test_surgeons_come_from_the_resolved_config():
     cfg = jaxaccel.experiments.override(jaxaccel.experiments.get("mnist_mlp"),
                                         ["lowrank.rank=40", "lowrank.at=2ep"])
     resolved = durations.resolve(cfg, steps_per_epoch=100, total_steps=1000)
-    (found,) = surgery.surgeons(resolved)
+    (found,) = surgeons(resolved)
     assert found.name == "lowrank" and found.points(1000) == [200]
-    assert surgery.surgeons(jaxaccel.experiments.get("mnist_mlp")) == []
+    assert surgeons(jaxaccel.experiments.get("mnist_mlp")) == []
 
 
 def test_the_cnns_factor_their_dense_layers():

@@ -17,7 +17,7 @@ from jaxaccel import step as step_lib
 from jaxaccel.models import build_model
 from jaxaccel.schema import ConfigError
 from jaxaccel.sparsity import shrink as shrink_lib
-from jaxaccel.surgery import surgeons
+from jaxaccel.surgeons import surgeons
 
 START = 2  # the one-shot mask update happens in step 2 (after two dense steps)
 MODELS = {

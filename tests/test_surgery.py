@@ -90,7 +90,7 @@ def _count(width):
 
 
 def test_surgeon_preserves_the_function_and_rebuild_serves_it(tmp_path):
-    """The widened model (rebuilt by surgery.rebuild with the run's lowering) gives the logits of
+    """The widened model (rebuilt by setup.rebuild with the run's lowering) gives the logits of
     the narrow one; follow() picks the model a checkpoint record names."""
     setup = setup_lib.build(_cfg(tmp_path))
     params = setup.model.init(jax.random.key(1), jnp.zeros((1, 28, 28, 1), jnp.uint8))["params"]
@@ -98,7 +98,7 @@ def test_surgeon_preserves_the_function_and_rebuild_serves_it(tmp_path):
     state = step_lib.TrainState.create(params, tx)
     state = state.replace(opt_state=jax.tree.map(lambda x: x + 1 if x.ndim else x, state.opt_state))
     change = surgery.operate([Widen()], AT, state, setup.model_cfg, tx)
-    wider = surgery.rebuild(setup, change.model)
+    wider = setup_lib.rebuild(setup, change.model)
     assert wider.model_cfg.features == [WIDTH + EXTRA] and setup.model_cfg.features == [WIDTH]
     images = np.asarray(setup.dataset.test_inputs[:64])
     before = setup.eval_model.apply({"params": params}, images)
@@ -113,12 +113,12 @@ def test_surgeon_preserves_the_function_and_rebuild_serves_it(tmp_path):
     # Nothing due: no change. A checkpoint record of the widened model: the setup follows it.
     assert surgery.operate([Widen()], AT + 1, state, setup.model_cfg, tx) is None
     changed = surgery.checkpoint_record(wider, [{"step": AT}])
-    assert surgery.follow(setup, changed).model_cfg == change.model
-    assert surgery.follow(setup, surgery.checkpoint_record(setup, [])) is setup
-    assert surgery.follow(setup, {}) is setup  # a checkpoint from before surgery existed
+    assert setup_lib.follow(setup, changed).model_cfg == change.model
+    assert setup_lib.follow(setup, surgery.checkpoint_record(setup, [])) is setup
+    assert setup_lib.follow(setup, {}) is setup  # a checkpoint from before surgery existed
     # The run now names another model than the checkpoint's started from: not followed (the restore
     # then reports the mismatch).
-    assert surgery.follow(setup, {**changed, "model_at_start": {"name": "mlp", "features": [16]}}) is setup
+    assert setup_lib.follow(setup, {**changed, "model_at_start": {"name": "mlp", "features": [16]}}) is setup
 
 
 def test_change_happens_at_its_step_and_is_recorded(widened):

@@ -8,7 +8,7 @@ The trainer needs four calls (all pure; the transform is plain optax and jittabl
     find_masks(state.opt_state)                             # the masks, for export (or None)
 
 ``sparsity.shrink`` (structure=channel) removes fully pruned units from the model mid-run:
-:mod:`jaxaccel.sparsity.shrink` (its surgeon is registered in :func:`jaxaccel.surgery.surgeons`).
+:mod:`jaxaccel.sparsity.shrink` (its surgeon is chosen in :func:`jaxaccel.surgeons.surgeons`).
 """
 from jaxaccel.sparsity.dst import drop_and_grow, drop_fraction, dst_masks, is_dst_update_step
 from jaxaccel.sparsity.masks import (
