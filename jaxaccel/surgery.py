@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from jaxaccel.config import Config
     from jaxaccel.models.base import ModelConfig
 
-__all__ = ["Change", "Surgeon", "registered", "registered_factories", "points", "due", "operate", "model_record",
+__all__ = ["Change", "Surgeon", "registered", "registered_factories", "points", "operate", "model_record",
            "checkpoint_record", "model_of", "param_count", "line", "describe", "FlopsTally"]
 
 
@@ -49,7 +49,8 @@ class Surgeon(Protocol):
     name: str
 
     def due(self, step: int) -> bool:
-        """Whether it may act at the step-group boundary after ``step`` steps."""
+        """Whether it acts at the step-group boundary after ``step`` steps (asked only at the
+        steps of :meth:`points`, when some surgeon has one there)."""
         ...
 
     def points(self, total_steps: int) -> list[int]:
@@ -87,11 +88,6 @@ def registered(factory: Callable[["Config"], Surgeon | None]) -> Iterator[None]:
 def points(active: list[Surgeon], total_steps: int) -> tuple[int, ...]:
     """The sorted steps inside the run (0 < step < total) at which some surgeon may act."""
     return tuple(sorted({int(p) for s in active for p in s.points(total_steps) if 0 < p < total_steps}))
-
-
-def due(active: list[Surgeon], step: int) -> bool:
-    """Whether any surgeon may act at the boundary after ``step``."""
-    return any(s.due(step) for s in active)
 
 
 def operate(active: list[Surgeon], step: int, state: step_lib.TrainState, model: "ModelConfig",

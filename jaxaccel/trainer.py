@@ -267,7 +267,7 @@ def _loop(setup: setup_lib.Setup, feed, state, step: int, resumed: dict[str, Any
         at_epoch_end = step % plan.steps_per_epoch == 0
         preempted = notice.should_stop()
         at_checkpoint = step % plan.checkpoint_every == 0 or preempted
-        at_surgery = surgery.due(active, step) and step < plan.total_steps
+        at_surgery = step in plan.surgery_points  # the surgeons' points, each a group boundary
         if at_epoch_end or at_checkpoint or at_surgery or step == plan.total_steps:
             flush(pending)  # raises on a non-finite loss before anything is checkpointed
             pending = None
