@@ -83,5 +83,6 @@ def build_optimizer(cfg: Config, total_steps: int, *, assume_finite: bool = Fals
     in which no mask update is due). Both keep the same state structure as the default.
     """
     inner = make_optimizer(cfg.optim, total_steps)
-    masked = sparsity.make_sparsity(cfg.sparsity, inner, total_steps, seed=cfg.seed, refresh=refresh)
+    masked = sparsity.make_sparsity(cfg.sparsity, inner, total_steps, seed=cfg.seed, refresh=refresh,
+                                    norms=cfg.model.unit_norms())
     return prec.with_precision(freeze(masked, cfg.init.freeze), cfg.precision, assume_finite=assume_finite)

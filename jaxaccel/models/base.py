@@ -59,3 +59,11 @@ class ModelConfig(Section):
             return None
         return (f"model.name={self.name} takes {want_dtype} {what}, but {data} gives {dtype} {list(shape)} per "
                 "example: choose a model for this data")
+
+    def unit_norms(self) -> dict[str, str]:
+        """Layer name -> the name of the normalization layer (its ``scale``/``bias`` per channel) that
+        normalizes that layer's output units, for the layers that have one. Channel pruning reads it:
+        a pruned unit's normalization scale and bias are masked with it (so the unit outputs exactly
+        0 and shrinking can remove it), and ``sparsity.importance=norm_scale`` ranks units by |scale|
+        (network slimming). Empty: no layer is followed by a per-channel normalization."""
+        return {}

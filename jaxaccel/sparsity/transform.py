@@ -143,20 +143,54 @@ def _select(pred: jax.Array, a: Any, b: Any) -> Any:
     return jax.tree.map(lambda x, y: None if x is None else jnp.where(pred, x, y), a, b, is_leaf=_is_none)
 
 
-def unit_masks(masks: Any, params: Any) -> Any:
+def unit_masks(masks: Any, params: Any, norms: Mapping[str, str] | None = None) -> Any:
     """``masks`` with a mask for the bias of every layer whose kernel has one: a unit's bias is kept
-    iff some weight of its kernel column is (structure=channel: the whole unit)."""
+    iff some weight of its kernel column is (structure=channel: the whole unit). ``norms`` (layer
+    name -> the normalization layer after it, :meth:`jaxaccel.models.base.ModelConfig.unit_norms`):
+    that layer's ``scale`` and ``bias`` get the same unit mask, so a pruned unit leaves its
+    normalization at exactly 0 too."""
+    out = _bias_masks(masks, params)
+    for layer, norm in (norms or {}).items():
+        kernel = _at(out, f"{layer}/kernel")
+        if kernel is None:
+            continue
+        unit = jnp.any(kernel, axis=tuple(range(kernel.ndim - 1)))
+        for leaf in ("scale", "bias"):
+            if _at(params, f"{norm}/{leaf}") is not None:
+                out = _set(out, f"{norm}/{leaf}", unit)
+    return out
+
+
+def _bias_masks(masks: Any, params: Any) -> Any:
     if not isinstance(params, Mapping):
         return masks
-    out = {k: unit_masks(masks[k], v) for k, v in params.items()}
+    out = {k: _bias_masks(masks[k], v) for k, v in params.items()}
     kernel = out.get("kernel")
     if kernel is not None and "bias" in params and out.get("bias") is None:
         out["bias"] = jnp.any(kernel, axis=tuple(range(kernel.ndim - 1)))
     return type(masks)(out) if isinstance(masks, Mapping) else out
 
 
+def _at(tree: Any, path: str) -> Any:
+    """The node of a nested mapping at a ``/``-separated path (None when absent)."""
+    for key in path.split("/"):
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: Mapping, path: str, value: Any) -> Any:
+    """A copy of the nested mapping ``tree`` with ``value`` at ``path`` (which exists)."""
+    key, _, rest = path.partition("/")
+    out = dict(tree)
+    out[key] = _set(tree[key], rest, value) if rest else value
+    return type(tree)(out)
+
+
 def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: int, *,
-                  seed: int = 0, refresh: bool = True) -> optax.GradientTransformation:
+                  seed: int = 0, refresh: bool = True,
+                  norms: Mapping[str, str] | None = None) -> optax.GradientTransformation:
     """Wrap ``inner`` with the pruning / DST / threshold behaviour ``cfg`` (a SparsityConfig) asks.
 
     Returns ``inner`` itself when nothing is asked (method none and no threshold; a penalty alone
@@ -166,6 +200,8 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
     ``refresh=False``: the masks are never recomputed (no ``lax.cond``, which costs XLA:CPU ~0.2 ms
     a step even when not taken); only for updates at which :func:`mask_update_due` is False, as the
     trainer's fixed-mask step groups. Same state either way.
+    ``norms``: the model's :meth:`~jaxaccel.models.base.ModelConfig.unit_norms` (layer -> the
+    normalization after it); shrinking masks a pruned unit's normalization scale and bias with it.
     The update requires ``params``. Make this the outermost transformation (wrap the whole
     optimizer, clipping included): anything that rescales updates after it would break
     ``params + update == 0`` for pruned entries; a wrapper that skips whole steps is fine.
@@ -204,7 +240,7 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
     def ones(params):
         masks = jax.tree.map(lambda p, f: jnp.ones_like(p, dtype=jnp.bool_) if f else None,
                              params, prunable(params))
-        return unit_masks(masks, params) if shrink else masks
+        return unit_masks(masks, params, norms) if shrink else masks
 
     def init_fn(params):
         params = masks_lib.unbox(params)
@@ -259,7 +295,7 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
                             for k, s in layer_targets(params).items()})
             cand = masks_lib.compute_masks(params, prunable(params), target, method=cfg.method,
                                            grads=grads, key=keys()["score"], **kw)
-            cand = unit_masks(cand, params) if shrink else cand
+            cand = unit_masks(cand, params, norms) if shrink else cand
             new = _select(schedules.is_update_step(cfg.schedule, step, start, end, every), cand, old)
         if dst:
             frac = dst_lib.drop_fraction(step, cfg.drop_fraction, start, end)
