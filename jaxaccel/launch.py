@@ -232,19 +232,28 @@ class _Launch:
         return status
 
     def _died(self, i: int, signum: int) -> str:
-        latest = _latest_checkpoint(self.args)
-        resume = (f"the run resumes from its latest checkpoint (step {latest})" if latest is not None
-                  else "no checkpoint was written yet, so it starts over")
+        workdir = _workdir(self.args)
+        latest = None if "://" in workdir else _latest_checkpoint(Path(workdir))
+        if "://" in workdir:  # not listed from here: a remote store may need credentials or time
+            resume = f"the run resumes from the latest checkpoint in {workdir}, if one was written"
+        elif latest is not None:
+            resume = f"the run resumes from its latest checkpoint (step {latest})"
+        else:
+            resume = "no checkpoint was written yet, so it starts over"
         others = "; the launcher stopped the others" if self.n > 1 else ""
         return (f"process {i} of {self.n} stopped (killed by {signal.Signals(signum).name}){others}. "
                 f"Restart every process with the same command (this launch command): {resume}.")
 
 
-def _latest_checkpoint(args: list[str]) -> int | None:
-    """The newest committed checkpoint step in the run's workdir (orbax renames a checkpoint to
-    its bare step number only once it is complete)."""
-    given = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args}
-    workdir = Path(given.get("workdir") or f"runs/{given.get('exp', 'run')}")
+def _workdir(args: list[str]) -> str:
+    """The run's workdir as the command gives it (a local path or a URL)."""
+    given = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a}
+    return given.get("workdir") or f"runs/{given.get('exp', 'run')}"
+
+
+def _latest_checkpoint(workdir: Path) -> int | None:
+    """The newest committed checkpoint step in a local workdir (orbax renames a checkpoint to its
+    bare step number only once it is complete)."""
     try:
         steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
     except OSError:

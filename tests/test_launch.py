@@ -147,3 +147,15 @@ def test_worker_environments():
     assert [e["CUDA_VISIBLE_DEVICES"] for e in launch.worker_environments(3, None, {}, list("0123"))] == ["0", "1", "2"]
     with pytest.raises(launch.LaunchError):
         launch.worker_environments(5, None, {}, list("0123"))
+
+
+def test_failure_message_names_the_checkpoint_it_resumes_from(tmp_path):
+    # Built without starting processes: the message reads the workdir the command names.
+    died = lambda *args: launch._Launch._died(type("L", (), {"args": list(args), "n": 2})(), 1, signal.SIGKILL)
+    (tmp_path / "checkpoints" / "40").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "60.orbax-checkpoint-tmp-1").mkdir()  # not committed: not a resume point
+    assert "latest checkpoint (step 40)" in died("exp=mnist_mlp", f"workdir={tmp_path}")
+    assert "starts over" in died("exp=mnist_mlp", f"workdir={tmp_path / 'new'}")
+    # A URL is not listed from the launcher (remote stores need credentials) and never read as a local path.
+    url = died("exp=mnist_mlp", "workdir=gs://bucket/run")
+    assert "latest checkpoint in gs://bucket/run" in url and "SIGKILL" in url and "process 1 of 2" in url
