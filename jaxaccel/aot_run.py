@@ -23,6 +23,8 @@ Functions (the names in aot.json):
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from typing import Any
 
@@ -79,6 +81,8 @@ def build_functions(cfg: Any, devices: list) -> tuple[dict[str, dict[str, Any]],
     from jaxaccel.plan import make_plan, with_conv
     from jaxaccel.setup import check_inputs, decoding_of
     from jaxaccel.step_groups import make_step_fn
+    from jaxaccel.surgeons import surgeons
+    from jaxaccel.surgery import points
 
     if cfg.parallel.mode != "jit":
         raise ConfigError(f"parallel.mode={cfg.parallel.mode} is not compiled ahead of time yet: use parallel.mode=jit")
@@ -99,6 +103,9 @@ def build_functions(cfg: Any, devices: list) -> tuple[dict[str, dict[str, Any]],
     n_train, n_test = sizes.num_train, sizes.num_test
     plan = make_plan(cfg, n_train, backend)
     cfg = durations.resolve(cfg, plan.steps_per_epoch, plan.total_steps)
+    # The step groups the run would compile (a surgery point ends a group); the compiled model is
+    # the one the run starts with.
+    plan = dataclasses.replace(plan, surgery_points=points(surgeons(cfg), plan.total_steps))
     total = plan.total_steps
     model = build_model(with_conv(cfg.model, plan.conv), sizes.num_classes, cfg.precision, cfg.quant)
     eval_model = build_model(with_conv(cfg.model, "xla"), sizes.num_classes, cfg.precision, cfg.quant)
@@ -178,7 +185,7 @@ def build_functions(cfg: Any, devices: list) -> tuple[dict[str, dict[str, Any]],
         "parallel": "jit", "fsdp": cfg.parallel.fsdp, "mesh": dict(par.mesh.shape),
         "loop": plan.loop, "steps_per_call": plan.steps_per_call, "static_trip_count": plan.static_trip_count,
         "steps_per_epoch": plan.steps_per_epoch, "total_steps": total,
-        "conv": plan.conv if hasattr(cfg.model, "conv") else None, "eval_conv": "xla", "guard": plan.guard,
+        "surgery_points": list(plan.surgery_points), "conv": plan.conv if hasattr(cfg.model, "conv") else None, "eval_conv": "xla", "guard": plan.guard,
         "int8_conv_result": prec.INT8_CONV_RESULT.get(platform, "float32"),
         "batch_size": cfg.train.batch_size, "eval_batch_size": eval_batch,
         "pipeline": "resident", "data_bytes_per_device": int(sizes.resident_bytes),

@@ -286,3 +286,14 @@ def test_datasets_not_prepared_here_take_their_shapes_from_the_catalog(tmp_path)
     assert source == "prepared files" and prepared.num_train == 60000
     with pytest.raises(DataError, match="not prepared"):
         aot_run.dataset_sizes("imagenet2012", str(tmp_path), Decoding())
+
+
+def test_the_plan_has_the_runs_surgery_points():
+    # A shrinking run ends a step group at each shrink: the AOT compile must plan the same groups.
+    import jax
+
+    import jaxaccel
+    from jaxaccel import aot_run, setup
+    cfg = jaxaccel.experiments.get("mnist_mlp_shrink")
+    _, plan, _ = aot_run.build_functions(cfg, jax.devices())
+    assert plan["surgery_points"] == list(setup.build(cfg).plan.surgery_points) != []
