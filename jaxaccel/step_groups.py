@@ -98,8 +98,11 @@ class StepGroups:
             self._compile_groups(build_optimizer(self.cfg, total, assume_finite=True, refresh=False), args)
             if sparsity.changes_masks(self.cfg.sparsity) else None)
         self._guarded_groups = functools.cache(lambda: self._compile_groups(self.tx, args))
-        self._copy_state = jax.jit(lambda s: jax.tree.map(jnp.copy, s))
-        self._state_finite = jax.jit(lambda s: prec.all_finite((s.params, s.opt_state, s.model_state)))
+        # Compiled here, not at their first call: that call is inside the timed training loop (and,
+        # after a model change, would compile again for the new shapes there).
+        self._copy_state = jax.jit(lambda s: jax.tree.map(jnp.copy, s)).lower(state).compile()
+        self._state_finite = jax.jit(
+            lambda s: prec.all_finite((s.params, s.opt_state, s.model_state))).lower(state).compile()
 
     def flops_per_step(self) -> float | None:
         """Model FLOPs of one training step from XLA's cost analysis of a compiled group (the
