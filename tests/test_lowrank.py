@@ -19,7 +19,7 @@ import jaxaccel
 from jaxaccel import durations, export, lowrank, surgery
 from jaxaccel.surgeons import surgeons
 from jaxaccel import step as step_lib
-from jaxaccel.config import ConfigError, LowRankConfig, model_config
+from jaxaccel.config import ConfigError, LowRankConfig, QuantConfig, model_config
 from jaxaccel.models import build_model
 from jaxaccel.models.layers import LowRankWarning, saves_flops
 from jaxaccel.plan import Plan
@@ -196,6 +196,11 @@ def test_a_factorized_conv_is_its_product_form(conv):
     np.testing.assert_allclose(factored, build_model(cfg, 10).apply({"params": dense}, images), atol=2e-5)
     lowered = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, images))(factors))
     assert ("conv_general_dilated" in lowered) == (conv == "xla")
+    # QAT regexes see each factor as a layer (<layer>/U, <layer>/V; the pair is no layer of its own).
+    for include, quantized in ((["^Conv_1/U$"], True), (["^Conv_1/V$"], True), (["^Conv_1$"], False)):
+        qat = build_model(change.model, 10, quant=QuantConfig(mode="qat", include=include, bits=4))
+        unchanged = np.allclose(qat.apply({"params": factors}, images), factored, atol=1e-6)
+        assert unchanged != quantized, include
 
 
 def test_a_conv_is_factored_only_when_that_saves_flops_and_only_when_selected():
