@@ -203,6 +203,21 @@ def test_a_factorized_conv_is_its_product_form(conv):
         assert unchanged != quantized, include
 
 
+def test_the_flax_example_cnn_factors_a_conv_and_a_dense_layer():
+    images = jnp.asarray(np.random.default_rng(7).integers(0, 256, (4, 28, 28, 1)), jnp.uint8)
+    cfg = model_config(name="cnn", widths=[4, 8, 16])
+    params = build_model(cfg, 10).init(jax.random.key(3), images)["params"]
+    tx = optax.sgd(0.1)
+    change = lowrank.factorize(step_lib.TrainState.create(params, tx), cfg, tx,
+                               LowRankConfig(rank=4, at=1, include=["^Conv_1/", "^Dense_0/"]))
+    assert change.model.ranks == {"Conv_1": 4, "Dense_0": 4}
+    assert change.state.params["Conv_1"]["V"]["kernel"].shape == (1, 1, 4, 8)
+    assert change.state.params["Dense_0"]["U"]["kernel"].shape == (392, 4)
+    factored = build_model(change.model, 10).apply({"params": change.state.params}, images)
+    product = build_model(cfg, 10).apply({"params": lowrank.product_form(change.state.params)}, images)
+    np.testing.assert_allclose(factored, product, atol=2e-5)
+
+
 def test_a_conv_is_factored_only_when_that_saves_flops_and_only_when_selected():
     cfg = model_config(**CONV_CNN, ranks={"Conv_0": 3, "Conv_1": 5})
     with pytest.warns(LowRankWarning, match=r"Conv_0 \(9 x 4\) left dense: rank 3 would not save FLOPs"):
