@@ -1,10 +1,10 @@
 """Low-rank (spectral) factorization: a kernel W (m x n) replaced by U (m x r) @ V (r x n).
 
 The ``lowrank`` config section (:class:`jaxaccel.config.LowRankConfig`) picks kernels by regexes
-over parameter names (``include``/``exclude``, e.g. ``Dense_0/kernel``) and their rank: ``rank``
-(one integer, or ``{regex: rank}``) or ``energy``, the smallest r whose singular values keep that
-fraction of ``sum(s_i^2)`` (the squared Frobenius norm: ||W - W_r||_F^2 / ||W||_F^2 = 1 - energy
-at most). Then either
+over parameter names (``include``/``exclude``, e.g. ``Dense_0/kernel``, ``Conv_1/kernel``; by
+default the Dense kernels) and their rank: ``rank`` (one integer, or ``{regex: rank}``) or
+``energy``, the smallest r whose singular values keep that fraction of ``sum(s_i^2)`` (the squared
+Frobenius norm: ||W - W_r||_F^2 / ||W||_F^2 = 1 - energy at most). Then either
 
 ``lowrank.at``          a duration: the trained kernels are factored there by truncated SVD,
                         W ~ U_r S_r V_r^T, with the singular values split evenly,
@@ -16,12 +16,14 @@ at most). Then either
 ``lowrank.from_start``  the factors are the model from initialisation (``model.ranks`` set when
                         the config is built).
 
-A factorized layer costs r (m + n) multiply-adds per example instead of m n, so a rank
-r >= mn / (m + n) saves nothing: such a layer is left dense, with a :class:`LowRankWarning`
-(:func:`jaxaccel.models.layers.saves_flops`). A conv kernel (kh, kw, cin, cout) factors as the
-matrix (kh*kw*cin, cout): U is a conv with r output channels, V a 1x1 conv (:func:`factor`); the
-models are wired for factorized Dense layers only (``model.ranks`` of ``mlp``, ``cnn`` and
-``small_cnn``: in the CNNs the dense layers hold most parameters, the convolutions most FLOPs).
+A factorized layer costs r (m + n) multiply-adds per example (per output position for a conv)
+instead of m n, so a rank r >= mn / (m + n) saves nothing: such a layer is left dense, with a
+:class:`LowRankWarning` (:func:`jaxaccel.models.layers.saves_flops`). A conv kernel (kh, kw, cin,
+cout) factors as the matrix (kh*kw*cin, cout): U (kh, kw, cin, r) is a conv with r output channels
+and the layer's window, V (1, 1, r, cout) a 1x1 conv (:class:`jaxaccel.models.layers.FactorizedConv`).
+``model.ranks`` of ``mlp`` (Dense layers), ``cnn`` and ``small_cnn`` (convolutions and Dense
+layers: in the CNNs the dense layers hold most parameters, the convolutions most FLOPs) says which
+layers are factored.
 
 **The optimizer state is re-initialised** for the new parameters (``tx.init``): moments of W say
 nothing about U and V. The learning-rate schedule's step count is carried over (the schedule
@@ -62,10 +64,11 @@ def _as_matrix(kernel: Any) -> np.ndarray:
 
 
 def factor(kernel: Any, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(u, v)`` with ``u.reshape(-1, rank) @ v`` the best rank-``rank`` approximation of the kernel
-    (as its matrix), singular values split evenly: ``u = U_r sqrt(S_r)`` shaped
-    ``kernel.shape[:-1] + (rank,)`` (a conv kernel stays a conv kernel), ``v = sqrt(S_r) V_r^T``
-    (rank, n). Computed in float64, returned in the kernel's dtype."""
+    """``(u, v)`` with ``u.reshape(-1, rank) @ v.reshape(rank, -1)`` the best rank-``rank``
+    approximation of the kernel (as its matrix), singular values split evenly:
+    ``u = U_r sqrt(S_r)`` shaped ``kernel.shape[:-1] + (rank,)``, ``v = sqrt(S_r) V_r^T`` shaped
+    (rank, n), or (1, 1, rank, n) for a conv kernel: the factors of a conv are the kernels of a
+    conv with ``rank`` outputs and of a 1x1 conv. Computed in float64, returned in the kernel's dtype."""
     dtype, shape = np.asarray(kernel).dtype, np.shape(kernel)
     w = _as_matrix(kernel)
     if not 1 <= rank <= min(w.shape):
@@ -73,7 +76,8 @@ def factor(kernel: Any, rank: int) -> tuple[np.ndarray, np.ndarray]:
     left, s, right = np.linalg.svd(w, full_matrices=False)
     root = np.sqrt(s[:rank])
     u = (left[:, :rank] * root).reshape(*shape[:-1], rank)
-    return u.astype(dtype), (root[:, None] * right[:rank]).astype(dtype)
+    v = (root[:, None] * right[:rank]).reshape(*(1,) * (len(shape) - 2), rank, shape[-1])
+    return u.astype(dtype), v.astype(dtype)
 
 
 def energy_rank(singular_values: Any, energy: float) -> int:
@@ -106,10 +110,11 @@ def _plan_layer(name: str, kernel: Any, lowrank: "LowRankConfig") -> tuple[int, 
 
 def factor_params(params: Any, model: "ModelConfig",
                   lowrank: "LowRankConfig") -> tuple[dict[str, Any], dict[str, int], dict[str, Any]]:
-    """``(new_params, ranks, notes)``: the selected dense kernels of ``model`` (layers not factored
-    yet) replaced by their factors (``<layer>/U/kernel``, ``<layer>/V/kernel``; the bias moves to
-    ``<layer>/V/bias``); ``ranks`` maps each factored layer to its rank, ``notes`` holds
-    ``energy_kept`` per factored layer and ``left_dense`` (why) per layer factoring would not pay."""
+    """``(new_params, ranks, notes)``: the selected kernels of ``model`` (Dense or conv layers not
+    factored yet) replaced by their factors (``<layer>/U/kernel``, ``<layer>/V/kernel``, shaped as
+    :func:`factor` gives them; the bias moves to ``<layer>/V/bias``); ``ranks`` maps each factored
+    layer to its rank, ``notes`` holds ``energy_kept`` per factored layer and ``left_dense`` (why)
+    per layer factoring would not pay."""
     flat = {k: v for k, v in traverse_util.flatten_dict(dict(params), sep="/").items()}
     ranks, kept, left_dense = {}, {}, {}
     for name in _selected(model, lowrank):
@@ -134,8 +139,10 @@ def factor_params(params: Any, model: "ModelConfig",
 
 
 def product_form(params: Any) -> dict[str, Any]:
-    """``params`` with every factorized layer (``U``/``V`` sub-layers) as the dense layer of kernel
-    ``U @ V`` (the dense model's parameter names): the same function, for comparison and tests."""
+    """``params`` with every factorized layer (``U``/``V`` sub-layers) as the unfactorized layer of
+    kernel ``U @ V`` (the factors as matrices, the product reshaped to U's window: a Dense kernel
+    (m, n) or a conv kernel (kh, kw, cin, cout)) under the dense model's parameter names: the same
+    function, for comparison and tests."""
     flat = traverse_util.flatten_dict(dict(params), sep="/")
     out = {}
     for name, value in flat.items():
@@ -143,8 +150,8 @@ def product_form(params: Any) -> dict[str, Any]:
         if layer.endswith("/U"):
             base = layer.removesuffix("/U")
             v = flat[f"{base}/V/kernel"]
-            out[f"{base}/kernel"] = jnp.reshape(jnp.reshape(value, (-1, value.shape[-1])) @ v,
-                                                (*value.shape[:-1], v.shape[-1]))
+            matrix = jnp.reshape(value, (-1, value.shape[-1])) @ jnp.reshape(v, (-1, v.shape[-1]))
+            out[f"{base}/kernel"] = jnp.reshape(matrix, (*value.shape[:-1], v.shape[-1]))
         elif layer.endswith("/V"):
             if leaf == "bias":
                 out[f"{layer.removesuffix('/V')}/bias"] = value
@@ -214,7 +221,7 @@ def check_config(cfg: "Config") -> None:
     if not lowrank.enabled:
         return
     if "ranks" not in type(cfg.model).model_fields:
-        raise ConfigError(f"lowrank factors the Dense layers of model.name=mlp, cnn or small_cnn; model.name="
+        raise ConfigError(f"lowrank factors the Dense and conv layers of model.name=mlp, cnn or small_cnn; model.name="
                           f"{cfg.model.name} has no factorized form: remove the lowrank section or use one of those")
     if cfg.sparsity.method != "none":
         raise ConfigError(f"lowrank with sparsity.method={cfg.sparsity.method}: the factorization re-initialises "

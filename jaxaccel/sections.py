@@ -212,7 +212,9 @@ class LowRankConfig(Section):
     energy: Optional[float] = Field(
         None, gt=0.0, le=1.0, description="Instead of rank: the smallest r keeping this fraction of the kernel's "
                                           "squared singular values (e.g. 0.9).")
-    include: Regexes = Field([r"kernel$"], description="Regexes over parameter names (jaxaccel.paths) to factor.")
+    # The Dense kernels by default (what it picked before the CNNs' convolutions became factorable).
+    include: Regexes = Field([r"^Dense_\d+/kernel$"], description="Regexes over parameter names (jaxaccel.paths) to "
+                             "factor: the Dense kernels by default; Conv_i/kernel selects a convolution of cnn/small_cnn.")
     exclude: Regexes = Field([], description="Regexes excluded from factoring.")
     at: Optional[Duration] = Field(
         None, description="When the trained kernels are factored by truncated SVD (a duration); the optimizer "

@@ -1,7 +1,8 @@
 """Low-rank factorization (jaxaccel.lowrank): the factors against NumPy's SVD, ranks by energy, the
-FLOP rule, the factorized model against its product form, the state conversion, from-start
-training with its export, the config errors; and through real runs (once the trainer runs
-surgeons): the change at its step, its export, bitwise resume across it, FSDP on two devices."""
+FLOP rule, the factorized models (Dense and conv layers, both conv lowerings) against their product
+form, the state conversion, from-start training with its export, the config errors; and through
+real runs (once the trainer runs surgeons), for a factored Dense layer and a factored convolution:
+the change at its step, its export (int8 too), bitwise resume across it, FSDP on two devices."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ import jaxaccel
 from jaxaccel import durations, export, lowrank, surgery
 from jaxaccel.surgeons import surgeons
 from jaxaccel import step as step_lib
-from jaxaccel.config import ConfigError, LowRankConfig, model_config
+from jaxaccel.config import ConfigError, LowRankConfig, QuantConfig, model_config
 from jaxaccel.models import build_model
 from jaxaccel.models.layers import LowRankWarning, saves_flops
 from jaxaccel.plan import Plan
@@ -52,9 +53,14 @@ def test_factors_are_numpys_best_rank_r_approximation():
 def test_a_conv_kernel_factors_as_its_matrix():
     kernel = np.random.default_rng(2).normal(size=(3, 3, 4, 16)).astype(np.float32)
     u, v = lowrank.factor(kernel, 6)
-    assert u.shape == (3, 3, 4, 6) and v.shape == (6, 16)  # a conv with 6 outputs, then a 1x1 conv
+    assert u.shape == (3, 3, 4, 6) and v.shape == (1, 1, 6, 16)  # a conv with 6 outputs, then a 1x1 conv
     left, s, right = np.linalg.svd(kernel.reshape(36, 16).astype(np.float64), full_matrices=False)
-    np.testing.assert_allclose(u.reshape(36, 6) @ v, (left[:, :6] * s[:6]) @ right[:6], atol=1e-5)
+    product = u.reshape(36, 6) @ v.reshape(6, 16)
+    np.testing.assert_allclose(product, (left[:, :6] * s[:6]) @ right[:6], atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(kernel.reshape(36, 16) - product), np.sqrt((s[6:] ** 2).sum()),
+                               rtol=1e-4)
+    np.testing.assert_allclose(lowrank.product_form({"Conv_0": {"U": {"kernel": u}, "V": {"kernel": v}}})
+                               ["Conv_0"]["kernel"], product.reshape(3, 3, 4, 16), atol=1e-6)
     with pytest.raises(ValueError, match="outside"):
         lowrank.factor(kernel, 17)
 
@@ -143,7 +149,7 @@ def test_surgeons_come_from_the_resolved_config():
 def test_the_cnns_factor_their_dense_layers():
     images = jnp.asarray(np.random.default_rng(4).integers(0, 256, (4, 28, 28, 1)), jnp.uint8)
     cfg = model_config(name="small_cnn", channels=[4], features=[32])
-    assert cfg.kernel_names() == ["Dense_0/kernel", "Dense_1/kernel"]
+    assert cfg.kernel_names() == ["Conv_0/kernel", "Dense_0/kernel", "Dense_1/kernel"]
     params = build_model(cfg, 10).init(jax.random.key(1), images)["params"]
     tx = optax.sgd(0.1)
     change = lowrank.factorize(step_lib.TrainState.create(params, tx), cfg, tx,
@@ -152,7 +158,79 @@ def test_the_cnns_factor_their_dense_layers():
     factored = build_model(change.model, 10).apply({"params": change.state.params}, images)
     product = build_model(cfg, 10).apply({"params": lowrank.product_form(change.state.params)}, images)
     np.testing.assert_allclose(factored, product, atol=2e-5)
-    assert model_config(name="cnn").kernel_names() == ["Dense_0/kernel", "Dense_1/kernel"]
+    assert model_config(name="cnn").kernel_names() == ["Conv_0/kernel", "Conv_1/kernel", "Dense_0/kernel",
+                                                       "Dense_1/kernel"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Factorized convolutions: small_cnn channels [4, 8] (Conv_0: 9 x 4, factoring pays below rank
+# 2.77; Conv_1: 36 x 8, below 5.54), features [16].
+
+CONV_CNN = dict(name="small_cnn", channels=[4, 8], features=[16])
+
+
+@pytest.mark.parametrize("conv", ["im2col", "xla"])
+def test_a_factorized_conv_is_its_product_form(conv):
+    """U reshaped to (kh*kw*cin, r) times V reshaped to (r, cout), as the plain conv's kernel,
+    gives the factorized model's logits, lowered either way (the factors are lowered as the
+    model's plain convs: no lax convolution under im2col)."""
+    images = jnp.asarray(np.random.default_rng(6).integers(0, 256, (4, 28, 28, 1)), jnp.uint8)
+    cfg = model_config(**CONV_CNN, conv=conv)
+    params = build_model(cfg, 10).init(jax.random.key(2), images)["params"]
+    tx = optax.sgd(0.1)
+    change = lowrank.factorize(step_lib.TrainState.create(params, tx), cfg, tx,
+                               LowRankConfig(rank={"Conv_0": 2, "Conv_1": 4}, at=1, include=["^Conv_"]))
+    assert change.model.ranks == {"Conv_0": 2, "Conv_1": 4}
+    factors = change.state.params
+    assert jax.tree.map(jnp.shape, factors["Conv_1"]) == {"U": {"kernel": (3, 3, 4, 4)},
+                                                          "V": {"kernel": (1, 1, 4, 8), "bias": (8,)}}
+    dense = {**params}
+    for layer, (cin, cout, rank) in {"Conv_0": (1, 4, 2), "Conv_1": (4, 8, 4)}.items():
+        u = np.asarray(factors[layer]["U"]["kernel"], np.float64).reshape(9 * cin, rank)
+        v = np.asarray(factors[layer]["V"]["kernel"], np.float64).reshape(rank, cout)
+        dense[layer] = {"kernel": jnp.asarray((u @ v).reshape(3, 3, cin, cout), jnp.float32),
+                        "bias": factors[layer]["V"]["bias"]}
+        np.testing.assert_allclose(lowrank.product_form(factors)[layer]["kernel"], dense[layer]["kernel"], atol=1e-6)
+    model = build_model(change.model, 10)
+    factored = model.apply({"params": factors}, images)
+    np.testing.assert_allclose(factored, build_model(cfg, 10).apply({"params": dense}, images), atol=2e-5)
+    lowered = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, images))(factors))
+    assert ("conv_general_dilated" in lowered) == (conv == "xla")
+    # QAT regexes see each factor as a layer (<layer>/U, <layer>/V; the pair is no layer of its own).
+    for include, quantized in ((["^Conv_1/U$"], True), (["^Conv_1/V$"], True), (["^Conv_1$"], False)):
+        qat = build_model(change.model, 10, quant=QuantConfig(mode="qat", include=include, bits=4))
+        unchanged = np.allclose(qat.apply({"params": factors}, images), factored, atol=1e-6)
+        assert unchanged != quantized, include
+
+
+def test_the_flax_example_cnn_factors_a_conv_and_a_dense_layer():
+    images = jnp.asarray(np.random.default_rng(7).integers(0, 256, (4, 28, 28, 1)), jnp.uint8)
+    cfg = model_config(name="cnn", widths=[4, 8, 16])
+    params = build_model(cfg, 10).init(jax.random.key(3), images)["params"]
+    tx = optax.sgd(0.1)
+    change = lowrank.factorize(step_lib.TrainState.create(params, tx), cfg, tx,
+                               LowRankConfig(rank=4, at=1, include=["^Conv_1/", "^Dense_0/"]))
+    assert change.model.ranks == {"Conv_1": 4, "Dense_0": 4}
+    assert change.state.params["Conv_1"]["V"]["kernel"].shape == (1, 1, 4, 8)
+    assert change.state.params["Dense_0"]["U"]["kernel"].shape == (392, 4)
+    factored = build_model(change.model, 10).apply({"params": change.state.params}, images)
+    product = build_model(cfg, 10).apply({"params": lowrank.product_form(change.state.params)}, images)
+    np.testing.assert_allclose(factored, product, atol=2e-5)
+
+
+def test_a_conv_is_factored_only_when_that_saves_flops_and_only_when_selected():
+    cfg = model_config(**CONV_CNN, ranks={"Conv_0": 3, "Conv_1": 5})
+    with pytest.warns(LowRankWarning, match=r"Conv_0 \(9 x 4\) left dense: rank 3 would not save FLOPs"):
+        params = build_model(cfg, 10).init(jax.random.key(0), jnp.zeros((1, 28, 28, 1), jnp.uint8))["params"]
+    assert jax.tree.map(jnp.shape, params)["Conv_0"] == {"kernel": (3, 3, 1, 4), "bias": (4,)}
+    assert jax.tree.map(jnp.shape, params)["Conv_1"] == {"U": {"kernel": (3, 3, 4, 5)},
+                                                         "V": {"kernel": (1, 1, 5, 8), "bias": (8,)}}
+    # The default include picks the Dense kernels only, as before convolutions could be factored.
+    assert lowrank.from_start_model(model_config(**CONV_CNN), LowRankConfig(rank=4, from_start=True)).ranks == {
+        "Dense_0": 4, "Dense_1": 4}
+    chosen = lowrank.from_start_model(model_config(**CONV_CNN),
+                                      LowRankConfig(rank=4, from_start=True, include=["Conv_1/kernel"]))
+    assert chosen.ranks == {"Conv_1": 4}
 
 
 def test_the_default_mlp_is_unchanged():
@@ -235,14 +313,24 @@ def test_the_command_line_exits_2_on_a_lowrank_mistake(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Through real runs: the trainer runs the surgeon (jaxaccel.surgery's wiring in jaxaccel.trainer).
 
-RUN = ["train.steps=60", "checkpoint.every_steps=20", "checkpoint.max_to_keep=5", "lowrank.rank=8",
-       "lowrank.at=25", "lowrank.include=[Dense_0/kernel]"]
+RUN = ["train.steps=60", "checkpoint.every_steps=20", "checkpoint.max_to_keep=5", "lowrank.at=25"]
+# Per factored layer: the run's overrides, the factored layer's U shape and the model's parameters after.
+FACTORED = {
+    "dense": (["lowrank.rank=8", "lowrank.include=[Dense_0/kernel]"], "Dense_0", (784, 8),
+              8 * (784 + 32) + 32 + 32 * 10 + 10),
+    # small_cnn [4, 8] / [16]: Conv_1 (3x3x4 -> 8) at rank 4 (a 3x3 conv to 4 channels, a 1x1 conv to 8).
+    "conv": (["model.name=small_cnn", "model.channels=[4,8]", "model.features=[16]", "lowrank.rank=4",
+              "lowrank.include=[Conv_1/kernel]"], "Conv_1", (3, 3, 4, 4),
+             (9 * 4 + 4) + (36 * 4 + 4 * 8 + 8) + (7 * 7 * 8 * 16 + 16) + (16 * 10 + 10)),
+}
 
 
-@pytest.fixture(scope="module")
-def factored_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("factored")
-    return workdir, train_tiny(workdir, *RUN)
+@pytest.fixture(scope="module", params=sorted(FACTORED))
+def factored_run(request, tmp_path_factory):
+    """``(workdir, summary, overrides, layer, U shape, parameters)`` of a run factored at step 25."""
+    overrides, layer, u_shape, count = FACTORED[request.param]
+    workdir = tmp_path_factory.mktemp(f"factored_{request.param}")
+    return workdir, train_tiny(workdir, *RUN, *overrides), [*RUN, *overrides], layer, u_shape, count
 
 
 def _lines(workdir):
@@ -251,22 +339,42 @@ def _lines(workdir):
 
 
 def test_a_run_factors_at_its_step_and_exports_the_factors(factored_run, mnist):
-    workdir, summary = factored_run
+    workdir, summary, _, layer, u_shape, count = factored_run
     (line,) = [l for l in _lines(workdir) if l.get("split") == "surgery"]
-    assert line["step"] == 25 and line["surgery"]["ranks"] == {"Dense_0": 8}
-    assert summary["model"]["ranks"] == {"Dense_0": 8}
-    assert summary["param_count"] == 8 * (784 + 32) + 32 + 32 * 10 + 10
+    assert line["step"] == 25 and line["surgery"]["ranks"] == {layer: u_shape[-1]}
+    assert summary["model"]["ranks"] == {layer: u_shape[-1]}
+    assert summary["param_count"] == count
     assert summary["compression"]["dense_fp32"]["bytes"] == 4 * summary["param_count"]
+    # The compression report ran the int8 form of the factorized model (int8_apply on each factor).
+    assert abs(summary["compression"]["int8"]["accuracy"] - summary["test_accuracy"]) < 0.05
     loaded = export.load(workdir)
-    assert loaded.params["Dense_0"]["U"]["kernel"].shape == (784, 8)
+    assert loaded.params[layer]["U"]["kernel"].shape == u_shape
     correct = np.sum(np.argmax(loaded(mnist.test_inputs), -1) == mnist.test_labels)
     assert correct == round(summary["test_accuracy"] * len(mnist.test_labels))
+
+
+@pytest.mark.parametrize("factored_run", ["conv"], indirect=True)  # dense: test_a_factorized_export_stores_...
+def test_an_int8_export_of_factorized_convs_serves_them(factored_run, mnist, tmp_path):
+    workdir, summary, _, layer, _, _ = factored_run
+    floats = export.load(workdir)
+    quant = {"mode": "ptq", "bits": 8, "weights": "per_channel", "activations": "per_tensor", "include": [".*"],
+             "start": 0}
+    _, form = export.save(tmp_path, floats.params, quant=quant, model=summary["model"], num_classes=10,
+                          image_shape=(28, 28, 1))
+    int8 = export.load(tmp_path)
+    assert form == "int8" and int8.params[layer]["U"]["kernel"].dtype == np.int8
+    assert int8.params[layer]["V"]["kernel"].shape == (1, 1, 4, 8) and int8.params[layer]["V"]["kernel"].dtype == np.int8
+    assert int8.scales[layer]["U"]["kernel"].shape == (1, 1, 1, 4)  # per output channel of each factor
+    assert int8.scales[layer]["V"]["kernel"].shape == (1, 1, 1, 8)
+    images = mnist.test_inputs[:1000]
+    agree = np.mean(np.argmax(int8(images), -1) == np.argmax(floats(images), -1))
+    assert agree >= 0.95
 
 
 def test_resume_across_the_factorization_is_bitwise(factored_run, tmp_path):
     """Stopped at step 45 (after the change): resumed from the step-40 checkpoint, whose record
     names the factorized model; parameters and every metrics line equal the uninterrupted run's."""
-    reference, _ = factored_run
+    reference, _, overrides, *_ = factored_run
     original = Plan.next_boundary
 
     class Stop(Exception):
@@ -280,20 +388,21 @@ def test_resume_across_the_factorization_is_bitwise(factored_run, tmp_path):
     Plan.next_boundary = boundary
     try:
         with pytest.raises(Stop):
-            train_tiny(tmp_path, *RUN)
+            train_tiny(tmp_path, *overrides)
     finally:
         Plan.next_boundary = original
-    train_tiny(tmp_path, *RUN)
+    train_tiny(tmp_path, *overrides)
     for a, b in zip(jax.tree.leaves(export.load(tmp_path).params), jax.tree.leaves(export.load(reference).params)):
         np.testing.assert_array_equal(a, b)
     assert _lines(tmp_path) == _lines(reference)
 
 
+@pytest.mark.parametrize("factored_run", ["dense"], indirect=True)
 def test_fsdp_on_two_devices_factors_like_one(factored_run, tmp_path):
-    reference, summary = factored_run
+    reference, summary, overrides, *_ = factored_run
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = run_cli("exp=mnist_mlp", f"workdir={tmp_path}", *TINY, *RUN, "parallel.fsdp=true", env=env)
+    done = run_cli("exp=mnist_mlp", f"workdir={tmp_path}", *TINY, *overrides, "parallel.fsdp=true", env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     two = json.loads((tmp_path / "summary.json").read_text())
     assert two["param_count"] == summary["param_count"] and two["model"]["ranks"] == {"Dense_0": 8}

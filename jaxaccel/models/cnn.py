@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from pydantic import Field
 
 from jaxaccel.models.base import ModelConfig
-from jaxaccel.models.layers import cast_logits, center_crop, conv_kw, dense_layer, pool2, to_float
+from jaxaccel.models.layers import cast_logits, center_crop, conv_layer, dense_layer, pool2, to_float
 from jaxaccel.schema import PositiveInt
 
 if TYPE_CHECKING:
@@ -23,17 +23,23 @@ class _ConvLowering(ModelConfig):
         "auto", description="How convolutions are lowered: im2col (patches as shifted slices + one dot; measured "
                             "fastest on XLA:CPU, also inside a device loop), xla (lax.conv: cuDNN/MXU convolutions "
                             "on accelerators) or auto (im2col on CPU, xla elsewhere).")
-    # Low-rank factorization (jaxaccel.lowrank) of the dense layers after the convolutions.
+    # Low-rank factorization (jaxaccel.lowrank) of the convolutions and the dense layers after them.
     ranks: dict[str, PositiveInt] = Field(
-        {}, description="Dense layer name (Dense_0, ...) -> rank r: its kernel is U (m x r) @ V (r x n) "
+        {}, description="Layer name (Conv_0, ..., Dense_0, ...) -> rank r: a Dense kernel is U (m x r) @ V (r x n); "
+                        "a conv kernel (kh, kw, cin, cout) is a conv with r outputs, then a 1x1 conv to cout "
                         "(jaxaccel.lowrank; a rank that would not save FLOPs leaves the layer dense).")
+
+    def _conv_count(self) -> int:
+        raise NotImplementedError
 
     def _dense_count(self) -> int:
         raise NotImplementedError
 
     def kernel_names(self) -> list[str]:
-        """The parameter names of the kernels low-rank factorization may replace (the dense layers')."""
-        return [f"Dense_{i}/kernel" for i in range(self._dense_count())]
+        """The parameter names of the kernels low-rank factorization may replace, in the model's
+        order: the convolutions' (``Conv_i/kernel``), then the dense layers' (``Dense_i/kernel``)."""
+        return ([f"Conv_{i}/kernel" for i in range(self._conv_count())]
+                + [f"Dense_{i}/kernel" for i in range(self._dense_count())])
 
 
 class CNNConfig(_ConvLowering):
@@ -48,6 +54,9 @@ class CNNConfig(_ConvLowering):
     def build(self, num_classes: int, precision: Any = None, quant: Any = None) -> nn.Module:
         return CNN(num_classes=num_classes, precision=precision, quant=quant, conv=self.conv,
                    ranks=tuple(sorted(self.ranks.items())), widths=tuple(self.widths))
+
+    def _conv_count(self) -> int:
+        return 2
 
     def _dense_count(self) -> int:
         return 2
@@ -68,6 +77,9 @@ class SmallCNNConfig(_ConvLowering):
                         num_classes=num_classes, precision=precision, quant=quant, conv=self.conv,
                         ranks=tuple(sorted(self.ranks.items())))
 
+    def _conv_count(self) -> int:
+        return len(self.channels)
+
     def _dense_count(self) -> int:
         return len(self.features) + 1
 
@@ -85,15 +97,15 @@ class CNN(nn.Module):
     precision: Optional[PrecisionConfig] = None
     quant: Optional[QuantConfig] = None
     conv: str = "xla"  # lowering of the convolutions: "xla" or "im2col" (same parameters)
-    ranks: tuple[tuple[str, int], ...] = ()  # (layer name, rank) of the low-rank factorized dense layers
+    ranks: tuple[tuple[str, int], ...] = ()  # (layer name, rank) of the low-rank factorized layers
     widths: Sequence[int] = (32, 64, 256)  # the two convs, the hidden dense layer
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
         x = to_float(images)
-        conv = lambda width, name: nn.Conv(width, (3, 3), **conv_kw(self, name, quant_enabled))
-        x = nn.avg_pool(nn.relu(conv(self.widths[0], "Conv_0")(x)), (2, 2), strides=(2, 2))
-        x = nn.avg_pool(nn.relu(conv(self.widths[1], "Conv_1")(x)), (2, 2), strides=(2, 2))
+        for i in range(2):
+            x = conv_layer(self, f"Conv_{i}", self.widths[i], (3, 3), x.shape[-1], quant_enabled)(x)
+            x = nn.avg_pool(nn.relu(x), (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(dense_layer(self, "Dense_0", self.widths[2], x.shape[-1], quant_enabled)(x))
         return cast_logits(self, dense_layer(self, "Dense_1", self.num_classes, x.shape[-1], quant_enabled)(x))
@@ -110,14 +122,14 @@ class SmallCNN(nn.Module):
     precision: Optional[PrecisionConfig] = None
     quant: Optional[QuantConfig] = None
     conv: str = "im2col"
-    ranks: tuple[tuple[str, int], ...] = ()  # (layer name, rank) of the low-rank factorized dense layers
+    ranks: tuple[tuple[str, int], ...] = ()  # (layer name, rank) of the low-rank factorized layers
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
         x = to_float(center_crop(images, self.crop) if self.crop else images)
         for i, width in enumerate(self.channels):
-            conv = nn.Conv(width, (3, 3), **conv_kw(self, f"Conv_{i}", quant_enabled))
-            x = pool2(nn.relu(conv(x)), self.pool)
+            x = conv_layer(self, f"Conv_{i}", width, (3, 3), x.shape[-1], quant_enabled)(x)
+            x = pool2(nn.relu(x), self.pool)
         x = x.reshape(x.shape[0], -1)
         for i, width in enumerate((*self.features, self.num_classes)):
             x = dense_layer(self, f"Dense_{i}", width, x.shape[-1], quant_enabled)(x)

@@ -1,6 +1,6 @@
 """Building blocks the models share: input scaling, per-layer precision/QAT arguments, the im2col
-convolution, pooling, cropping, the low-rank factorized Dense and the classifier base of the
-application models.
+convolution, pooling, cropping, the low-rank factorized Dense and Conv layers and the classifier
+base of the application models.
 
 Inputs are uint8 images [N, H, W, C] (int32 tokens [N, L] for text_cnn, int16 audio [N, T] for
 kws_cnn); scaling to floats happens inside the model, so the dataset stays in its compact integer
@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import itertools
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -34,8 +34,8 @@ if TYPE_CHECKING:  # annotations only: config.py imports the models
     from jaxaccel.config import PrecisionConfig, QuantConfig
 
 __all__ = ["to_float", "layer_kw", "conv_kw", "im2col_conv", "pool2", "center_crop", "cast_logits",
-           "group_norm", "Classifier", "SMALL_CONTRACTION", "FactorizedDense", "LowRankWarning", "saves_flops",
-           "dense_layer"]
+           "group_norm", "Classifier", "SMALL_CONTRACTION", "FactorizedDense", "FactorizedConv", "LowRankWarning",
+           "saves_flops", "dense_layer", "conv_layer"]
 
 
 def to_float(images: jnp.ndarray) -> jnp.ndarray:
@@ -252,16 +252,69 @@ class FactorizedDense(nn.Module):
         return nn.Dense(self.features, name="V", **layer_kw(self, "dense", f"{name}/V", quant_enabled))(x)
 
 
+def _paying_rank(module: nn.Module, name: str, m: int, n: int) -> int | None:
+    """The rank ``module.ranks`` gives the layer ``name`` (an m x n kernel as a matrix) when it saves
+    FLOPs; None when it gives none, or one that would not pay (with a :class:`LowRankWarning`)."""
+    rank = dict(getattr(module, "ranks", ())).get(name)
+    if rank is None or saves_flops(m, n, rank):
+        return rank
+    warnings.warn(f"{name} ({m} x {n}) left dense: rank {rank} would not save FLOPs "
+                  f"(needs rank < {m * n / (m + n):.1f})", LowRankWarning, stacklevel=3)
+    return None
+
+
 def dense_layer(module: nn.Module, name: str, features: int, in_features: int, quant_enabled: Any) -> Callable:
     """The layer ``name`` of ``module`` applied to inputs of width ``in_features``: a plain nn.Dense,
     or a :class:`FactorizedDense` when ``module.ranks`` gives ``name`` a rank that saves FLOPs (a
     rank that would not leaves it dense, with a :class:`LowRankWarning`)."""
-    rank = dict(getattr(module, "ranks", ())).get(name)
-    if rank is not None and saves_flops(in_features, features, rank):
+    rank = _paying_rank(module, name, in_features, features)
+    if rank is not None:
         layer = FactorizedDense(features, rank, module.precision, module.quant, name=name)
         return functools.partial(layer, quant_enabled=quant_enabled)
-    if rank is not None:
-        warnings.warn(f"{name} ({in_features} x {features}) left dense: rank {rank} would not save FLOPs "
-                      f"(needs rank < {in_features * features / (in_features + features):.1f})",
-                      LowRankWarning, stacklevel=2)
     return nn.Dense(features, name=name, **layer_kw(module, "dense", name, quant_enabled))
+
+
+class FactorizedConv(nn.Module):
+    """A convolution whose kernel (kh, kw, cin, features) is the product of U and V as matrices:
+    ``U`` a convolution with ``rank`` output channels and the layer's window, strides and padding
+    (no bias), then ``V`` a 1x1 convolution from ``rank`` to ``features`` channels with the bias.
+
+    Parameters ``<name>/U/kernel`` (kh, kw, cin, rank), ``<name>/V/kernel`` (1, 1, rank, features),
+    ``<name>/V/bias``; U reshaped to (kh*kw*cin, rank) times V reshaped to (rank, features) is the
+    dense kernel as a matrix (jaxaccel.lowrank.product_form). Each factor is a plain nn.Conv lowered
+    as the model lowers its convolutions (``conv``: im2col or xla, :func:`conv_kw`), so precision,
+    QAT and int8 export treat it like any conv layer (regexes see ``<name>/U``, ``<name>/V``).
+    LeCun-normal factors from scratch give U V the variance, 1/(kh kw cin), of the kernel it replaces."""
+    features: int
+    kernel_size: tuple[int, ...]
+    rank: int
+    strides: Any = 1
+    padding: Any = "SAME"
+    conv: str = "xla"
+    precision: Optional[PrecisionConfig] = None
+    quant: Optional[QuantConfig] = None
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
+        name = "/".join(self.scope.path)
+        # conv_kw names the layer by its full path (for the regexes); the factor's own name is U or V.
+        u_kw = {**conv_kw(self, f"{name}/U", quant_enabled), "name": "U"}
+        v_kw = {**conv_kw(self, f"{name}/V", quant_enabled), "name": "V"}
+        x = nn.Conv(self.rank, self.kernel_size, strides=self.strides, padding=self.padding, use_bias=False,
+                    **u_kw)(x)
+        return nn.Conv(self.features, (1,) * len(self.kernel_size), **v_kw)(x)
+
+
+def conv_layer(module: nn.Module, name: str, features: int, kernel: Sequence[int], in_channels: int,
+               quant_enabled: Any, strides: Any = 1, padding: Any = "SAME") -> Callable:
+    """The convolution ``name`` of ``module`` (window ``kernel``, ``in_channels`` inputs): a plain
+    nn.Conv lowered as ``module.conv`` says, or a :class:`FactorizedConv` when ``module.ranks`` gives
+    ``name`` a rank that saves FLOPs as a (kh*kw*in_channels) x features matrix (a rank that would
+    not leaves it dense, with a :class:`LowRankWarning`)."""
+    kernel = tuple(kernel)
+    rank = _paying_rank(module, name, int(np.prod(kernel)) * in_channels, features)
+    if rank is not None:
+        layer = FactorizedConv(features, kernel, rank, strides, padding, module.conv, module.precision,
+                               module.quant, name=name)
+        return functools.partial(layer, quant_enabled=quant_enabled)
+    return nn.Conv(features, kernel, strides=strides, padding=padding, **conv_kw(module, name, quant_enabled))
