@@ -244,7 +244,10 @@ def test_early_bird_draws_and_shrinks_in_a_real_run(tmp_path):
 
 def test_network_slimming_with_early_bird_on_a_batchnorm_model(tmp_path, monkeypatch):
     """A user linen model with BatchNorm after its hidden Dense: units ranked by |gamma| with L1 on
-    the scales; the exported kernel keeps exactly the units with the largest |gamma| at the draw."""
+    the scales, the ticket searched every 2 steps. Resumed from its checkpoint at step 10 (the
+    search under way), the run draws the same ticket at the same step and ends bitwise equal."""
+    import shutil
+
     import jaxaccel
     from jaxaccel import export
     from jaxaccel.models.custom import ImportedModelConfig
@@ -252,6 +255,7 @@ def test_network_slimming_with_early_bird_on_a_batchnorm_model(tmp_path, monkeyp
     monkeypatch.setattr(ImportedModelConfig, "unit_norms", lambda self: {"Dense_0": "BatchNorm_0"})
     cfg = jaxaccel.experiments.override(jaxaccel.experiments.get("mnist_mlp"), [
         f"workdir={tmp_path}", "train.batch_size=128", "train.log_every_steps=10", "train.steps=40",
+        "checkpoint.every_steps=10", "checkpoint.max_to_keep=5",
         "sparsity.method=magnitude", "sparsity.structure=channel", "sparsity.importance=norm_scale",
         "sparsity.schedule=early_bird", "sparsity.start=0", "sparsity.end=30", "sparsity.update_every=2",
         "sparsity.target=0.25", "sparsity.exclude=['^Dense_1/']", "sparsity.penalty=l1",
@@ -260,5 +264,17 @@ def test_network_slimming_with_early_bird_on_a_batchnorm_model(tmp_path, monkeyp
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any(line.get("penalty", 0) > 0 for line in lines if "split" not in line)
     assert lines[-1]["early_bird_step"] in range(10, 31, 2)
-    kernel = np.asarray(export.load_params(tmp_path)["Dense_0"]["kernel"])
+    params = export.load_params(tmp_path)
+    kernel = np.asarray(params["Dense_0"]["kernel"])
     assert np.sum(~kernel.any(axis=0)) == 8 and summary["sparsity"] > 0.2
+
+    for step in (20, 30, 40):
+        shutil.rmtree(tmp_path / "checkpoints" / str(step))
+    (tmp_path / "summary.json").unlink()
+    shutil.rmtree(tmp_path / "export")
+    jaxaccel.train(cfg, model=um.LinenBNNet)
+    again = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {k: again[-1][k] for k in ("step", "early_bird_step", "early_bird_reason", "early_bird_distance")} == \
+        {k: lines[-1][k] for k in ("step", "early_bird_step", "early_bird_reason", "early_bird_distance")}
+    for a, b in zip(jax.tree.leaves(export.load_params(tmp_path)), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
