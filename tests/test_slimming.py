@@ -101,7 +101,8 @@ def test_l1_with_norm_scale_penalises_the_paired_scales_value_and_gradient():
 
 @pytest.mark.parametrize("fields, message", [
     (dict(structure="unstructured", importance="norm_scale"), "norm_scale .* needs structure=channel"),
-    (dict(method="saliency", structure="channel", importance="norm_scale"), "norm_scale is the score of method=magnitude"),
+    (dict(method="saliency", structure="channel", importance="norm_scale"),
+     "norm_scale is the score of method=magnitude"),
     (dict(structure="block", schedule="early_bird"), "early_bird .* needs structure=channel"),
     (dict(method="random", structure="channel", schedule="early_bird"), "method=random"),
     (dict(structure="channel", early_bird_window=3), "early_bird_window does nothing for schedule=polynomial"),

@@ -22,8 +22,8 @@ from jaxaccel.sparsity.schedules import (
     erk_densities, is_update_step, layer_sparsities, polynomial_sparsity, sparsity_fraction,
 )
 from jaxaccel.sparsity.transform import (
-    EarlyBirdState, SparsityState, SparsityWarning, changes_masks, early_bird_record, early_bird_state, find_masks, make_sparsity, map_param_trees, mask_update_due, schedule_steps,
-    sparsity_count, unit_masks,
+    EarlyBirdState, SparsityState, SparsityWarning, changes_masks, early_bird_record, early_bird_state, find_masks,
+    make_sparsity, map_param_trees, mask_update_due, schedule_steps, sparsity_count, unit_masks,
 )
 from jaxaccel.sparsity.methods import METHODS, DynamicSparse, NoSparsity, Pruning, SparsityConfig
 # jaxaccel.sparsity.shrink (the channel-shrinking surgeon) is imported where it is used: it needs

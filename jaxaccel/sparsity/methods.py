@@ -231,7 +231,6 @@ class Pruning(_Scheduled):
                               f"{self.start} is longer than the rest of this {total_steps}-step run: it would prune "
                               "once. Use a shorter period or schedule=one_shot")
 
-
     def _check_early_bird(self, total_steps: int, given: "Pruning") -> None:
         # Checks at start, start + every, ... <= end, and at end: the window needs window + 1 of them
         # (a distance compares two), else the ticket could only be drawn at end.

@@ -76,7 +76,8 @@ def penalty(cfg: Any, params: Any, norms: Mapping[str, str] | None = None) -> ja
     if cfg.penalty == "l1" and getattr(cfg, "importance", "weight_norm") == "norm_scale":
         scales, missing = paired_scales(params, prunable, norms or {})
         if missing:  # the transformation's init refuses this first, with the fix
-            raise ValueError(f"penalty=l1 with importance=norm_scale: no normalization scale after {', '.join(missing)}")
+            raise ValueError(f"penalty=l1 with importance=norm_scale: no normalization scale after "
+                             f"{', '.join(missing)}")
         leaves = list(scales.values())
     if cfg.penalty == "l1":
         total = sum((jnp.sum(jnp.abs(w.astype(jnp.float32))) for w in leaves), jnp.float32(0.0))

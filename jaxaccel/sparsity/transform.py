@@ -17,7 +17,7 @@ moments, and trains from the next step. The param-shaped parts of the inner stat
 ``optax.tree_utils.tree_map_params`` (init on a placeholder), so sgd, momentum, adam, adamw,
 ``inject_hyperparams`` and chains all work without a list of state types.
 
-The state is a :class:`SparsityState` (count, masks, frozen, inner_state); :func:`find_masks`
+The state is a :class:`SparsityState` (count, masks, frozen, inner_state, early_bird); :func:`find_masks`
 pulls the masks out of any optimizer state that contains one. Thresholding (cfg.threshold > 0):
 at ``threshold_at`` the prunable weights with |w| < threshold get a frozen zero mask
 (``frozen``) that every later mask update respects.
@@ -61,8 +61,9 @@ from jaxaccel.sparsity import dst as dst_lib
 from jaxaccel.sparsity import masks as masks_lib
 from jaxaccel.sparsity import schedules
 
-__all__ = ["SparsityState", "EarlyBirdState", "early_bird_state", "early_bird_record", "SparsityWarning", "make_sparsity", "find_masks", "map_param_trees", "mask_update_due",
-           "schedule_steps", "sparsity_count", "changes_masks", "unit_masks"]
+__all__ = ["SparsityState", "EarlyBirdState", "early_bird_state", "early_bird_record", "SparsityWarning",
+           "make_sparsity", "find_masks", "map_param_trees", "mask_update_due", "schedule_steps", "sparsity_count",
+           "changes_masks", "unit_masks"]
 
 PRUNE_METHODS = ("magnitude", "random", "saliency")
 DST_METHODS = ("set", "rigl")
