@@ -38,7 +38,8 @@ def make_step_fn(cfg: Config, apply_fn: Callable, tx, total_steps: int, axis_nam
     return functools.partial(
         step_lib.train_step, apply_fn=apply_fn, tx=tx, learning_rate=make_schedule(cfg.optim, total_steps),
         label_smoothing=cfg.train.label_smoothing, axis_name=axis_name,
-        penalty=functools.partial(sparsity.penalty, cfg.sparsity) if uses_penalty else None,
+        penalty=(functools.partial(sparsity.penalty, cfg.sparsity, norms=cfg.model.unit_norms())
+                 if uses_penalty else None),
         precision=cfg.precision if cfg.precision.params != "float32" else None,
         quant_start_step=cfg.quant.start if cfg.quant.mode == "qat" else None,
         augment=cfg.augment if cfg.augment.enabled else None)

@@ -192,11 +192,14 @@ def _loop(setup: setup_lib.Setup, feed, state, step: int, resumed: dict[str, Any
             progress.message(f"step {at_step}: replica check: {leaves} state leaves bit-identical on "
                              f"{par.size} devices, {jax.process_count()} process(es)")
         record = {"step": at_step, "split": "test", **evaluator(state), "train_seconds": train_seconds,
-                  **sparsity.report(par.single(state).params, cfg.sparsity)}
+                  **sparsity.report(par.single(state).params, cfg.sparsity),
+                  **sparsity.early_bird_record(par.host(sparsity.early_bird_state(state.opt_state)))}
         if writer:
             writer.write(record)
+        ticket = (f", early-bird ticket drawn at step {record['early_bird_step']} ({record['early_bird_reason']})"
+                  if record.get("early_bird_step") is not None else "")
         progress.message(f"step {at_step}: test accuracy {record['accuracy']:.4f}, loss {record['loss']:.4f}, "
-                         f"sparsity {record['sparsity']:.4f}")
+                         f"sparsity {record['sparsity']:.4f}{ticket}")
         return record
 
     def flush(pending):

@@ -72,3 +72,13 @@ def test_drop_fraction_cosine_and_dst_steps():
     upd = np.asarray(sp.is_dst_update_step(steps, 20, 100, 25))
     assert list(steps[upd]) == [20, 45, 70, 95]
     assert not bool(sp.is_dst_update_step(0, 0, 100, 25))  # step 0: the initial masks
+
+
+@pytest.mark.parametrize("start,end,every", [(0, 20, 5), (3, 22, 4), (10, 10, 3)])
+def test_early_bird_checks_every_period_from_start_and_at_end(start, end, every):
+    """early_bird's checks: start, start + every, ... up to end, and end itself (a Python list here)."""
+    want = sorted({*range(start, end + 1, every), end})
+    checks = [t for t in range(end + 10) if bool(sp.is_update_step("early_bird", t, start, end, every))]
+    assert checks == want
+    with pytest.raises(ValueError, match="ticket is drawn"):
+        sp.sparsity_fraction("early_bird", 0, start, end, every)

@@ -22,8 +22,8 @@ from jaxaccel.sparsity.schedules import (
     erk_densities, is_update_step, layer_sparsities, polynomial_sparsity, sparsity_fraction,
 )
 from jaxaccel.sparsity.transform import (
-    SparsityState, SparsityWarning, changes_masks, find_masks, make_sparsity, map_param_trees, mask_update_due, schedule_steps,
-    sparsity_count, unit_masks,
+    EarlyBirdState, SparsityState, SparsityWarning, changes_masks, early_bird_record, early_bird_state, find_masks,
+    make_sparsity, map_param_trees, mask_update_due, schedule_steps, sparsity_count, unit_masks,
 )
 from jaxaccel.sparsity.methods import METHODS, DynamicSparse, NoSparsity, Pruning, SparsityConfig
 # jaxaccel.sparsity.shrink (the channel-shrinking surgeon) is imported where it is used: it needs
@@ -31,7 +31,7 @@ from jaxaccel.sparsity.methods import METHODS, DynamicSparse, NoSparsity, Prunin
 
 __all__ = [
     "make_sparsity", "SparsityState", "SparsityWarning", "find_masks", "map_param_trees", "mask_update_due", "sparsity_count",
-    "changes_masks", "unit_masks", "penalty", "group_norms",
+    "changes_masks", "unit_masks", "penalty", "group_norms", "EarlyBirdState", "early_bird_state", "early_bird_record",
     "report", "prunable_tree", "compute_masks", "apply_masks", "nm_layout", "unbox",
     "keep_top", "unstructured_mask", "nm_mask", "block_mask", "channel_mask", "structured_mask",
     "global_unstructured_masks", "magnitude_masks", "random_masks", "saliency_masks", "nm_masks",

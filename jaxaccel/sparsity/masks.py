@@ -6,6 +6,9 @@ the methods are
     magnitude  |w|            random  u ~ U[0, 1)  (a fixed key, so masks at growing sparsity nest)
     saliency   |w * g|        (first-order Taylor estimate of the loss change of removing w)
 
+and, for whole units (structure=channel), ``importance=norm_scale`` scores a unit by |gamma|, the
+scale of the normalization after its layer (network slimming, Liu et al. 2017; :func:`norm_scale_scores`),
+
 and a *structure* turns scores into a mask:
 
     unstructured  keep the k = round((1 - s) * size) highest scores of the layer (or, with
@@ -41,6 +44,7 @@ __all__ = [
     "unstructured_mask", "nm_mask", "block_mask", "channel_mask", "structured_mask",
     "global_unstructured_masks", "uniform_leaves", "scores_for", "compute_masks", "magnitude_masks", "random_masks",
     "saliency_masks", "nm_masks", "block_masks", "channel_masks", "apply_masks", "tree_map_masked",
+    "paired_scales", "norm_scale_scores",
 ]
 
 PyTree = Any
@@ -306,6 +310,51 @@ def block_masks(params: PyTree, sparsity, block: Sequence[int] = (4, 4), prunabl
 def channel_masks(params: PyTree, sparsity, prunable: PyTree | None = None) -> PyTree:
     """Output-unit |w| masks ranked by the unit's L2 norm."""
     return compute_masks(params, _default_prunable(params, prunable), sparsity, structure="channel")
+
+
+# ------------------------------------------------------------------------------------------------
+# Network slimming: units scored by the scale of the normalization after their layer.
+
+def paired_scales(params: PyTree, prunable: PyTree, norms: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """``({leaf path: scale}, missing)``: for every prunable leaf ``L/kernel`` the ``scale`` of the
+    normalization ``norms[L]`` that follows layer ``L`` (one entry per output unit); ``missing``
+    names the prunable leaves that have none (not a kernel, no normalization, or a scale whose length
+    is not the kernel's unit count)."""
+    leaves = dict(paths.named_leaves(params))
+    found, missing = {}, []
+    for (name, leaf), keep in zip(paths.named_leaves(params), jax.tree.leaves(prunable)):
+        if not keep:
+            continue
+        layer, _, last = name.rpartition("/")
+        scale = leaves.get(f"{norms[layer]}/scale") if last == "kernel" and layer in norms else None
+        if scale is None or jnp.shape(scale) != jnp.shape(leaf)[-1:]:
+            missing.append(name)
+        else:
+            found[name] = scale
+    return found, missing
+
+
+def norm_scale_scores(params: PyTree, prunable: PyTree, norms: Mapping[str, str], masks: PyTree = None) -> PyTree:
+    """Scores for channel masks that rank units by ``|scale|`` of their normalization: every
+    prunable kernel becomes ``|scale|`` broadcast to its shape (the channel structure's L2 norm over
+    the other axes is then ``|scale| * sqrt(fan_in)``: the same order). Where ``masks`` is given, a
+    unit it prunes scores 0: its scale no longer gets a gradient (its normalized input is constant),
+    so without this it could outrank kept units and revive; with it, masks at growing sparsity nest.
+    Other leaves pass through (compute_masks does not score them). Raises ValueError naming the
+    prunable leaves without a paired scale (:func:`paired_scales`)."""
+    scales, missing = paired_scales(params, prunable, norms)
+    if missing:
+        raise ValueError(f"no normalization scale after: {', '.join(missing)}")
+    mask_leaves = dict(paths.named_leaves(masks)) if masks is not None else {}
+
+    def score(name, leaf):
+        if name not in scales:
+            return leaf
+        s = jnp.broadcast_to(jnp.abs(scales[name]).astype(jnp.float32), jnp.shape(leaf))
+        mk = mask_leaves.get(name)
+        return s if mk is None else jnp.where(mk, s, 0.0)
+
+    return paths.map_with_names(score, params)
 
 
 # ------------------------------------------------------------------------------------------------

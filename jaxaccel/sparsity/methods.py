@@ -2,7 +2,8 @@
 
     method                        class          reads, besides the fields every method reads
     none                          NoSparsity     (penalties and the threshold step only)
-    magnitude, random, saliency   Pruning        target, structure, schedule ... (masks.py, schedules.py)
+    magnitude, random, saliency   Pruning        target, structure, schedule, importance ... (masks.py,
+                                                 schedules.py; schedule=early_bird: transform.py)
     set, rigl                     DynamicSparse  target, drop_fraction ... (dst.py)
 
 Every method reads the fields of :class:`SparsityConfig`: which parameters (``include``,
@@ -130,10 +131,25 @@ class Pruning(_Scheduled):
     n: StrictInt = Field(2, ge=1, description="structure=nm: kept weights per group.")
     m: StrictInt = Field(4, ge=2, description="structure=nm: group size.")
     block: list[PositiveInt] = Field([4, 4], description="structure=block: block shape [h, w].")
-    schedule: Literal["one_shot", "polynomial", "periodic"] = Field(
+    schedule: Literal["one_shot", "polynomial", "periodic", "early_bird"] = Field(
         "polynomial", description="one_shot at start; polynomial (Zhu & Gupta cubic) from start to end; "
-                                  "periodic re-pruning every update_every from start on.")
+                                  "periodic re-pruning every update_every from start on; early_bird (structure="
+                                  "channel): every update_every from start, the channel masks at target are "
+                                  "computed and compared with the previous check's; once their distance stays "
+                                  "below early_bird_epsilon for early_bird_window checks (at end at the latest) "
+                                  "they are drawn as the ticket and pruned once (You et al. 2020).")
     power: float = Field(3.0, gt=0.0, description="schedule=polynomial: exponent.")
+    importance: Literal["weight_norm", "norm_scale"] = Field(
+        "weight_norm", description="structure=channel: what ranks a unit. weight_norm: the L2 norm of its "
+                                   "filter; norm_scale: |scale| of the normalization after its layer (network "
+                                   "slimming, Liu et al. 2017; the model's unit_norms), and penalty=l1 then "
+                                   "penalises those scales, not the kernels (Liu et al.: penalty_weight "
+                                   "1e-4 .. 1e-5).")
+    early_bird_epsilon: float = Field(0.1, gt=0.0, le=1.0, description="schedule=early_bird: the normalized "
+                                      "Hamming distance between consecutive checks' masks under which they count "
+                                      "as settled.")
+    early_bird_window: PositiveInt = Field(5, description="schedule=early_bird: consecutive distances below "
+                                                          "early_bird_epsilon that draw the ticket.")
     shrink: bool = Field(False, description="structure=channel: remove the pruned units from the model (and the "
                                             "matching inputs of the next layer) when they are pruned, so the "
                                             "rest of the run trains a narrower dense model (jaxaccel.sparsity.shrink).")
@@ -159,8 +175,28 @@ class Pruning(_Scheduled):
             _does_nothing(self, ["target"], "for structure=nm (its sparsity is 1 - n/m)")
         if self.structure != "block":
             _does_nothing(self, ["block"], f"for structure={self.structure}")
+        self._check_slimming()
         self._check_shrink()
         return self
+
+    def _check_slimming(self) -> None:
+        """importance=norm_scale and schedule=early_bird: channel pruning only."""
+        if self.importance == "norm_scale":
+            if self.structure != "channel":
+                raise ValueError(f"importance=norm_scale ranks whole units by their normalization's scale: it needs "
+                                 f"structure=channel, not structure={self.structure}")
+            if self.method != "magnitude":
+                raise ValueError(f"importance=norm_scale is the score of method=magnitude; method={self.method} "
+                                 "has its own scores")
+        if self.schedule != "early_bird":
+            _does_nothing(self, ["early_bird_epsilon", "early_bird_window"], f"for schedule={self.schedule}")
+            return
+        if self.structure != "channel":
+            raise ValueError(f"schedule=early_bird draws a ticket of whole units: it needs structure=channel, not "
+                             f"structure={self.structure}")
+        if self.method == "random":
+            raise ValueError("schedule=early_bird with method=random: fixed random scores give the same masks at "
+                             "every check, so the ticket says nothing; use method=magnitude")
 
     def _check_shrink(self) -> None:
         if not self.shrink:
@@ -169,11 +205,11 @@ class Pruning(_Scheduled):
         if self.structure != "channel":
             raise ValueError(f"shrink removes whole output units: it needs structure=channel, not "
                              f"structure={self.structure}")
-        if self.schedule != "one_shot" and self.distribution != "uniform":
+        if self.schedule not in ("one_shot", "early_bird") and self.distribution != "uniform":
             # Each update after the first prunes a fraction of the layer the last shrink left (the
             # transformation's cut_fraction); ERK's per-layer fractions depend on the shapes, which change.
             raise ValueError(f"shrink with schedule={self.schedule} needs distribution=uniform (ERK's per-layer "
-                             "sparsities change with the shrunk shapes); use schedule=one_shot for erk")
+                             "sparsities change with the shrunk shapes); use schedule=one_shot or early_bird for erk")
         if self.threshold > 0.0:
             raise ValueError("shrink with a threshold: the threshold makes single zeros, which shrinking cannot "
                              "remove; leave threshold at 0")
@@ -181,7 +217,9 @@ class Pruning(_Scheduled):
     def check_run(self, total_steps: int, given: "Pruning") -> None:
         super().check_run(total_steps, given)
         self._check_start(total_steps, given)
-        if self.schedule == "polynomial":
+        if self.schedule == "early_bird":
+            self._check_early_bird(total_steps, given)
+        if self.schedule in ("polynomial", "early_bird"):
             self._check_end(total_steps, given, last=total_steps - 1)
             if self.end > self.start and self.update_every > self.end - self.start:
                 raise ConfigError(
@@ -192,6 +230,19 @@ class Pruning(_Scheduled):
             raise ConfigError(f"{describe('sparsity.update_every', given.update_every, self.update_every)} from step "
                               f"{self.start} is longer than the rest of this {total_steps}-step run: it would prune "
                               "once. Use a shorter period or schedule=one_shot")
+
+    def _check_early_bird(self, total_steps: int, given: "Pruning") -> None:
+        # Checks at start, start + every, ... <= end, and at end: the window needs window + 1 of them
+        # (a distance compares two), else the ticket could only be drawn at end.
+        checks = (self.end - self.start) // self.update_every + 1 + ((self.end - self.start) % self.update_every > 0)
+        if self.end >= self.start and checks < self.early_bird_window + 1:
+            raise ConfigError(
+                f"schedule=early_bird checks {checks} time(s) from "
+                f"{describe('sparsity.start', given.start, self.start)} to "
+                f"{describe('sparsity.end', given.end, self.end)} every "
+                f"{describe('sparsity.update_every', given.update_every, self.update_every)}, but "
+                f"sparsity.early_bird_window={self.early_bird_window} needs {self.early_bird_window + 1} (each "
+                "distance compares two checks): use a shorter update_every, a later end or a smaller window")
 
 
 class DynamicSparse(_Scheduled):

@@ -3,6 +3,15 @@
     l1           lambda * sum_l sum |W_l|
     group_lasso  lambda * sum_l sum_{groups G of W_l} ||W_G||_2
 
+With ``importance=norm_scale`` (network slimming, Liu et al. 2017) ``l1`` penalises instead the
+scales gamma_l of the normalizations paired with the prunable layers (``norms``, the model's
+``unit_norms()``), the quantity that ranks the units:
+
+    l1 (norm_scale)  lambda * sum_l sum |gamma_l|        (Liu et al.: lambda = 1e-4 .. 1e-5)
+
+so training drives unimportant units' scales towards 0 and channel pruning removes them. The group
+lasso still acts on the kernels.
+
 Groups of the group lasso (``cfg.group``), for kernels shaped (..., in, out):
 
 * ``row``: one group per output unit, i.e. per column W[..., j] of a Dense kernel (in, out):
@@ -20,12 +29,12 @@ frozen exact zeros after training with a penalty lives in the optax transform (t
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from jaxaccel.sparsity.masks import prunable_tree
+from jaxaccel.sparsity.masks import paired_scales, prunable_tree
 
 __all__ = ["safe_norm", "group_norms", "penalty"]
 
@@ -53,14 +62,23 @@ def group_norms(w: jax.Array, group: str, m: int = 4) -> jax.Array:
     raise ValueError(f"unknown group lasso group {group!r}")
 
 
-def penalty(cfg: Any, params: Any) -> jax.Array:
+def penalty(cfg: Any, params: Any, norms: Mapping[str, str] | None = None) -> jax.Array:
     """``cfg.penalty_weight`` times the penalty ``cfg.penalty`` (none, l1, group_lasso) over the
     prunable leaves of ``params``; a float32 scalar, 0.0 for ``penalty='none'``.
-    ``cfg`` is a sparsity config (:mod:`jaxaccel.sparsity.methods`) or anything with its fields."""
+    ``cfg`` is a sparsity config (:mod:`jaxaccel.sparsity.methods`) or anything with its fields.
+    ``norms`` (layer -> the normalization after it): with ``cfg.importance == 'norm_scale'``, l1 is
+    over the scales of the normalizations paired with the prunable layers (module docstring)."""
     if cfg.penalty == "none":
         return jnp.float32(0.0)
-    flags = jax.tree.leaves(prunable_tree(params, cfg.include, cfg.exclude))
+    prunable = prunable_tree(params, cfg.include, cfg.exclude)
+    flags = jax.tree.leaves(prunable)
     leaves = [w for w, keep in zip(jax.tree.leaves(params), flags) if keep]
+    if cfg.penalty == "l1" and getattr(cfg, "importance", "weight_norm") == "norm_scale":
+        scales, missing = paired_scales(params, prunable, norms or {})
+        if missing:  # the transformation's init refuses this first, with the fix
+            raise ValueError(f"penalty=l1 with importance=norm_scale: no normalization scale after "
+                             f"{', '.join(missing)}")
+        leaves = list(scales.values())
     if cfg.penalty == "l1":
         total = sum((jnp.sum(jnp.abs(w.astype(jnp.float32))) for w in leaves), jnp.float32(0.0))
     elif cfg.penalty == "group_lasso":

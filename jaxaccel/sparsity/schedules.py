@@ -13,6 +13,10 @@ Schedules (``step`` may be a traced integer; all results are jnp values):
   a last update at end reaches s_f even when (end - start) is not a multiple of dt.
 * ``periodic``: re-prune to s_f every dt steps from start on (for methods whose scores can
   revive weights: saliency, or N:M patterns that may move).
+* ``early_bird`` (You et al. 2020, channel pruning): the *checks* are polynomial's update steps
+  (every dt from start, and end); at each the transformation computes the channel masks at s_f
+  and prunes once, to s_f, at the check where the ticket is drawn (jaxaccel.sparsity.transform), so
+  the sparsity is a function of the run's history, not of the step: it has no ``sparsity_fraction``.
 
 Distributions (static, from shapes): ``uniform`` gives every prunable layer the target;
 ``erk`` (Erdos-Renyi-Kernel, Evci et al. 2020, RigL) gives layer l the density
@@ -66,18 +70,21 @@ def sparsity_fraction(schedule: str, step: Step, start: int, end: int, every: in
         return jnp.where(jnp.asarray(step) >= start, 1.0, 0.0).astype(jnp.float32)
     if schedule == "polynomial":
         return polynomial_sparsity(step, 1.0, start, end, every, power)
+    if schedule == "early_bird":
+        raise ValueError("schedule=early_bird prunes when its ticket is drawn: its sparsity is in the optimizer "
+                         "state, not a function of the step")
     raise ValueError(f"unknown sparsity schedule {schedule!r}")
 
 
 def is_update_step(schedule: str, step: Step, start: int, end: int, every: int) -> jax.Array:
-    """Whether masks are recomputed at ``step`` (a bool scalar)."""
+    """Whether masks are recomputed at ``step`` (a bool scalar); for early_bird, whether it is a check."""
     step = jnp.asarray(step, jnp.int32)
     on_grid = (step >= start) & ((step - start) % every == 0)
     if schedule == "one_shot":
         return step == start
     if schedule == "periodic":
         return on_grid
-    if schedule == "polynomial":
+    if schedule in ("polynomial", "early_bird"):
         end = max(end, start)
         return (on_grid & (step <= end)) | (step == end)
     raise ValueError(f"unknown sparsity schedule {schedule!r}")

@@ -17,7 +17,7 @@ moments, and trains from the next step. The param-shaped parts of the inner stat
 ``optax.tree_utils.tree_map_params`` (init on a placeholder), so sgd, momentum, adam, adamw,
 ``inject_hyperparams`` and chains all work without a list of state types.
 
-The state is a :class:`SparsityState` (count, masks, frozen, inner_state); :func:`find_masks`
+The state is a :class:`SparsityState` (count, masks, frozen, inner_state, early_bird); :func:`find_masks`
 pulls the masks out of any optimizer state that contains one. Thresholding (cfg.threshold > 0):
 at ``threshold_at`` the prunable weights with |w| < threshold get a frozen zero mask
 (``frozen``) that every later mask update respects.
@@ -25,6 +25,23 @@ at ``threshold_at`` the prunable weights with |w| < threshold get a frozen zero 
 With ``shrink`` (structure=channel) the biases of the masked layers get masks too
 (:func:`unit_masks`): a pruned unit's bias is a frozen 0, so the unit outputs exactly 0 and
 :mod:`jaxaccel.sparsity.shrink` can remove it without changing the model's function.
+
+``importance=norm_scale`` (network slimming, Liu et al. 2017): channel masks rank a layer's units by
+|scale| of the normalization after it (``norms``; :func:`jaxaccel.sparsity.masks.norm_scale_scores`)
+instead of their filters' L2 norms; the masks still apply to the kernels. A selected layer without
+such a normalization is a ConfigError at init.
+
+``schedule=early_bird`` (Early-Bird tickets, You et al. 2020): at every check (every ``update_every``
+from ``start``, and ``end``; :func:`mask_update_due` is True there) the candidate channel masks at
+``target`` are computed from the current importances. With u_k the concatenated unit masks of all
+prunable layers at check k, the distance d_k = mean(u_k != u_{k-1}) (normalized Hamming) is pushed
+into a window of the last ``early_bird_window`` distances; the ticket is drawn at the first check
+where all of them are < ``early_bird_epsilon`` (so at the earliest at check ``window``), or at
+``end`` if that never happens: the masks become that check's candidate, once, and stay (the shrink
+surgeon, acting after every check, then removes the pruned units; before and after it finds nothing).
+The history lives in :class:`EarlyBirdState` (``SparsityState.early_bird``; None for the other
+schedules, so their state trees are unchanged), so a resumed run decides as the uninterrupted one;
+:func:`early_bird_record` says when and why the ticket was drawn.
 """
 from __future__ import annotations
 
@@ -34,6 +51,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxaccel import paths
@@ -43,8 +61,9 @@ from jaxaccel.sparsity import dst as dst_lib
 from jaxaccel.sparsity import masks as masks_lib
 from jaxaccel.sparsity import schedules
 
-__all__ = ["SparsityState", "SparsityWarning", "make_sparsity", "find_masks", "map_param_trees", "mask_update_due",
-           "schedule_steps", "sparsity_count", "changes_masks", "unit_masks"]
+__all__ = ["SparsityState", "EarlyBirdState", "early_bird_state", "early_bird_record", "SparsityWarning",
+           "make_sparsity", "find_masks", "map_param_trees", "mask_update_due", "schedule_steps", "sparsity_count",
+           "changes_masks", "unit_masks"]
 
 PRUNE_METHODS = ("magnitude", "random", "saliency")
 DST_METHODS = ("set", "rigl")
@@ -55,12 +74,25 @@ class SparsityWarning(UserWarning):
     structure left dense); the trainer prints these in the run's output."""
 
 
+class EarlyBirdState(NamedTuple):
+    """The early-bird search so far (schedule=early_bird; module docstring)."""
+    units: jax.Array      # bool [units of all prunable layers]: the last check's candidate unit masks
+    distances: jax.Array  # float32 [window]: the last distances, oldest first (1.0 = none yet)
+    checks: jax.Array     # int32: checks done
+    drawn_at: jax.Array   # int32: the step at which the ticket was drawn, -1 before
+    reason: jax.Array     # int32: 0 not drawn, 1 the masks settled, 2 end reached
+
+
+EARLY_BIRD_REASONS = {1: "settled", 2: "end"}
+
+
 class SparsityState(NamedTuple):
     """Optimizer state of :func:`make_sparsity`."""
     count: jax.Array   # int32: updates done so far (the step the next update is)
     masks: Any         # bool array per prunable leaf (True = kept), None for the other leaves
     frozen: Any        # bool threshold masks per prunable leaf, or None without thresholding
     inner_state: Any   # the wrapped optimizer's state
+    early_bird: Any = None  # EarlyBirdState with schedule=early_bird; None (no leaves) otherwise
 
 
 def _first_state(opt_state: Any) -> SparsityState | None:
@@ -72,6 +104,26 @@ def find_masks(opt_state: Any) -> Any:
     """The mask tree of the first :class:`SparsityState` inside ``opt_state`` (None if none)."""
     state = _first_state(opt_state)
     return None if state is None else state.masks
+
+
+def early_bird_state(opt_state: Any) -> EarlyBirdState | None:
+    """The early-bird search state inside ``opt_state`` (None without schedule=early_bird)."""
+    state = _first_state(opt_state)
+    return None if state is None else state.early_bird
+
+
+def early_bird_record(early_bird: EarlyBirdState | None) -> dict[str, Any]:
+    """For a run's records, from a host copy of :func:`early_bird_state`: ``early_bird_step`` (the
+    step the ticket was drawn at, None before), ``early_bird_reason`` (``settled``: the masks'
+    distance stayed below epsilon for the window; ``end``: drawn at ``sparsity.end``) and
+    ``early_bird_distance`` (the largest distance in the window); {} without early-bird."""
+    if early_bird is None:
+        return {}
+    drawn = int(np.asarray(early_bird.drawn_at))
+    distances = np.asarray(early_bird.distances)
+    return {"early_bird_step": drawn if drawn >= 0 else None,
+            "early_bird_reason": EARLY_BIRD_REASONS.get(int(np.asarray(early_bird.reason))),
+            "early_bird_distance": float(distances.max()) if int(np.asarray(early_bird.checks)) > 1 else None}
 
 
 def changes_masks(cfg: Any) -> bool:
@@ -223,6 +275,8 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
     # Shrinking removes pruned units whole: their biases are masked with them, so a pruned unit's
     # output is exactly 0 (not relu(bias)) and removing it leaves the model's function unchanged.
     shrink = prune and getattr(cfg, "shrink", False)
+    early = prune and cfg.schedule == "early_bird"
+    norm_scale = prune and getattr(cfg, "importance", "weight_norm") == "norm_scale"
     at = schedule_steps(cfg, total_steps)
     start, end, every, thr_step = (at.get(n) for n in ("start", "end", "update_every", "threshold_at"))
     kw = dict(structure=cfg.structure, scope=cfg.scope, n=cfg.n, m=cfg.m, block=tuple(cfg.block)) if prune else {}
@@ -252,7 +306,14 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
         else:
             masks = ones(params)  # dense until the schedule's first update
         frozen = ones(params) if thresholding else None
-        return SparsityState(jnp.zeros([], jnp.int32), masks, frozen, inner.init(params))
+        return SparsityState(jnp.zeros([], jnp.int32), masks, frozen, inner.init(params),
+                             early_bird_init(params) if early else None)
+
+    def early_bird_init(params):
+        units = sum(jnp.shape(p)[-1] for p, f in zip(jax.tree.leaves(params), jax.tree.leaves(prunable(params)))
+                    if f and jnp.ndim(p))
+        return EarlyBirdState(jnp.zeros([units], jnp.bool_), jnp.ones([cfg.early_bird_window], jnp.float32),
+                              jnp.zeros([], jnp.int32), jnp.full([], -1, jnp.int32), jnp.zeros([], jnp.int32))
 
     def check_selection(params):
         # A pattern that selects nothing is a typo: refuse it rather than prune less. Exclude is
@@ -267,6 +328,13 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
         if not any(jax.tree.leaves(prunable(params))):
             raise ConfigError(f"sparsity.include={list(cfg.include)} with sparsity.exclude={list(cfg.exclude)} "
                               f"selects no parameter; paths: {', '.join(paths.leaf_paths(params))}")
+        if norm_scale:
+            _, missing = masks_lib.paired_scales(params, prunable(params), norms or {})
+            if missing:
+                raise ConfigError(
+                    f"sparsity.importance=norm_scale ranks units by the scale of the normalization after their "
+                    f"layer, and these selected parameters have none: {', '.join(missing)}. Put them in "
+                    "sparsity.exclude, or use importance=weight_norm")
         if prune and cfg.structure == "nm":
             refused, small = masks_lib.nm_layout(params, prunable(params), cfg.n, cfg.m)
             if refused:
@@ -285,15 +353,44 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
                                                                      cfg.power), 0.0)
         return 1.0 - (1.0 - r * s) / (1.0 - r_prev * s)
 
+    def scores(params, masks):
+        """What the masks rank: the parameters, or for norm_scale every selected kernel as the
+        |scale| of its units' normalization (0 for units ``masks`` pruned, so masks nest)."""
+        return masks_lib.norm_scale_scores(params, prunable(params), norms or {}, masks) if norm_scale else params
+
+    def early_bird_check(step, grads, state, params):
+        """(masks, early-bird state) after the check at ``step`` (module docstring)."""
+        eb = state.early_bird
+        cand = masks_lib.compute_masks(scores(params, state.masks), prunable(params), layer_targets(params),
+                                       method=cfg.method, structure="channel", grads=grads)
+        kernels = [mk for mk in jax.tree.leaves(cand) if mk.ndim]
+        units = jnp.concatenate([jnp.any(mk, axis=tuple(range(mk.ndim - 1))) for mk in kernels])
+        if units.shape != eb.units.shape:
+            # Shapes change only when the shrink surgeon cut the model, which it does only after
+            # the ticket was drawn: nothing is left to decide.
+            return state.masks, eb
+        distance = jnp.mean((units != eb.units).astype(jnp.float32))
+        distances = jnp.where(eb.checks > 0, jnp.append(eb.distances[1:], distance), eb.distances)
+        settled = jnp.all(distances < cfg.early_bird_epsilon)
+        drawn = eb.drawn_at >= 0
+        draw = ~drawn & (settled | (step >= end))
+        searched = EarlyBirdState(units, distances, eb.checks + 1, jnp.where(draw, step, -1).astype(jnp.int32),
+                                  jnp.where(draw, jnp.where(settled, 1, 2), 0).astype(jnp.int32))
+        eb = jax.tree.map(lambda kept, new: jnp.where(drawn, kept, new), eb, searched)  # frozen once drawn
+        ticket = unit_masks(cand, params, norms) if shrink else cand
+        return _select(draw, ticket, state.masks), eb
+
     def recompute(step, grads, state, params):
-        """New (masks, frozen) at a step where some mask update is due."""
-        old, new, frozen = state.masks, state.masks, state.frozen
-        if prune:
+        """New (masks, frozen, early_bird) at a step where some mask update is due."""
+        old, new, frozen, early_bird = state.masks, state.masks, state.frozen, state.early_bird
+        if early:
+            new, early_bird = early_bird_check(step, grads, state, params)
+        elif prune:
             r = schedules.sparsity_fraction(cfg.schedule, step, start, end, every, cfg.power)
             target = (r * cfg.target if cfg.scope == "global"
                       else {k: cut_fraction(step, r, s) if shrink else r * s
                             for k, s in layer_targets(params).items()})
-            cand = masks_lib.compute_masks(params, prunable(params), target, method=cfg.method,
+            cand = masks_lib.compute_masks(scores(params, old), prunable(params), target, method=cfg.method,
                                            grads=grads, key=keys()["score"], **kw)
             cand = unit_masks(cand, params, norms) if shrink else cand
             new = _select(schedules.is_update_step(cfg.schedule, step, start, end, every), cand, old)
@@ -308,7 +405,7 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
             frozen = _select(step == thr_step, cand, frozen)
             new = _and(new, frozen)
 
-        return new, frozen
+        return new, frozen, early_bird
 
     def reset(s, o, n):
         # Moments of entries whose mask changed restart from zero (pruned or grown alike).
@@ -326,10 +423,11 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
         # XLA copy every moment every step. The reset below is an elementwise select that fuses
         # into the optimizer's update (a no-op where the masks did not change).
         if refresh:
-            masks, frozen = jax.lax.cond(due, lambda: recompute(step, updates, state, params),
-                                         lambda: (state.masks, state.frozen))
+            masks, frozen, early_bird = jax.lax.cond(
+                due, lambda: recompute(step, updates, state, params),
+                lambda: (state.masks, state.frozen, state.early_bird))
         else:  # refresh=False: the caller runs this only where mask_update_due is False
-            masks, frozen = state.masks, state.frozen
+            masks, frozen, early_bird = state.masks, state.frozen, state.early_bird
         inner_state = state.inner_state
         if regrows and refresh:
             inner_state = map_param_trees(inner, reset, inner_state, params, state.masks, masks)
@@ -338,6 +436,6 @@ def make_sparsity(cfg: Any, inner: optax.GradientTransformation, total_steps: in
         new_updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
         new_updates = jax.tree.map(lambda u, p, a: u if a is None else jnp.where(a, u, -p),
                                    new_updates, params, active)
-        return new_updates, SparsityState(step + 1, masks, frozen, inner_state)
+        return new_updates, SparsityState(step + 1, masks, frozen, inner_state, early_bird)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
