@@ -357,14 +357,14 @@ RUN = ["exp=mnist_mlp_shrink", "model.features=[32]", "train.batch_size=128", "t
        "sparsity.target=0.5", "sparsity.exclude=['^Dense_1/']"]
 
 
-def _run_cli(workdir, *args, env=None):
+def _run_cli(workdir, *args, env=None, run=tuple(RUN)):
     import os
     import subprocess
     import sys
 
     from tests.conftest import ROOT
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "jaxaccel.run", f"workdir={workdir}", *RUN, *args],
+    return subprocess.run([sys.executable, "-m", "jaxaccel.run", f"workdir={workdir}", *run, *args],
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
 
 
@@ -423,3 +423,82 @@ def test_shrink_under_four_devices_matches_one(shrunk_run, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["model"]["features"] == [16]
     for a, b in zip(jax.tree.leaves(export.load(tmp_path).params), jax.tree.leaves(export.load(reference).params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [["precision.params=bfloat16", "precision.compute=bfloat16"], ["quant.mode=qat"]],
+                         ids=["bf16", "qat"])
+def test_shrink_with_bf16_and_with_qat(options, tmp_path, mnist):
+    import json
+
+    from jaxaccel import export
+    result = _run_cli(tmp_path, *options)
+    assert result.returncode == 0 and "step 25: model changed" in result.stdout, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["model"]["features"] == [16] and summary["test_accuracy"] > 0.8
+    model = export.load(tmp_path)
+    assert model.params["Dense_0"]["kernel"].shape == (784, 16)
+    logits = np.asarray(model(mnist.test_inputs[:500]))
+    assert abs((logits.argmax(-1) == mnist.test_labels[:500]).mean() - summary["test_accuracy"]) < 0.05
+
+
+def test_fine_tuning_from_a_run_shrinks(shrunk_run, tmp_path):
+    """init.from the shrunk MNIST run (hidden 16): its Dense_0 is loaded, the head starts fresh on
+    Fashion-MNIST, and the fine-tuning run prunes half the units and shrinks to 8."""
+    import json
+    workdir, _ = shrunk_run
+    run = ["exp=fashion_mnist_finetune", f"init.from={workdir}", "model.features=[16]", "init.include=['^Dense_0/']",
+           "train.steps=30", "train.batch_size=128", "train.log_every_steps=10", "sparsity.method=magnitude",
+           "sparsity.structure=channel", "sparsity.target=0.5", "sparsity.schedule=one_shot", "sparsity.start=10",
+           "sparsity.shrink=true", "sparsity.exclude=['^Dense_1/']"]
+    result = _run_cli(tmp_path, run=run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "init.from: 2 tensors loaded; re-initialized (not in init.include, or path or shape differs): " \
+           "Dense_1/bias, Dense_1/kernel" in result.stdout
+    assert "step 11: model changed" in result.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["model"]["features"] == [8] and summary["experiment"] == "fashion_mnist_finetune"
+    assert not (tmp_path / "pretrained").exists()  # init.from given: nothing pretrained
+
+
+# The tiny resnet with batch norm: the blocks' first convs pruned to half in step 12, shrunk after it.
+RESNET_RUN = ["exp=mnist_mlp_shrink", "model.name=resnet", "model.width=4", "model.depth=1", "model.norm=batch",
+              "train.batch_size=32", "train.steps=40", "train.log_every_steps=10", "checkpoint.every_steps=10",
+              "checkpoint.max_to_keep=5", "sparsity.start=12", "sparsity.target=0.5",
+              f"sparsity.include=['{INNER}']", "sparsity.exclude=[]"]
+
+
+@pytest.fixture(scope="module")
+def resnet_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("resnet")
+    result = _run_cli(workdir, run=RESNET_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result
+
+
+def test_resnet_run_shrinks_and_resumes_bitwise_after_a_kill_at_a_later_checkpoint(resnet_run, tmp_path, mnist):
+    """The run shrinks at 13; SIGKILL while the checkpoint of step 30 is written: run again, it
+    resumes from the narrow model's checkpoint and ends bitwise equal, batch statistics included."""
+    import json
+
+    from jaxaccel import export
+    reference, result = resnet_run
+    assert "step 13: model changed" in result.stdout
+    summary = json.loads((reference / "summary.json").read_text())
+    assert summary["model"]["inner"] == [2, 4, 8] and summary["model"]["norm"] == "batch"
+    # The export and the compression report use the running statistics (else apply would fail).
+    assert summary["compression"]["dense_fp32"]["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-3)
+    model = export.load(reference)
+    assert model.model_state["batch_stats"]["Stage2_Block0_Norm_0"]["mean"].shape == (8,)
+    logits = np.asarray(model(mnist.test_inputs))
+    assert (logits.argmax(-1) == mnist.test_labels).mean() == pytest.approx(summary["test_accuracy"], abs=1e-3)
+
+    killed = _run_cli(tmp_path, run=RESNET_RUN, env={"JAXACCEL_FAULT": "save@30"})
+    assert killed.returncode == -9 and "step 13: model changed" in killed.stdout, killed.stderr[-3000:]
+    resumed = _run_cli(tmp_path, run=RESNET_RUN)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    step = int(re.search(r"resuming from checkpoint step (\d+)", resumed.stdout).group(1))
+    assert step in (20, 30) and "model changed" not in resumed.stdout
+    again = export.load(tmp_path)
+    for a, b in zip(jax.tree.leaves((again.params, again.model_state)), jax.tree.leaves((model.params, model.model_state))):
+        np.testing.assert_array_equal(a, b)
+    assert _lines(tmp_path) == _lines(reference)
