@@ -499,6 +499,7 @@ def test_resnet_run_shrinks_and_resumes_bitwise_after_a_kill_at_a_later_checkpoi
     step = int(re.search(r"resuming from checkpoint step (\d+)", resumed.stdout).group(1))
     assert step in (20, 30) and "model changed" not in resumed.stdout
     again = export.load(tmp_path)
-    for a, b in zip(jax.tree.leaves((again.params, again.model_state)), jax.tree.leaves((model.params, model.model_state))):
+    for a, b in zip(jax.tree.leaves((again.params, again.model_state)),
+                    jax.tree.leaves((model.params, model.model_state))):
         np.testing.assert_array_equal(a, b)
     assert _lines(tmp_path) == _lines(reference)
