@@ -34,7 +34,8 @@ import numpy as np
 
 from jaxaccel import storage
 
-__all__ = ["save", "load", "load_params", "ExportedModel", "FORMAT_VERSION", "compress_params", "flatten_params"]
+__all__ = ["save", "load", "load_params", "ExportedModel", "FORMAT_VERSION", "compress_params", "flatten_params",
+           "bind_state"]
 
 FORMAT_VERSION = 2
 _SCALE = "scale:"  # key prefix of the int8 scales in compressed.npz
@@ -128,6 +129,28 @@ def save(directory: str | storage.StoragePath, params: Any, *, model: dict[str, 
     return sparse_export.nbytes(arrays), form
 
 
+class _StateBound:
+    """A built-in flax module whose ``apply``, given params alone, uses ``model_state`` with them."""
+
+    def __init__(self, module: Any, model_state: dict[str, Any]):
+        self.module, self.model_state = module, model_state
+
+    def apply(self, variables: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        return self.module.apply({**self.model_state, **variables}, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+
+def bind_state(module: Any, model_state: dict[str, Any] | None) -> Any:
+    """``module`` applying with ``model_state`` (batch statistics) where it is given params alone
+    (inference, the compression report): a user model's ``bind_state``, or a thin wrapper."""
+    from jaxaccel.models import UserModel
+    if isinstance(module, UserModel):
+        return module.bind_state(model_state or {})
+    return _StateBound(module, dict(model_state)) if model_state else module
+
+
 class ExportedModel:
     """A loaded export: ``.params`` (NumPy pytree), ``.scales`` (int8 exports), ``.meta``,
     and ``__call__(images) -> logits``."""
@@ -146,8 +169,7 @@ class ExportedModel:
         precision = from_saved("precision", meta["precision"]) if meta.get("precision") else None
         if module is None:
             module = build_model(from_saved("model", meta["model"]), meta["num_classes"], precision)
-        if isinstance(module, UserModel):
-            module = module.bind_state(self.model_state)
+        module = bind_state(module, self.model_state)
         self.module = module
         if scales and isinstance(module, UserModel) and module.kind == "nnx":
             # An NNX layer holds its op as an attribute, out of reach of flax's method interception

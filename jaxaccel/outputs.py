@@ -15,7 +15,7 @@ from jaxaccel import compression
 from jaxaccel import export as export_lib
 from jaxaccel import sparsity
 from jaxaccel import surgery
-from jaxaccel.models import build_model, is_user_model
+from jaxaccel.models import build_model
 from jaxaccel.parallel import local_copy
 from jaxaccel.plan import with_conv
 from jaxaccel.setup import Setup
@@ -59,7 +59,7 @@ def finish(setup: Setup, state: Any, timings: dict[str, Any], last_eval: dict[st
     cfg, ds, model_cfg = setup.cfg, setup.dataset, setup.model_cfg  # the model in force at the end
     state = setup.parallel.single(state)
     params = local_copy(state.params)
-    model_state = local_copy(state.model_state)  # batch statistics of user models; {} for ours
+    model_state = local_copy(state.model_state)  # batch statistics (user models, resnet with norm=batch)
     param_count = int(sum(np.size(p) for p in jax.tree.leaves(params)))
     seconds = timings["train_seconds"]
     summary = {
@@ -85,8 +85,7 @@ def finish(setup: Setup, state: Any, timings: dict[str, Any], last_eval: dict[st
             image_shape=ds.input_shape, input_dtype=ds.input_dtype.name, precision=precision,
             quant=cfg.quant.model_dump(), model_state=model_state)
         plain = build_model(with_conv(model_cfg, "xla"), ds.num_classes)
-        if is_user_model(plain):
-            plain = plain.bind_state(model_state)
+        plain = export_lib.bind_state(plain, model_state)
         summary["compression"] = compression.report(params, plain, ds.test_inputs, ds.test_labels, cfg.quant)
         (setup.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

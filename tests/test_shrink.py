@@ -4,6 +4,7 @@ cannot shrink."""
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -60,11 +61,17 @@ def batches():
 
 
 def adam_step(model, tx, state, x, y):
+    """One step; a model with batch statistics runs in training mode and updates them."""
+    mutable = list(state.model_state)
+
     def loss(p):
-        return jnp.mean(step_lib.cross_entropy(model.apply({"params": p}, x), y))
-    grads = jax.grad(loss)(state.params)
+        out = model.apply({"params": p, **state.model_state}, x, **({"mutable": mutable} if mutable else {}))
+        logits, model_state = out if mutable else (out, state.model_state)
+        return jnp.mean(step_lib.cross_entropy(logits, y)), model_state
+    grads, model_state = jax.grad(loss, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+                         model_state=dict(model_state))
 
 
 def numpy_kept(kernel: np.ndarray) -> np.ndarray:
@@ -217,11 +224,129 @@ def test_config_refuses_what_cannot_shrink(fields, message):
 
 
 def test_models_that_cannot_shrink_and_the_logits_layer_are_config_errors():
-    with pytest.raises(ConfigError, match="sparsity.shrink works for model.name in mlp, cnn, small_cnn, not resnet"):
-        surgeons(config_lib.Config(model={"name": "resnet"}, sparsity=dict(
+    with pytest.raises(ConfigError, match="sparsity.shrink works for model.name in mlp, cnn, small_cnn, resnet, "
+                                         "not text_cnn"):
+        surgeons(config_lib.Config(model={"name": "text_cnn"}, data={"name": "ag_news_subset"}, sparsity=dict(
             method="magnitude", structure="channel", target=0.5, schedule="one_shot", shrink=True)))
     with pytest.raises(ConfigError, match="add 'Dense_2/kernel' to sparsity.exclude"):
         surgeons(make_cfg(MODELS["mlp"], exclude=[]))
+
+
+# --- resnet (norm=batch): each block's first conv and its norm shrink, the residual stream never ---
+
+RESNET = {"name": "resnet", "width": 4, "depth": 1, "norm": "batch"}
+INNER = "_Conv_0/kernel$"  # the blocks' first convs, not the stem Conv_0
+
+
+def resnet_cfg(**fields) -> config_lib.Config:
+    sparse = dict(method="magnitude", structure="channel", target=TARGET, schedule="one_shot", start=START,
+                  shrink=True, include=[INNER])
+    return config_lib.Config(model=RESNET, sparsity={**sparse, **fields})
+
+
+@functools.lru_cache(maxsize=None)
+def trained_resnet():
+    """(cfg, wide state after START + 3 steps in training mode (the mask update in step START, the
+    running statistics of 5 batches), wide state before the update, model, tx)."""
+    cfg = resnet_cfg()
+    model = build_model(cfg.model, 10)
+    tx = sparsity.make_sparsity(cfg.sparsity, optax.adam(3e-2), 100, norms=cfg.model.unit_norms())
+    x, y = batches()
+    variables = dict(model.init(jax.random.key(0), x[0]))
+    state = step_lib.TrainState.create(variables.pop("params"), tx, model_state=variables)
+    step = jax.jit(functools.partial(adam_step, model, tx))
+    before = None
+    for i in range(START + 3):
+        if i == START:
+            before = jax.device_get(state)
+        state = step(state, x[i], y[i])
+    return cfg, jax.device_get(state), before, model, tx
+
+
+BLOCKS = ["Stage0_Block0", "Stage1_Block0", "Stage2_Block0"]
+
+
+def numpy_resnet_cut(leaf: np.ndarray, path: str, kept: dict) -> np.ndarray:
+    """``leaf`` at ``path`` (a param, or a batch statistic) cut with NumPy indexing: a block's
+    first conv and its norm keep their kept units, its second conv reads only those."""
+    leaf = np.asarray(leaf)
+    layer = path.split("/")[0]
+    for block in BLOCKS:
+        idx = kept[f"{block}_Conv_0"]
+        if layer in (f"{block}_Conv_0", f"{block}_Norm_0"):
+            return leaf[..., idx]
+        if layer == f"{block}_Conv_1":
+            return leaf[..., idx, :]
+    return leaf
+
+
+def test_shrunk_resnet_computes_the_masked_wide_logits_in_eval_and_train_mode(mnist):
+    from jaxaccel import paths
+    cfg, state, before, model, tx = trained_resnet()
+    change = shrink_lib.shrink(state, cfg.model, tx)
+    assert change.model.inner == [2, 4, 8] and change.model.width == 4
+    narrow = build_model(change.model, 10)
+    wide_vars = {"params": state.params, **state.model_state}
+    narrow_vars = {"params": change.state.params, **change.state.model_state}
+    # The running statistics are real ones (5 batches), not the initial zeros and ones.
+    assert np.abs(np.asarray(state.model_state["batch_stats"]["Stage1_Block0_Norm_0"]["mean"])).max() > 1e-3
+    x = jnp.asarray(mnist.test_inputs[:256])
+    np.testing.assert_allclose(narrow.apply(narrow_vars, x), model.apply(wide_vars, x), rtol=1e-5, atol=1e-5)
+    # Training mode: same logits from this batch's statistics, and the same running statistics, cut.
+    wide_logits, wide_stats = model.apply(wide_vars, x, mutable=["batch_stats"])
+    narrow_logits, narrow_stats = narrow.apply(narrow_vars, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(narrow_logits, wide_logits, rtol=1e-5, atol=1e-5)
+    kept = shrink_lib.kept_units(sparsity.find_masks(state.opt_state), shrink_lib.unit_groups(cfg.model))
+    narrow_stats = dict(paths.named_leaves(narrow_stats["batch_stats"]))
+    assert len(narrow_stats) == 14
+    for path, leaf in paths.named_leaves(wide_stats["batch_stats"]):
+        np.testing.assert_allclose(narrow_stats[path],
+                                   numpy_resnet_cut(leaf, path, kept), rtol=1e-5, atol=1e-6)
+    # The pruned units: the lowest column L2 norms at the update; kernel and norm exactly 0.
+    for block in BLOCKS:
+        conv, norm = f"{block}_Conv_0", f"{block}_Norm_0"
+        assert np.array_equal(kept[conv], numpy_kept(before.params[conv]["kernel"]))
+        dead = np.setdiff1d(np.arange(state.params[conv]["kernel"].shape[-1]), kept[conv])
+        for leaf in (state.params[conv]["kernel"], state.params[norm]["scale"], state.params[norm]["bias"]):
+            assert not np.asarray(leaf)[..., dead].any()
+
+
+def test_resnet_state_is_cut_as_numpy_cuts_it():
+    from jaxaccel import paths
+    cfg, state, _, _, tx = trained_resnet()
+    masks = sparsity.find_masks(state.opt_state)
+    kept = shrink_lib.kept_units(masks, shrink_lib.unit_groups(cfg.model))
+    change = shrink_lib.shrink(state, cfg.model, tx)
+    adam, new = state.opt_state.inner_state[0], change.state.opt_state
+    pairs = [(state.params, change.state.params), (adam.mu, new.inner_state[0].mu), (adam.nu, new.inner_state[0].nu),
+             (masks, new.masks), (state.model_state["batch_stats"], change.state.model_state["batch_stats"])]
+    for tree, new_tree in pairs:
+        old, cut = dict(paths.named_leaves(tree)), dict(paths.named_leaves(new_tree))
+        assert old.keys() == cut.keys()
+        for path, leaf in old.items():
+            np.testing.assert_array_equal(np.asarray(cut[path]), numpy_resnet_cut(leaf, path, kept))
+    # The masks of the blocks' first convs and their norms, and nothing else (the residual stream).
+    assert sorted(p for p, _ in paths.named_leaves(masks)) == sorted(
+        f"{b}_{leaf}" for b in BLOCKS for leaf in ("Conv_0/kernel", "Norm_0/bias", "Norm_0/scale"))
+    assert change.state.model_state["batch_stats"]["Stage2_Block0_Norm_0"]["var"].shape == (8,)
+
+
+def test_resnet_refusals_name_the_fix():
+    with pytest.raises(ConfigError, match="needs model.norm=batch"):
+        surgeons(config_lib.Config(model={**RESNET, "norm": "group"}, sparsity=resnet_cfg().sparsity.model_dump()))
+    residual = ", ".join(["Conv_0/kernel", "Stage0_Block0_Conv_1/kernel", "Stage1_Block0_Conv_1/kernel",
+                          "Stage2_Block0_Conv_1/kernel", "Stage1_Block0_Shortcut/kernel",
+                          "Stage2_Block0_Shortcut/kernel", "Dense_0/kernel"])
+    with pytest.raises(ConfigError, match=re.escape(f"sparsity.include selects {residual}: the residual stream")):
+        surgeons(resnet_cfg(include=["kernel$"]))
+    with pytest.raises(ConfigError, match=re.escape("sparsity.include selects Stage1_Block0_Shortcut/kernel:")):
+        surgeons(resnet_cfg(include=[INNER, "Stage1_Block0_Shortcut"]))
+    assert [s.name for s in surgeons(resnet_cfg())] == ["shrink"]
+    with pytest.raises(ValueError, match=r"model.inner has 2 widths; it needs one per residual block, "
+                                         r"3 \* model.depth = 3"):
+        config_lib.Config(model={**RESNET, "inner": [2, 4]})
+    with pytest.raises(ValueError, match=r"\[12\] do not divide; use model.norm=batch"):
+        config_lib.Config(model={**RESNET, "norm": "group", "inner": [4, 12, 16]})
 
 
 # --- through real runs (needs the trainer's surgery wiring: helper `surgery`'s jaxaccel/surgery.py) ---
@@ -232,14 +357,14 @@ RUN = ["exp=mnist_mlp_shrink", "model.features=[32]", "train.batch_size=128", "t
        "sparsity.target=0.5", "sparsity.exclude=['^Dense_1/']"]
 
 
-def _run_cli(workdir, *args, env=None):
+def _run_cli(workdir, *args, env=None, run=tuple(RUN)):
     import os
     import subprocess
     import sys
 
     from tests.conftest import ROOT
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "jaxaccel.run", f"workdir={workdir}", *RUN, *args],
+    return subprocess.run([sys.executable, "-m", "jaxaccel.run", f"workdir={workdir}", *run, *args],
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
 
 
@@ -298,3 +423,83 @@ def test_shrink_under_four_devices_matches_one(shrunk_run, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["model"]["features"] == [16]
     for a, b in zip(jax.tree.leaves(export.load(tmp_path).params), jax.tree.leaves(export.load(reference).params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [["precision.params=bfloat16", "precision.compute=bfloat16"], ["quant.mode=qat"]],
+                         ids=["bf16", "qat"])
+def test_shrink_with_bf16_and_with_qat(options, tmp_path, mnist):
+    import json
+
+    from jaxaccel import export
+    result = _run_cli(tmp_path, *options)
+    assert result.returncode == 0 and "step 25: model changed" in result.stdout, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["model"]["features"] == [16] and summary["test_accuracy"] > 0.8
+    model = export.load(tmp_path)
+    assert model.params["Dense_0"]["kernel"].shape == (784, 16)
+    logits = np.asarray(model(mnist.test_inputs[:500]))
+    assert abs((logits.argmax(-1) == mnist.test_labels[:500]).mean() - summary["test_accuracy"]) < 0.05
+
+
+def test_fine_tuning_from_a_run_shrinks(shrunk_run, tmp_path):
+    """init.from the shrunk MNIST run (hidden 16): its Dense_0 is loaded, the head starts fresh on
+    Fashion-MNIST, and the fine-tuning run prunes half the units and shrinks to 8."""
+    import json
+    workdir, _ = shrunk_run
+    run = ["exp=fashion_mnist_finetune", f"init.from={workdir}", "model.features=[16]", "init.include=['^Dense_0/']",
+           "train.steps=30", "train.batch_size=128", "train.log_every_steps=10", "sparsity.method=magnitude",
+           "sparsity.structure=channel", "sparsity.target=0.5", "sparsity.schedule=one_shot", "sparsity.start=10",
+           "sparsity.shrink=true", "sparsity.exclude=['^Dense_1/']"]
+    result = _run_cli(tmp_path, run=run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "init.from: 2 tensors loaded; re-initialized (not in init.include, or path or shape differs): " \
+           "Dense_1/bias, Dense_1/kernel" in result.stdout
+    assert "step 11: model changed" in result.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["model"]["features"] == [8] and summary["experiment"] == "fashion_mnist_finetune"
+    assert not (tmp_path / "pretrained").exists()  # init.from given: nothing pretrained
+
+
+# The tiny resnet with batch norm: the blocks' first convs pruned to half in step 12, shrunk after it.
+RESNET_RUN = ["exp=mnist_mlp_shrink", "model.name=resnet", "model.width=4", "model.depth=1", "model.norm=batch",
+              "train.batch_size=32", "train.steps=40", "train.log_every_steps=10", "checkpoint.every_steps=10",
+              "checkpoint.max_to_keep=5", "sparsity.start=12", "sparsity.target=0.5",
+              f"sparsity.include=['{INNER}']", "sparsity.exclude=[]"]
+
+
+@pytest.fixture(scope="module")
+def resnet_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("resnet")
+    result = _run_cli(workdir, run=RESNET_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result
+
+
+def test_resnet_run_shrinks_and_resumes_bitwise_after_a_kill_at_a_later_checkpoint(resnet_run, tmp_path, mnist):
+    """The run shrinks at 13; SIGKILL while the checkpoint of step 30 is written: run again, it
+    resumes from the narrow model's checkpoint and ends bitwise equal, batch statistics included."""
+    import json
+
+    from jaxaccel import export
+    reference, result = resnet_run
+    assert "step 13: model changed" in result.stdout
+    summary = json.loads((reference / "summary.json").read_text())
+    assert summary["model"]["inner"] == [2, 4, 8] and summary["model"]["norm"] == "batch"
+    # The export and the compression report use the running statistics (else apply would fail).
+    assert summary["compression"]["dense_fp32"]["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-3)
+    model = export.load(reference)
+    assert model.model_state["batch_stats"]["Stage2_Block0_Norm_0"]["mean"].shape == (8,)
+    logits = np.asarray(model(mnist.test_inputs))
+    assert (logits.argmax(-1) == mnist.test_labels).mean() == pytest.approx(summary["test_accuracy"], abs=1e-3)
+
+    killed = _run_cli(tmp_path, run=RESNET_RUN, env={"JAXACCEL_FAULT": "save@30"})
+    assert killed.returncode == -9 and "step 13: model changed" in killed.stdout, killed.stderr[-3000:]
+    resumed = _run_cli(tmp_path, run=RESNET_RUN)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    step = int(re.search(r"resuming from checkpoint step (\d+)", resumed.stdout).group(1))
+    assert step in (20, 30) and "model changed" not in resumed.stdout
+    again = export.load(tmp_path)
+    for a, b in zip(jax.tree.leaves((again.params, again.model_state)),
+                    jax.tree.leaves((model.params, model.model_state))):
+        np.testing.assert_array_equal(a, b)
+    assert _lines(tmp_path) == _lines(reference)

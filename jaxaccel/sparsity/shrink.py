@@ -2,17 +2,20 @@
 narrower dense model (``sparsity.structure=channel`` with ``sparsity.shrink=true``; issue 19).
 
 Masks keep the dense shapes, so a masked model costs what the dense one costs. Once every weight of
-an output unit (a Dense column, a conv filter) is pruned, and its bias with it (the sparsity
-transform masks the biases of shrinking runs: :func:`jaxaccel.sparsity.transform.unit_masks`), the
-unit outputs exactly 0 and can be removed with everything that reads or stores it:
+an output unit (a Dense column, a conv filter) is pruned, and its bias and normalization scale and
+bias with it (the sparsity transform masks those in shrinking runs:
+:func:`jaxaccel.sparsity.transform.unit_masks`), the unit outputs exactly 0 (a batch norm of an
+all-zero channel with scale = bias = 0 is 0, in training and in evaluation) and can be removed with
+everything that reads or stores it. Units come in groups (:func:`unit_groups`): a layer l, the
+normalization of its units, and the layers that read them:
 
     layer l, kept units K      kernel[..., K], bias[K]
-    next layer (reads l)       kernel[..., K, :]         (a Dense after a conv and a flatten: the rows
+    its normalization          scale[K], bias[K]; batch statistics mean[K], var[K] (model state)
+    readers of l               kernel[..., K, :]         (a Dense after a conv and a flatten: the rows
                                                           of the kept channels at every position, the
                                                           flatten being (h, w, c) row-major)
     optimizer state            every param-shaped leaf (Adam moments, masks, ...) cut as its param,
                                found as the mask reset finds them (:func:`~jaxaccel.sparsity.map_param_trees`)
-    model state                leaves at a param's path with its shape, cut as the param
 
 and the model config gets the new widths. The narrower model computes the same logits as the
 masked wide one (tests/test_shrink.py). The surgeon shrinks after every scheduled mask update
@@ -21,13 +24,18 @@ fraction of the shrunk layer that leaves the schedule's share of the original un
 ``sparsity.min_width`` units stay in every layer (pruned ones, lowest index first, when fewer are
 kept: they stay masked, at zero), so no layer vanishes.
 
-Models: ``mlp``, ``cnn`` and ``small_cnn`` (a chain of layers, each read by the next). Not yet
-``resnet``: its group norm normalises over groups of channels, so removing one channel changes the
-others' statistics; that needs group-wise masks.
+Models: ``mlp``, ``cnn`` and ``small_cnn`` (a chain of layers, each group a hidden layer read by
+the next), and ``resnet`` with ``model.norm=batch`` (each block's first conv and its norm, read by
+the block's second conv; the new widths are ``model.inner``). The residual rule: channels joined by
+a residual add (the stem, each block's second conv and projection shortcut, so the stage widths)
+are pruned together or not at all, and here not at all: a config whose ``sparsity.include``
+selects those kernels is refused (select ``_Conv_0/kernel$``), as is the logits layer of any model.
+Group norm (resnet's default) normalises over groups of channels, so removing one would change the
+others' outputs: resnet with ``model.norm=group`` is refused.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -35,20 +43,32 @@ import optax
 
 from jaxaccel import paths
 from jaxaccel import step as step_lib
+from jaxaccel.models.resnet import block_names
 from jaxaccel.schema import ConfigError
 from jaxaccel.sparsity import transform
 from jaxaccel.surgery import Change
 
-__all__ = ["SHRINKABLE", "layer_chain", "kept_units", "shrink", "ShrinkSurgeon", "surgeon"]
+__all__ = ["SHRINKABLE", "Group", "layer_chain", "unit_groups", "fixed_layers", "new_model", "kept_units", "cuts",
+           "shrink", "ShrinkSurgeon", "surgeon"]
 
-SHRINKABLE = ("mlp", "cnn", "small_cnn")
+SHRINKABLE = ("mlp", "cnn", "small_cnn", "resnet")
 
 Cut = Callable[[jax.Array], jax.Array]
 
 
+class Group(NamedTuple):
+    """One prunable group of units: the output units of ``layer`` (its kernel's last axis), the
+    normalization ``norm`` of those units (its scale, bias and batch statistics; None: none), and
+    the layers reading them: ``(name, "in")`` a kernel whose input axis (-2) they are, ``(name,
+    "flat")`` a Dense kernel after a conv and a flatten."""
+    layer: str
+    norm: str | None
+    readers: tuple[tuple[str, str], ...]
+
+
 def layer_chain(model: Any) -> list[tuple[str, str]]:
-    """``(name, "conv" | "dense")`` of the model's layers in forward order, each read by the next;
-    the last one gives the logits (never shrunk)."""
+    """``(name, "conv" | "dense")`` of a chain model's layers in forward order, each read by the
+    next; the last one gives the logits (never shrunk)."""
     dense = lambda n: [(f"Dense_{i}", "dense") for i in range(n)]
     if model.name == "mlp":
         return dense(len(model.features) + 1)
@@ -58,12 +78,42 @@ def layer_chain(model: Any) -> list[tuple[str, str]]:
         convs = [(f"Conv_{i}", "conv") for i in range(len(model.channels))]
         return convs + dense(len(model.features) + 1)
     raise ConfigError(f"sparsity.shrink works for model.name in {', '.join(SHRINKABLE)}, not {model.name}"
-                      + (" (its group norm mixes channels: removing one changes the others)"
-                         if model.name == "resnet" else ""))
+                      + (" (not a chain of layers: see unit_groups)" if model.name == "resnet" else ""))
+
+
+def _resnet_blocks(model: Any) -> list[str]:
+    if model.norm != "batch":
+        raise ConfigError("sparsity.shrink with model.name=resnet needs model.norm=batch: group norm normalises "
+                          "over groups of channels, so removing one changes the others' outputs")
+    return block_names(model.depth)
+
+
+def unit_groups(model: Any) -> list[Group]:
+    """The groups of units shrinking may remove, in forward order. A chain model: every hidden
+    layer, read by the next. resnet (norm=batch): each block's first conv with its norm, read by
+    the block's second conv; the residual stream is joined by adds and never shrinks."""
+    if model.name == "resnet":
+        return [Group(f"{b}_Conv_0", f"{b}_Norm_0", ((f"{b}_Conv_1", "in"),)) for b in _resnet_blocks(model)]
+    chain = layer_chain(model)
+    return [Group(name, None, ((after, "flat" if kind == "conv" and after_kind == "dense" else "in"),))
+            for (name, kind), (after, after_kind) in zip(chain, chain[1:])]
+
+
+def fixed_layers(model: Any) -> list[str]:
+    """The layers whose output units are never removed: the logits layer, and for resnet the
+    residual stream (the stem, each block's second conv and projection shortcut), whose channels
+    are added together: they are pruned together or not at all, and here not at all."""
+    if model.name != "resnet":
+        return [layer_chain(model)[-1][0]]
+    blocks = _resnet_blocks(model)
+    shortcuts = [f"Stage{s}_Block0_Shortcut" for s in (1, 2)]  # where the width doubles
+    return ["Conv_0", *(f"{b}_Conv_1" for b in blocks), *shortcuts, "Dense_0"]
 
 
 def new_model(model: Any, widths: dict[str, int]) -> Any:
-    """``model`` (a model config) with the hidden widths ``widths`` (layer name -> units)."""
+    """``model`` (a model config) with the group widths ``widths`` (layer name -> units)."""
+    if model.name == "resnet":
+        return model.model_copy(update={"inner": [widths[f"{b}_Conv_0"] for b in block_names(model.depth)]})
     chain = layer_chain(model)[:-1]
     convs = [widths[n] for n, kind in chain if kind == "conv"]
     dense = [widths[n] for n, kind in chain if kind == "dense"]
@@ -72,12 +122,20 @@ def new_model(model: Any, widths: dict[str, int]) -> Any:
     return model.model_copy(update=update)
 
 
-def kept_units(masks: Any, chain: list[tuple[str, str]], min_width: int = 1) -> dict[str, np.ndarray]:
-    """Indices of the output units each hidden layer keeps: those whose kernel column has a kept
-    weight; at least ``min_width`` (pruned units, lowest index first, fill up). A layer without a
-    mask (not prunable) keeps all its units."""
+def _producers(groups: Sequence[Group] | Sequence[tuple[str, str]]) -> list[str]:
+    # A layer chain (its last layer gives the logits) or unit groups.
+    if groups and isinstance(groups[0], Group):
+        return [g.layer for g in groups]
+    return [name for name, _ in groups[:-1]]
+
+
+def kept_units(masks: Any, groups: Sequence[Group] | Sequence[tuple[str, str]],
+               min_width: int = 1) -> dict[str, np.ndarray]:
+    """Indices of the output units each group (or hidden layer of a chain) keeps: those whose
+    kernel column has a kept weight; at least ``min_width`` (pruned units, lowest index first,
+    fill up). A layer without a mask (not prunable) keeps all its units."""
     out = {}
-    for name, _ in chain[:-1]:
+    for name in _producers(groups):
         mask = (masks.get(name) or {}).get("kernel")
         if mask is None:
             continue
@@ -104,19 +162,22 @@ def _flat_rows(idx: np.ndarray, channels: int) -> Cut:
     return cut
 
 
-def cuts(chain: list[tuple[str, str]], keep: dict[str, np.ndarray], params: Any) -> dict[str, list[Cut]]:
-    """Parameter path -> the cuts to apply to it (in order), for the units ``keep`` keeps."""
+def cuts(groups: Sequence[Group], keep: dict[str, np.ndarray], params: Any) -> dict[str, list[Cut]]:
+    """Path -> the cuts to apply to it (in order), for the units ``keep`` keeps. Paths are those of
+    params and of model state leaves (``Norm/mean`` in ``batch_stats``): one table serves both."""
     out: dict[str, list[Cut]] = {}
-    for (name, kind), (after, after_kind) in zip(chain, chain[1:]):
-        width = params[name]["kernel"].shape[-1]
-        if name not in keep or keep[name].size == width:
+    for group in groups:
+        width = params[group.layer]["kernel"].shape[-1]
+        if group.layer not in keep or keep[group.layer].size == width:
             continue
-        idx = keep[name]
-        out.setdefault(f"{name}/kernel", []).append(_take(idx, -1))
-        if "bias" in params[name]:
-            out.setdefault(f"{name}/bias", []).append(_take(idx, -1))
-        reads = _flat_rows(idx, width) if kind == "conv" and after_kind == "dense" else _take(idx, -2)
-        out.setdefault(f"{after}/kernel", []).append(reads)
+        own = _take(keep[group.layer], -1)
+        for leaf in ("kernel", "bias"):
+            out.setdefault(f"{group.layer}/{leaf}", []).append(own)
+        for leaf in ("scale", "bias", "mean", "var") if group.norm else ():
+            out.setdefault(f"{group.norm}/{leaf}", []).append(own)
+        for reader, how in group.readers:
+            reads = _flat_rows(keep[group.layer], width) if how == "flat" else _take(keep[group.layer], -2)
+            out.setdefault(f"{reader}/kernel", []).append(reads)
     return out
 
 
@@ -156,19 +217,20 @@ def shrink(state: step_lib.TrainState, model: Any, tx: optax.GradientTransformat
     masks = transform.find_masks(state.opt_state)
     if masks is None:
         raise ValueError("shrink needs the sparsity transformation's masks in the optimizer state")
-    chain = layer_chain(model)
-    keep = kept_units(masks, chain, min_width)
-    table = cuts(chain, keep, state.params)
+    groups = unit_groups(model)
+    keep = kept_units(masks, groups, min_width)
+    table = cuts(groups, keep, state.params)
     if not table:
         return None
     names = _path_tree(state.params)
-    shapes = {p: tuple(np.shape(x)) for p, x in paths.named_leaves(state.params)}
+    shapes = {p: tuple(np.shape(x)) for tree in (state.params, *state.model_state.values())
+              for p, x in paths.named_leaves(tree)}
     cut = _cutter(table, shapes)
     params = jax.tree.map(cut, state.params, names)
     opt_state = transform.map_param_trees(tx, cut, state.opt_state, state.params, names)
     opt_state = _cut_masks(opt_state, cut, names)
     model_state = {k: _cut_collection(v, cut) for k, v in state.model_state.items()}
-    widths = {name: int(params[name]["kernel"].shape[-1]) for name, _ in chain[:-1]}
+    widths = {g.layer: int(params[g.layer]["kernel"].shape[-1]) for g in groups}
     record = {"kind": "shrink", "widths": widths,
               "removed": {n: int(shapes[f"{n}/kernel"][-1]) - w for n, w in widths.items()},
               "params": int(sum(np.size(x) for x in jax.tree.leaves(params)))}
@@ -195,11 +257,18 @@ class ShrinkSurgeon:
 
     def __init__(self, cfg: Any):
         self.sparsity = cfg.sparsity
-        chain = layer_chain(cfg.model)
-        logits = f"{chain[-1][0]}/kernel"
-        if paths.matches(logits, self.sparsity.include, self.sparsity.exclude):
-            raise ConfigError(f"sparsity.shrink: sparsity.include selects the output layer ({logits}), whose units "
-                              f"are the classes and are never removed; add {logits!r} to sparsity.exclude")
+        unit_groups(cfg.model)  # refuses what cannot shrink
+        fixed = [f"{n}/kernel" for n in fixed_layers(cfg.model)
+                 if paths.matches(f"{n}/kernel", self.sparsity.include, self.sparsity.exclude)]
+        if fixed and cfg.model.name != "resnet":
+            raise ConfigError(f"sparsity.shrink: sparsity.include selects the output layer ({fixed[0]}), whose units "
+                              f"are the classes and are never removed; add {fixed[0]!r} to sparsity.exclude")
+        if fixed:
+            raise ConfigError(
+                f"sparsity.shrink: sparsity.include selects {', '.join(fixed)}: the residual stream's channels "
+                "are joined by adds (and the head's are the classes), so they are never removed; select the "
+                "blocks' first convs alone with sparsity.include=['_Conv_0/kernel$'] (or add those to "
+                "sparsity.exclude)")
 
     def points(self, total_steps: int) -> list[int]:
         """The step counts just after a mask update (the update numbered s happens in step s)."""
