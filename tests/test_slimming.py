@@ -279,3 +279,31 @@ def test_network_slimming_with_early_bird_on_a_batchnorm_model(tmp_path, monkeyp
         {k: lines[-1][k] for k in ("step", "early_bird_step", "early_bird_reason", "early_bird_distance")}
     for a, b in zip(jax.tree.leaves(export.load_params(tmp_path)), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_network_slimming_early_bird_shrinks_a_batchnorm_resnet(tmp_path):
+    """The whole recipe on a built-in model: a tiny ResNet with batch norm, each block's first conv
+    ranked by its norm's |scale| under L1 on the scales, the ticket searched every 4 steps, then the
+    pruned channels removed (their norms and running statistics with them)."""
+    import jaxaccel
+    from jaxaccel import export
+    cfg = jaxaccel.experiments.override(jaxaccel.experiments.get("mnist_mlp_shrink"), [
+        f"workdir={tmp_path}", "model.name=resnet", "model.width=4", "model.depth=1", "model.norm=batch",
+        "train.batch_size=32", "train.steps=40", "train.log_every_steps=10",
+        "sparsity.include=['_Conv_0/kernel$']", "sparsity.exclude=[]", "sparsity.importance=norm_scale",
+        "sparsity.penalty=l1", "sparsity.penalty_weight=1e-4", "sparsity.schedule=early_bird",
+        "sparsity.start=0", "sparsity.end=32", "sparsity.update_every=4", "sparsity.early_bird_window=2",
+        "sparsity.target=0.5"])
+    summary = jaxaccel.train(cfg)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(line.get("penalty", 0) > 0 for line in lines if "split" not in line)
+    drawn = lines[-1]["early_bird_step"]
+    [change] = [line for line in lines if line.get("split") == "surgery"]
+    assert change["step"] == drawn + 1 and summary["model"]["inner"] == [2, 4, 8]
+    served = export.load(tmp_path)
+    for stage, width in enumerate((2, 4, 8)):
+        block = f"Stage{stage}_Block0"
+        assert served.params[f"{block}_Conv_0"]["kernel"].shape[-1] == width
+        assert served.params[f"{block}_Conv_1"]["kernel"].shape[-2] == width
+        assert served.model_state["batch_stats"][f"{block}_Norm_0"]["var"].shape == (width,)
+        assert np.all(np.asarray(served.params[f"{block}_Norm_0"]["scale"]) != 0)  # only kept units remain
