@@ -4,7 +4,7 @@ speed, against the dense experiment of the same workload, side by side on one ma
     python benchmarks/surgery_speed.py [--pairs mnist_lowrank:mnist_mlp ...] [--repeats 3] [--out DIR]
 
 Each pair is ``TECHNIQUE_EXPERIMENT:DENSE_EXPERIMENT`` (default: low-rank and channel shrinking of
-LeNet-300-100 against ``mnist_mlp``, shrinking of the flax-example CNN against ``mnist_cnn``). Runs
+LeNet-300-100 against ``mnist_mlp``, shrinking and low-rank of the flax-example CNN against ``mnist_cnn``). Runs
 alternate (dense, technique, dense, ...), each a fresh ``python -m jaxaccel.run`` with its own
 workdir, so drifts of the machine's load hit both.
 
@@ -35,7 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's jaxaccel, also when run as a script
 
-DEFAULT_PAIRS = ["mnist_lowrank:mnist_mlp", "mnist_mlp_shrink:mnist_mlp", "mnist_cnn_shrink:mnist_cnn"]
+DEFAULT_PAIRS = ["mnist_lowrank:mnist_mlp", "mnist_mlp_shrink:mnist_mlp", "mnist_cnn_shrink:mnist_cnn",
+                 "mnist_cnn_lowrank:mnist_cnn"]
 
 
 def run(exp: str, workdir: Path, seed: int) -> dict:
