@@ -70,6 +70,8 @@ def finish(setup: Setup, state: Any, timings: dict[str, Any], last_eval: dict[st
         "model_bytes": param_count * 4, "seconds_to_first_step": timings["startup"],
         "epoch_seconds": timings["epoch_seconds"],
     }
+    # The early-bird ticket (sparsity.schedule=early_bird): when it was drawn and why.
+    summary.update({k: v for k, v in last_eval.items() if k.startswith("early_bird_")})
     if timings.get("surgery") or setup.plan.surgery_points:
         summary.update(model=surgery.model_record(model_cfg), surgery=timings["surgery"],
                        surgery_compile_seconds=timings["surgery_compile_seconds"])

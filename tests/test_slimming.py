@@ -241,6 +241,7 @@ def test_early_bird_draws_and_shrinks_in_a_real_run(tmp_path):
     [change] = [line for line in lines if line.get("split") == "surgery"]
     assert change["step"] == drawn + 1 and change["surgery"]["widths"] == {"Dense_0": 16}
     assert summary["model"]["features"] == [16]
+    assert (summary["early_bird_step"], summary["early_bird_reason"]) == (drawn, last["early_bird_reason"])
 
 
 def test_network_slimming_with_early_bird_on_a_batchnorm_model(tmp_path, monkeypatch):
