@@ -14,7 +14,7 @@ from jaxaccel import precision as prec
 from jaxaccel.checkpoint import Checkpointer
 from jaxaccel.runtime import DistributedError
 
-__all__ = ["DiskFull", "out_of_space", "disk_full", "nonfinite_advice", "lost_peer"]
+__all__ = ["DiskFull", "out_of_space", "disk_full", "nonfinite_advice", "peer_failure", "lost_peer"]
 
 
 class DiskFull(OSError):
@@ -52,6 +52,20 @@ def nonfinite_advice(cfg) -> str:
         return ("The dynamic loss scale did not recover: lower precision.loss_scale_init, "
                 "lower optim.learning_rate, or set optim.grad_clip_norm.")
     return "Lower optim.learning_rate, set optim.grad_clip_norm, or use float32/bfloat16."
+
+
+# What a failed cross-process collective says when raised as a plain ValueError/RuntimeError
+# rather than a JaxRuntimeError: orbax's save barrier (multihost_utils.sync_global_devices, a jitted
+# allgather) raised "ValueError: UNKNOWN: Gloo AllGather failed: ... Connection reset by peer".
+_COLLECTIVE_FAILURES = ("Gloo", "Connection reset by peer", "coordination service", "Socket closed")
+
+
+def peer_failure(error: BaseException) -> bool:
+    """Whether ``error``, raised in a multi-process run, is a collective that failed (a peer lost):
+    any runtime error from XLA, or a ValueError/RuntimeError naming a failed collective."""
+    if isinstance(error, jax.errors.JaxRuntimeError):
+        return True
+    return isinstance(error, (ValueError, RuntimeError)) and any(m in str(error) for m in _COLLECTIVE_FAILURES)
 
 
 def lost_peer(error: Exception, checkpointer: Checkpointer) -> DistributedError:

@@ -108,11 +108,9 @@ def _run(setup: setup_lib.Setup, checkpointer: Checkpointer, tensorboard: bool, 
             outputs.write_config(setup, state, resumed.get("surgery", []))
         with feed_lib.make_feed(setup, epoch_order) as feed:  # closed on errors and preemption too
             return _loop(setup, feed, state, step, resumed, checkpointer, writer, progress, notice)
-    except jax.errors.JaxRuntimeError as e:
-        if jax.process_count() == 1:
-            raise
-        raise failures.lost_peer(e, checkpointer) from None
     except Exception as e:
+        if jax.process_count() > 1 and failures.peer_failure(e):
+            raise failures.lost_peer(e, checkpointer) from None
         if failures.out_of_space(e):
             raise failures.disk_full(e, setup.workdir, checkpointer) from None
         raise

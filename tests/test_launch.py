@@ -89,7 +89,7 @@ def test_killed_process_stops_the_run_with_one_line(killed, tmp_path):
         proc.kill()
     assert proc.returncode == 1, out[-2000:] + err[-2000:]
     assert time.monotonic() - start < 10
-    assert "Traceback" not in out + err and "Check failure" not in out + err
+    assert "Traceback" not in out + err and "Check failure" not in out + err, out[-6000:] + err[-6000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"[launch] error: process {killed} of 2 stopped (killed by SIGKILL)")
     assert "Restart every process with the same command" in last
@@ -159,3 +159,17 @@ def test_failure_message_names_the_checkpoint_it_resumes_from(tmp_path):
     # A URL is not listed from the launcher (remote stores need credentials) and never read as a local path.
     url = died("exp=mnist_mlp", "workdir=gs://bucket/run")
     assert "latest checkpoint in gs://bucket/run" in url and "SIGKILL" in url and "process 1 of 2" in url
+
+
+def test_a_failed_collective_is_a_lost_peer_whatever_its_exception_type():
+    # orbax's save barrier raised this as a ValueError (not a JaxRuntimeError) in the survivor of a
+    # SIGKILLed peer under load, which then printed a traceback instead of the one-line error.
+    import jax
+
+    from jaxaccel import failures
+    gloo = ValueError("UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:538] Read error "
+                      "[127.0.0.1]:3984: Connection reset by peer")
+    assert failures.peer_failure(gloo)
+    assert failures.peer_failure(jax.errors.JaxRuntimeError("INTERNAL: collective failed"))
+    assert not failures.peer_failure(ValueError("train.batch_size must be positive"))
+    assert not failures.peer_failure(KeyError("Gloo"))
