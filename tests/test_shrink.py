@@ -110,7 +110,8 @@ def test_shrunk_model_computes_the_masked_wide_models_logits(name, mnist):
     for layer, _ in chain[:-1]:
         kept = numpy_kept(before.params[layer]["kernel"])
         assert change.record["widths"][layer] == kept.size
-        assert np.array_equal(shrink_lib.kept_units(sparsity.find_masks(state.opt_state), chain)[layer], kept)
+        kept_by_shrink = shrink_lib.kept_units(sparsity.find_masks(state.opt_state), shrink_lib.unit_groups(cfg.model))
+        assert np.array_equal(kept_by_shrink[layer], kept)
         # and they were exact zeros, bias included
         wide = np.asarray(state.params[layer]["kernel"])
         dead = np.setdiff1d(np.arange(wide.shape[-1]), kept)
@@ -125,7 +126,7 @@ def test_every_param_shaped_optimizer_leaf_is_cut_as_numpy_cuts_it(name):
     cfg, state, _, _, tx = trained(name)
     chain = shrink_lib.layer_chain(cfg.model)
     masks = sparsity.find_masks(state.opt_state)
-    kept = shrink_lib.kept_units(masks, chain)
+    kept = shrink_lib.kept_units(masks, shrink_lib.unit_groups(cfg.model))
     widths = {n: state.params[n]["kernel"].shape[-1] for n, _ in chain}
     change = shrink_lib.shrink(state, cfg.model, tx)
     adam = state.opt_state.inner_state[0]
@@ -166,7 +167,7 @@ def test_min_width_keeps_pruned_units_and_no_change_is_none():
     kept = numpy_kept(before.params["Dense_0"]["kernel"])
     dead = np.setdiff1d(np.arange(24), kept)
     assert np.array_equal(shrink_lib.kept_units(sparsity.find_masks(state.opt_state),
-                                                shrink_lib.layer_chain(cfg.model), 20)["Dense_0"],
+                                                shrink_lib.unit_groups(cfg.model), 20)["Dense_0"],
                           np.sort(np.concatenate([kept, dead[:8]])))
     # Before the mask update nothing is pruned; after a shrink nothing more is.
     assert shrink_lib.shrink(before, cfg.model, tx) is None

@@ -122,20 +122,12 @@ def new_model(model: Any, widths: dict[str, int]) -> Any:
     return model.model_copy(update=update)
 
 
-def _producers(groups: Sequence[Group] | Sequence[tuple[str, str]]) -> list[str]:
-    # A layer chain (its last layer gives the logits) or unit groups.
-    if groups and isinstance(groups[0], Group):
-        return [g.layer for g in groups]
-    return [name for name, _ in groups[:-1]]
-
-
-def kept_units(masks: Any, groups: Sequence[Group] | Sequence[tuple[str, str]],
-               min_width: int = 1) -> dict[str, np.ndarray]:
-    """Indices of the output units each group (or hidden layer of a chain) keeps: those whose
-    kernel column has a kept weight; at least ``min_width`` (pruned units, lowest index first,
-    fill up). A layer without a mask (not prunable) keeps all its units."""
+def kept_units(masks: Any, groups: Sequence[Group], min_width: int = 1) -> dict[str, np.ndarray]:
+    """Indices of the output units each group keeps: those whose kernel column has a kept weight;
+    at least ``min_width`` (pruned units, lowest index first, fill up). A layer without a mask (not
+    prunable) keeps all its units."""
     out = {}
-    for name in _producers(groups):
+    for name in (g.layer for g in groups):
         mask = (masks.get(name) or {}).get("kernel")
         if mask is None:
             continue
