@@ -14,6 +14,7 @@ take the same route, through a tensorboardX writer factory for the URL's scheme.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -27,6 +28,10 @@ from jaxaccel import storage
 from jaxaccel.config import ConfigError
 
 __all__ = ["MetricsWriter", "Progress", "tensorboard_enabled"]
+
+# Numbers this process's event files: tensorboardX names them by the second, host and our suffix,
+# so two runs started in one second by one process (a resume from Python) would share a name.
+_event_files = itertools.count()
 
 
 def tensorboard_enabled(setting: bool | None) -> bool:
@@ -91,8 +96,10 @@ class MetricsWriter:
             SummaryWriter = _summary_writer_class()
             if storage.is_url(self.path):
                 _route_event_files(self.path)
-            # The pid keeps a quick restart from reusing the previous file's name (seconds + host).
-            self._events = SummaryWriter(str(self.path.parent), filename_suffix=f".{os.getpid()}",
+            # The pid keeps a quick restart from reusing the previous file's name (seconds + host),
+            # the counter a second run in this process; both sort after the earlier file's name.
+            suffix = f".{os.getpid()}.{next(_event_files):04d}"
+            self._events = SummaryWriter(str(self.path.parent), filename_suffix=suffix,
                                          purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:

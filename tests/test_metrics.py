@@ -95,3 +95,22 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tiny_run, tmp_path):
     raw, shown = _scalars(run, purge=False), _scalars(run, purge=True)
     assert [s for s, _ in raw["train/loss"]] == [10, 20, 30, 40, 50, 40, 50]
     _assert_same(shown, _jsonl(run))
+
+
+def test_two_runs_in_one_second_in_one_process_keep_both_event_files(tmp_path, monkeypatch):
+    """tensorboardX names an event file by the second, host and our suffix: a run resumed from Python
+    within the second of its first start must add a file (sorted after the first), not overwrite it."""
+    pytest.importorskip("tensorboardX")
+    import time
+    from jaxaccel.metrics import MetricsWriter
+    monkeypatch.setattr(time, "time", lambda: 1796020715.5)
+    path = tmp_path / "metrics.jsonl"
+    first = MetricsWriter(path, tensorboard=True)
+    first.write({"step": 10, "loss": 2.0})
+    first.close()
+    second = MetricsWriter(path, resume_step=10, tensorboard=True)
+    second.write({"step": 20, "loss": 1.0})
+    second.close()
+    files = sorted(tmp_path.glob("events.out.tfevents.*"))
+    assert len(files) == 2 and all(".1796020715." in f.name for f in files)
+    assert _scalars(tmp_path, purge=True)["train/loss"] == [(10, 2.0), (20, 1.0)]
