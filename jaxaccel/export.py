@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxaccel import storage
 
-__all__ = ["save", "load", "load_params", "ExportedModel", "FORMAT_VERSION", "compress_params", "flatten_params",
+__all__ = ["save", "load", "load_params", "load_variables", "ExportedModel", "FORMAT_VERSION", "compress_params", "flatten_params",
            "bind_state"]
 
 FORMAT_VERSION = 2
@@ -238,12 +238,18 @@ def load_params(path: str | storage.StoragePath) -> dict[str, Any]:
     """The float32 parameters of any export (nested dict of NumPy arrays, pruned weights as exact
     zeros, int8 kernels dequantized), decompressed from its stored form; builds no model and
     imports nothing."""
+    return load_variables(path)[0]
+
+
+def load_variables(path: str | storage.StoragePath) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`load_params`'s parameters and the model's other variables (``{"batch_stats": ...}``
+    for a model with batch norm, else empty), as NumPy arrays."""
     from jaxaccel import precision as prec
 
-    _, _, params, scales, _ = _read(path)
+    directory, meta, params, scales, _ = _read(path)
     if scales:
         params = prec.dequantize_params(params, scales)
-    return _unflatten(flatten_params(params))
+    return _unflatten(flatten_params(params)), _model_state(directory, meta)
 
 
 def _user_module(path: Any, meta: dict[str, Any], model: Any, trust_import: bool) -> Any:

@@ -250,8 +250,10 @@ def starting_point(setup: Setup, checkpointer: Checkpointer, message: Callable[[
             message(f"warning: {note}")
         message(f"resuming from checkpoint step {latest} in {setup.workdir / 'checkpoints'}")
     elif cfg.init.from_:
-        params = finetune.load_init_params(cfg.init.from_, cfg.init.include, state.params, message)
+        params, model_state = finetune.load_init_variables(cfg.init.from_, cfg.init.include, state.params,
+                                                           state.model_state, message)
         # Under jit, so every leaf is a fresh buffer (the train step donates them all).
-        state = jax.jit(lambda s, p: s.replace(params=p, opt_state=tx.init(p)))(state, params)
+        state = jax.jit(lambda s, p, m: s.replace(params=p, opt_state=tx.init(p), model_state=m))(
+            state, params, model_state)
     meta = checkpointer.meta(latest) if latest is not None else {}
     return setup, setup.parallel.put_state(state), latest or 0, meta

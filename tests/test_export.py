@@ -147,6 +147,12 @@ def test_an_export_naming_an_import_path_is_never_imported_by_default(tmp_path):
     assert export.flatten_params(export.load_params(tmp_path)).keys() == {"Dense_0/kernel", "Dense_0/bias"}
     # init.from reads an export's parameters without building its model either.
     from jaxaccel import finetune
-    target = {"Dense_0": {"kernel": np.zeros((784, 10), np.float32), "bias": np.ones(10, np.float32)}}
-    loaded = finetune.load_init_params(str(tmp_path), [".*"], target, print)
+    target = {"Dense_0": {"kernel": np.zeros((784, 10), np.float32), "bias": np.ones(12, np.float32)},
+              "Dense_1": {"kernel": np.zeros((10, 10), np.float32)}}
+    said = []
+    loaded, state = finetune.load_init_variables(str(tmp_path), [".*"], target, {}, said.append)
+    assert state == {}
     np.testing.assert_array_equal(loaded["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
+    np.testing.assert_array_equal(loaded["Dense_0"]["bias"], np.ones(12))
+    assert said == ["init.from: 1 tensors loaded; re-initialized: Dense_0/bias (10 there, 12 here); "
+                    "Dense_1/kernel (not in the source)"]

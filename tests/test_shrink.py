@@ -453,8 +453,8 @@ def test_fine_tuning_from_a_run_shrinks(shrunk_run, tmp_path):
            "sparsity.shrink=true", "sparsity.exclude=['^Dense_1/']"]
     result = _run_cli(tmp_path, run=run)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "init.from: 2 tensors loaded; re-initialized (not in init.include, or path or shape differs): " \
-           "Dense_1/bias, Dense_1/kernel" in result.stdout
+    assert "init.from: 2 tensors loaded; re-initialized: Dense_1/bias, Dense_1/kernel (not in init.include)" \
+           in result.stdout
     assert "step 11: model changed" in result.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["model"]["features"] == [8] and summary["experiment"] == "fashion_mnist_finetune"
@@ -504,3 +504,40 @@ def test_resnet_run_shrinks_and_resumes_bitwise_after_a_kill_at_a_later_checkpoi
                     jax.tree.leaves((model.params, model.model_state))):
         np.testing.assert_array_equal(a, b)
     assert _lines(tmp_path) == _lines(reference)
+
+
+def test_fine_tuning_from_the_batch_norm_resnet_loads_its_running_statistics(resnet_run, tmp_path):
+    """init.from the shrunk resnet (its widths given): the run starts from the export's parameters
+    and batch statistics; from its checkpoint, a layer left out of init.include starts fresh whole."""
+    from jaxaccel import experiments, export, finetune, paths
+    from jaxaccel import setup as setup_lib
+    from jaxaccel.checkpoint import Checkpointer
+
+    reference, _ = resnet_run
+    source = export.load(reference)
+    overrides = [o for o in RESNET_RUN if not o.startswith("exp=")]
+    cfg = experiments.override(experiments.get("mnist_mlp_shrink"), [
+        *overrides, f"workdir={tmp_path}", f"init.from={reference / 'export'}", "model.inner=[2,4,8]"])
+    messages = []
+    setup = setup_lib.build(cfg)
+    checkpointer = Checkpointer(tmp_path / "checkpoints", 2)
+    state, step, _ = setup_lib.initial_state(setup, checkpointer, messages.append)
+    checkpointer.close()
+    assert step == 0 and not messages  # nothing re-initialized
+    for name, leaf in paths.named_leaves({"params": source.params, **source.model_state}):
+        np.testing.assert_array_equal(np.asarray(dict(paths.named_leaves(state.variables()))[name]), leaf, err_msg=name)
+
+    narrow = build_model(config_lib.Config(model={**RESNET, "inner": [2, 4, 8]}).model, 10)
+    fresh = dict(narrow.init(jax.random.key(1), jnp.zeros((1, 28, 28, 1), jnp.uint8)))
+    fresh_params = fresh.pop("params")
+    params, model_state = finetune.load_init_variables(str(reference / "checkpoints"), ["^(?!Stage2_Block0_Norm_0/)"],
+                                                       fresh_params, fresh, messages.append)
+    norm = "Stage2_Block0_Norm_0"
+    assert messages == [f"init.from: {len(jax.tree.leaves((fresh_params, fresh))) - 4} tensors loaded; re-initialized: "
+                        f"{norm}/bias, {norm}/scale (not in init.include); batch_stats/{norm}/mean, "
+                        f"batch_stats/{norm}/var (its layer's parameters are not loaded)"]
+    stats = model_state["batch_stats"]
+    np.testing.assert_array_equal(stats[norm]["mean"], np.zeros(8))
+    np.testing.assert_array_equal(stats[norm]["var"], np.ones(8))
+    np.testing.assert_array_equal(stats["Stage1_Block0_Norm_0"]["var"],
+                                  source.model_state["batch_stats"]["Stage1_Block0_Norm_0"]["var"])

@@ -234,7 +234,7 @@ def test_run_into_a_url_writes_there_resumes_there_and_matches_a_local_run(gcs, 
     for a, b in zip(jax.tree.leaves(export.load(URL).params), jax.tree.leaves(export.load(local).params)):
         np.testing.assert_array_equal(a, b)
     # init.from reads the run from the URL (its export).
-    for a, b in zip(jax.tree.leaves(finetune._source_params(URL)), jax.tree.leaves(export.load(local).params)):
+    for a, b in zip(jax.tree.leaves(finetune._source_variables(URL)[0]), jax.tree.leaves(export.load(local).params)):
         np.testing.assert_array_equal(a, b)
     # TensorBoard's events went through the same layer; shown as TensorBoard would, each step once.
     assert len([n for n in files if n.startswith("bucket/run/events.out.tfevents.")]) == 2
