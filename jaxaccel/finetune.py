@@ -65,6 +65,8 @@ def load_init_variables(path: str, include: list[str], params: Any, model_state:
     def load(key, value, source, skipped):
         if skipped:
             reason = skipped
+        elif key not in source and f"{_layer(key)}/U/kernel" in source:
+            reason = "factorized there: give model.ranks as the source's summary.json has them"
         elif key not in source:
             reason = "not in the source"
         elif tuple(source[key].shape) != tuple(value.shape):

@@ -74,3 +74,29 @@ def test_fashion_mnist_finetune_from_a_1_epoch_mnist_model_meets_its_docstring(t
     config = json.loads((tmp_path / "config.json").read_text())["config"]
     assert config["init"]["from"] == str(tmp_path / "pretrained") and config["data"]["name"] == "fashion_mnist"
     assert summary["test_accuracy"] >= info.expected_accuracy, (summary["test_accuracy"], info.accuracy)
+
+
+def test_init_from_says_why_each_tensor_starts_fresh(tmp_path):
+    """Loaded: same path and shape. Fresh, each with its reason: not included, another shape there,
+    not in the source, factorized there (the fix: model.ranks), and batch statistics whose layer's
+    parameters were not loaded; the statistics of a loaded layer come with it."""
+    from jaxaccel import export, finetune
+    f32 = lambda *shape: np.full(shape, 2.0, np.float32)  # noqa: E731
+    source = {"Dense_0": {"kernel": f32(4, 3), "bias": f32(3)}, "Dense_1": {"U": {"kernel": f32(3, 1)}},
+              "Norm_0": {"scale": f32(3)}, "Norm_1": {"scale": f32(3)}}
+    stats = {"batch_stats": {"Norm_0": {"mean": f32(3)}, "Norm_1": {"mean": f32(3)}}}
+    export.save(tmp_path, source, model={"name": "mlp"}, num_classes=3, image_shape=(4,), model_state=stats)
+    zeros = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+    params = {"Dense_0": {"kernel": zeros(4, 3), "bias": zeros(5)}, "Dense_1": {"kernel": zeros(3, 3)},
+              "Dense_2": {"kernel": zeros(3, 3)}, "Norm_0": {"scale": zeros(3)}, "Norm_1": {"scale": zeros(3)}}
+    state = {"batch_stats": {"Norm_0": {"mean": zeros(3)}, "Norm_1": {"mean": zeros(3)}}}
+    said = []
+    params, state = finetune.load_init_variables(str(tmp_path), ["^(?!Norm_1/)"], params, state, said.append)
+    assert said == ["init.from: 3 tensors loaded; re-initialized: Dense_0/bias (3 there, 5 here); "
+                    "Dense_1/kernel (factorized there: give model.ranks as the source's summary.json has them); "
+                    "Dense_2/kernel (not in the source); Norm_1/scale (not in init.include); "
+                    "batch_stats/Norm_1/mean (its layer's parameters are not loaded)"]
+    loaded = {"Dense_0/kernel", "Norm_0/scale", "batch_stats/Norm_0/mean"}
+    from jaxaccel import paths
+    for name, leaf in paths.named_leaves({**params, **state}):
+        np.testing.assert_array_equal(leaf, 2.0 if name in loaded else 0.0, err_msg=name)
