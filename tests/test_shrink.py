@@ -541,3 +541,25 @@ def test_fine_tuning_from_the_batch_norm_resnet_loads_its_running_statistics(res
     np.testing.assert_array_equal(stats[norm]["var"], np.ones(8))
     np.testing.assert_array_equal(stats["Stage1_Block0_Norm_0"]["var"],
                                   source.model_state["batch_stats"]["Stage1_Block0_Norm_0"]["var"])
+
+
+def test_resnet_shrink_under_four_devices_matches_one(resnet_run, tmp_path):
+    """Data parallel over 4 emulated devices: batch norm's statistics are of the global batch (jit
+    over sharded data), so the same channels are cut and parameters and running statistics equal one
+    device's up to float summation order (amplified over 40 Adam steps to ~1e-3 of values ~1;
+    statistics of per-device batches of 8 would differ by ~0.1)."""
+    import json
+
+    from jaxaccel import export
+    reference, _ = resnet_run
+    result = _run_cli(tmp_path, run=RESNET_RUN,
+                      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0 and "step 13: model changed" in result.stdout, result.stderr[-3000:]
+    assert "on 4 cpu device(s)" in result.stdout
+    assert json.loads((tmp_path / "summary.json").read_text())["model"]["inner"] == [2, 4, 8]
+    ours, theirs = export.load(tmp_path), export.load(reference)
+    for a, b in zip(jax.tree.leaves((ours.params, ours.model_state)), jax.tree.leaves((theirs.params, theirs.model_state))):
+        np.testing.assert_allclose(a, b, rtol=1e-2, atol=3e-3)
+    losses = [[line["loss"] for line in _lines(run) if "loss" in line and "split" not in line]
+              for run in (tmp_path, reference)]
+    np.testing.assert_allclose(*losses, rtol=1e-3)
