@@ -34,8 +34,8 @@ import numpy as np
 
 from jaxaccel import storage
 
-__all__ = ["save", "load", "load_params", "load_variables", "ExportedModel", "FORMAT_VERSION", "compress_params", "flatten_params",
-           "bind_state"]
+__all__ = ["save", "load", "load_params", "load_variables", "ExportedModel", "FORMAT_VERSION", "compress_params",
+           "flatten_params", "bind_state"]
 
 FORMAT_VERSION = 2
 _SCALE = "scale:"  # key prefix of the int8 scales in compressed.npz

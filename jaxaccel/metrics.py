@@ -97,7 +97,8 @@ class MetricsWriter:
             if storage.is_url(self.path):
                 _route_event_files(self.path)
             # The pid keeps a quick restart from reusing the previous file's name (seconds + host),
-            # the counter a second run in this process; both sort after the earlier file's name.
+            # the counter a second run in this process (which sorts after the first: TensorBoard
+            # must read the resumed run's purge marker after the events it hides).
             suffix = f".{os.getpid()}.{next(_event_files):04d}"
             self._events = SummaryWriter(str(self.path.parent), filename_suffix=suffix,
                                          purge_step=None if resume_step is None else resume_step + 1)
