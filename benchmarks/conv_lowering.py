@@ -5,11 +5,10 @@ MNIST arrays on device, Adam, batch 128) built from ``jaxaccel.models``; only ``
 loop (a device loop of K steps or K unrolled steps) and the precision policy change. Variants
 alternate round by round (drift on a shared machine hits all of them); medians of the rounds.
 
-    python benchmarks/conv_lowering.py [--model cnn|small_cnn|resnet] [--set norm=batch ...] [--rounds 5] [--steps 20] [--variants im2col:device_loop xla:unroll ...]
+    python benchmarks/conv_lowering.py [--model cnn] [--rounds 5] [--steps 20] [--variants im2col:device_loop xla:unroll ...]
 
 A variant is ``conv:loop[:bf16]`` with conv in {xla, im2col} and loop in {device_loop, unroll}.
-Needs TFDS_DATA_DIR pointing at prepared MNIST (e.g. ../shared/tfds); ``kws_cnn`` and ``text_cnn``
-run on random inputs of their experiments' shapes (their datasets are not prepared here).
+Needs TFDS_DATA_DIR pointing at prepared MNIST (e.g. ../shared/tfds).
 """
 from __future__ import annotations
 
@@ -18,12 +17,10 @@ import functools
 import os
 import statistics
 import time
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 
 from jaxaccel import data as data_lib
 from jaxaccel import step as step_lib
@@ -41,8 +38,8 @@ def build(variant: str, model_cfg: ModelConfig, ds, batch: int, steps: int):
     precision = PrecisionConfig(params="bfloat16", compute="bfloat16") if dtype == ["bf16"] else None
     model = build_model(model_cfg.model_copy(update={"conv": conv}), ds.num_classes, precision)
     tx = make_optimizer(OptimConfig(name="adam"), 1000)
-    variables = dict(model.init(jax.random.key(0), jnp.zeros((1, *ds.input_shape), ds.input_dtype)))
-    state = step_lib.TrainState.create(variables.pop("params"), tx, model_state=variables)  # + batch statistics
+    params = model.init(jax.random.key(0), jnp.zeros((1, *ds.input_shape), jnp.uint8))["params"]
+    state = step_lib.TrainState.create(params, tx)
     step_fn = functools.partial(step_lib.train_step, apply_fn=model.apply, tx=tx, precision=precision)
     run = step_lib.make_train_steps(step_fn, batch_size=batch, batch_sharding=None, step_key=jax.random.key(1),
                                     unroll=steps if loop == "unroll" else None)
@@ -52,19 +49,6 @@ def build(variant: str, model_cfg: ModelConfig, ds, batch: int, steps: int):
     t = time.perf_counter()
     compiled = jax.jit(run).lower(*args).compile()
     return compiled, args, time.perf_counter() - t
-
-
-def synthetic(model_cfg: ModelConfig, n: int) -> types.SimpleNamespace:
-    """Random inputs of the shape the text and audio experiments feed (128 tokens; 1 s of 16 kHz
-    audio), for models whose datasets are not prepared here: the step's cost does not depend on
-    the values."""
-    rng = np.random.default_rng(0)
-    if model_cfg.inputs[0] == "int32":
-        inputs = rng.integers(1, model_cfg.vocab_size, (n, 128), dtype=np.int32)
-    else:
-        inputs = rng.integers(-3000, 3000, (n, 16000), dtype=np.int16)
-    return types.SimpleNamespace(train_inputs=inputs, train_labels=rng.integers(0, 4, n, dtype=np.int32),
-                                 num_classes=4, input_shape=inputs.shape[1:], input_dtype=inputs.dtype)
 
 
 def time_group(compiled, args) -> tuple[float, float]:
@@ -78,16 +62,14 @@ def time_group(compiled, args) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="cnn", choices=["cnn", "small_cnn", "resnet", "kws_cnn", "text_cnn"])
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="model fields, e.g. norm=batch width=8 (YAML values)")
+    parser.add_argument("--model", default="cnn", choices=["cnn", "small_cnn"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--variants", nargs="+", default=DEFAULT)
     args = parser.parse_args()
-    model_cfg = model_config(name=args.model, **{k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.set)})
-    ds = data_lib.load("mnist") if model_cfg.inputs[0] == "uint8" else synthetic(model_cfg, args.batch * args.steps)
+    ds = data_lib.load("mnist")
+    model_cfg = model_config(name=args.model)
     built = {}
     for v in args.variants:
         compiled, call_args, seconds = build(v, model_cfg, ds, args.batch, args.steps)

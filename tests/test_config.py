@@ -59,7 +59,7 @@ def test_wrong_values_name_key_value_and_type(override, needle):
 @pytest.mark.parametrize("overrides, needle", [
     (["model.pool=max"], "model.pool does nothing for model.name=mlp (it reads features, ranks)"),
     (["model.name=cnn", "model.channels=[8]", "model.width=4"], "model.channels, model.width do nothing for model.name=cnn"),
-    (["model.name=resnet", "model.crop=20"], "model.crop does nothing for model.name=resnet (it reads conv, depth, inner, norm, width)"),
+    (["model.name=resnet", "model.crop=20"], "model.crop does nothing for model.name=resnet (it reads depth, inner, norm, width)"),
 ])
 def test_model_fields_the_architecture_ignores_are_refused(overrides, needle):
     with pytest.raises(ConfigError) as info:

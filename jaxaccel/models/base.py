@@ -9,13 +9,11 @@ new model touches one file.
 from __future__ import annotations
 
 import typing
-from typing import Any, ClassVar, Literal
-
-from pydantic import Field
+from typing import Any, ClassVar
 
 from jaxaccel.schema import Section
 
-__all__ = ["ModelConfig", "ConvModelConfig", "REGISTRY", "IMPORT_PATH", "registry_key"]
+__all__ = ["ModelConfig", "REGISTRY", "IMPORT_PATH", "registry_key"]
 
 # model.name -> its config class, in the order the classes were declared.
 REGISTRY: dict[str, type["ModelConfig"]] = {}
@@ -69,12 +67,3 @@ class ModelConfig(Section):
         0 and shrinking can remove it), and ``sparsity.importance=norm_scale`` ranks units by |scale|
         (network slimming). Empty: no layer is followed by a per-channel normalization."""
         return {}
-
-
-class ConvModelConfig(ModelConfig):
-    """The base of models built of convolutions whose lowering ``model.conv`` chooses
-    (:func:`jaxaccel.models.layers.conv_kw`; ``auto`` is resolved per backend by the run's plan)."""
-    conv: Literal["auto", "im2col", "xla"] = Field(
-        "auto", description="How convolutions are lowered: im2col (patches as shifted slices + one dot; measured "
-                            "fastest on XLA:CPU, also inside a device loop), xla (lax.conv: cuDNN/MXU convolutions "
-                            "on accelerators) or auto (im2col on CPU, xla elsewhere).")

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from pydantic import Field
 
-from jaxaccel.models.base import ConvModelConfig
+from jaxaccel.models.base import ModelConfig
 from jaxaccel.models.layers import cast_logits, center_crop, conv_layer, dense_layer, pool2, to_float
 from jaxaccel.schema import PositiveInt
 
@@ -18,9 +18,12 @@ if TYPE_CHECKING:
 __all__ = ["CNNConfig", "SmallCNNConfig", "CNN", "SmallCNN"]
 
 
-class _FactorizableConvs(ConvModelConfig):
-    """A conv model whose convolutions and dense layers low-rank factorization (jaxaccel.lowrank)
-    may replace."""
+class _ConvLowering(ModelConfig):
+    conv: Literal["auto", "im2col", "xla"] = Field(
+        "auto", description="How convolutions are lowered: im2col (patches as shifted slices + one dot; measured "
+                            "fastest on XLA:CPU, also inside a device loop), xla (lax.conv: cuDNN/MXU convolutions "
+                            "on accelerators) or auto (im2col on CPU, xla elsewhere).")
+    # Low-rank factorization (jaxaccel.lowrank) of the convolutions and the dense layers after them.
     ranks: dict[str, PositiveInt] = Field(
         {}, description="Layer name (Conv_0, ..., Dense_0, ...) -> rank r: a Dense kernel is U (m x r) @ V (r x n); "
                         "a conv kernel (kh, kw, cin, cout) is a conv with r outputs, then a 1x1 conv to cout "
@@ -39,7 +42,7 @@ class _FactorizableConvs(ConvModelConfig):
                 + [f"Dense_{i}/kernel" for i in range(self._dense_count())])
 
 
-class CNNConfig(_FactorizableConvs):
+class CNNConfig(_ConvLowering):
     """The flax-example CNN: conv32-conv64 (3x3, relu, 2x2 average pool), dense 256, logits."""
     name: Literal["cnn"] = "cnn"
     # A field so that channel shrinking (jaxaccel.sparsity.shrink) can narrow the model; the default is
@@ -59,7 +62,7 @@ class CNNConfig(_FactorizableConvs):
         return 2
 
 
-class SmallCNNConfig(_FactorizableConvs):
+class SmallCNNConfig(_ConvLowering):
     """3x3 convs of the channels widths, each relu + 2x2 pool, then dense layers of the features widths."""
     name: Literal["small_cnn"] = "small_cnn"
     channels: list[PositiveInt] = Field([16, 32], min_length=1, description="Conv widths.")

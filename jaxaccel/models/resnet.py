@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import pydantic
 from pydantic import Field
 
-from jaxaccel.models.base import ConvModelConfig
-from jaxaccel.models.layers import Classifier, conv_kw, group_norm, to_float
+from jaxaccel.models.base import ModelConfig
+from jaxaccel.models.layers import Classifier, group_norm, layer_kw, to_float
 from jaxaccel.schema import PositiveInt
 
 __all__ = ["ResNetConfig", "ResNet", "block_names"]
@@ -24,7 +24,7 @@ def block_names(depth: int) -> list[str]:
     return [f"Stage{stage}_Block{block}" for stage in range(3) for block in range(depth)]
 
 
-class ResNetConfig(ConvModelConfig):
+class ResNetConfig(ModelConfig):
     """CIFAR ResNet-(6n+2) with group or batch norm."""
     name: Literal["resnet"] = "resnet"
     width: PositiveInt = Field(16, description="Channels of the first stage (the others: 2x and 4x).")
@@ -55,7 +55,7 @@ class ResNetConfig(ConvModelConfig):
 
     def build(self, num_classes: int, precision: Any = None, quant: Any = None) -> nn.Module:
         return ResNet(num_classes=num_classes, width=self.width, depth=self.depth, precision=precision, quant=quant,
-                      norm=self.norm, inner=tuple(self.inner_widths()), conv=self.conv)
+                      norm=self.norm, inner=tuple(self.inner_widths()))
 
     def unit_norms(self) -> dict[str, str]:
         """With batch norm, every conv but the 1x1 shortcuts is followed by its own norm."""
@@ -73,10 +73,9 @@ class ResNet(Classifier):
     shortcuts), global average pool, Dense. depth=3 is ResNet-20. ``norm``: group norm (default)
     or batch norm, in training mode exactly when the ``batch_stats`` collection is mutable (the
     train step; evaluation and export use the running statistics). ``inner``: each block's first
-    conv width (empty: the stage width). ``conv``: the convolutions' lowering (``model.conv``)."""
+    conv width (empty: the stage width)."""
     norm: str = "group"
     inner: Sequence[int] = ()
-    conv: str = "xla"
 
     def _norm(self, channels: int, name: str) -> nn.Module:
         if self.norm == "batch":
@@ -86,8 +85,8 @@ class ResNet(Classifier):
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
-        conv = lambda c, name, k=(3, 3), s=1: nn.Conv(c, k, strides=s, use_bias=False,
-                                                      **conv_kw(self, name, quant_enabled))
+        conv = lambda c, name, k=(3, 3), s=1: nn.Conv(c, k, strides=s, use_bias=False, name=name,
+                                                      **layer_kw(self, "conv", name, quant_enabled))
         x = to_float(images) - 0.5
         x = nn.relu(self._norm(self.width, "Norm_0")(conv(self.width, "Conv_0")(x)))
         for i, name in enumerate(block_names(self.depth)):

@@ -8,14 +8,14 @@ import jax.numpy as jnp
 from pydantic import Field, StrictInt
 
 from jaxaccel import precision as prec
-from jaxaccel.models.base import ConvModelConfig
-from jaxaccel.models.layers import Classifier, conv_kw
+from jaxaccel.models.base import ModelConfig
+from jaxaccel.models.layers import Classifier, layer_kw
 from jaxaccel.schema import PositiveInt
 
 __all__ = ["TextCNNConfig", "TextCNN"]
 
 
-class TextCNNConfig(ConvModelConfig):
+class TextCNNConfig(ModelConfig):
     """Token embedding, 1-D convolutions, max over the tokens."""
     name: Literal["text_cnn"] = "text_cnn"
     inputs: ClassVar[tuple[str, int, str]] = ("int32", 1, "tokens [N, L]")
@@ -25,14 +25,13 @@ class TextCNNConfig(ConvModelConfig):
 
     def build(self, num_classes: int, precision: Any = None, quant: Any = None) -> nn.Module:
         return TextCNN(num_classes=num_classes, width=self.width, depth=self.depth, vocab_size=self.vocab_size,
-                       precision=precision, quant=quant, conv=self.conv)
+                       precision=precision, quant=quant)
 
 
 class TextCNN(Classifier):
     """Token ids [N, L] (0 = padding) -> embedding (``width``) -> ``depth`` 1-D convolutions of
     width 5 with ReLU -> max over the real tokens -> Dense."""
     vocab_size: int = 32768
-    conv: str = "xla"  # the convolutions' lowering (model.conv)
 
     @nn.compact
     def __call__(self, tokens: jnp.ndarray, quant_enabled: Any = True) -> jnp.ndarray:
@@ -40,7 +39,7 @@ class TextCNN(Classifier):
         x = nn.Embed(self.vocab_size, self.width, dtype=dtype, name="Embed_0")(tokens)
         for i in range(self.depth):
             name = f"Conv_{i}"
-            x = nn.relu(nn.Conv(self.width, (5,), **conv_kw(self, name, quant_enabled))(x))
+            x = nn.relu(nn.Conv(self.width, (5,), name=name, **layer_kw(self, "conv", name, quant_enabled))(x))
         # ReLU outputs are >= 0, so zeroing the padding positions leaves the max over real tokens.
         x = jnp.max(jnp.where((tokens != 0)[..., None], x, 0), axis=1)
         return self._head(x, quant_enabled)
